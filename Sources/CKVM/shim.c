@@ -1,0 +1,1 @@
+// CKVM has no C code of its own: see include/CKVM.h.

@@ -1,0 +1,59 @@
+import KVM
+
+/// Turns KVM's supported CPUID into what one vCPU of an N-vCPU guest sees: its APIC id, the CPU
+/// count and topology, and the hypervisor bit. Everything else is passed through as KVM offers it.
+public enum CPUIDTemplate {
+    static let leafFeatures: UInt32 = 0x1
+    static let leafCacheParameters: UInt32 = 0x4
+    static let leafTopology: UInt32 = 0xB
+    static let leafTopologyV2: UInt32 = 0x1F
+    static let leafAMDTopology: UInt32 = 0x8000_001E
+    static let leafAMDSizes: UInt32 = 0x8000_0008
+    static let hypervisorBit: UInt32 = 1 << 31          // CPUID.1:ECX[31]
+    static let hyperThreadingBit: UInt32 = 1 << 28      // CPUID.1:EDX[28]: logical count field valid
+    static let topologyLevelThread: UInt32 = 1          // CPUID.B: level type SMT
+    static let topologyLevelCore: UInt32 = 2            // CPUID.B: level type core
+
+    /// The CPUID table for vCPU `index` (also its APIC id) of `count`.
+    public static func entries(supported: [CPUIDEntry], vcpu index: Int, count: Int) -> [CPUIDEntry] {
+        let apicID = UInt32(index)
+        let cpus = UInt32(count)
+        // Bits of the APIC id that number cores within the package.
+        let coreBits = UInt32(count <= 1 ? 0 : (Int.bitWidth - (count - 1).leadingZeroBitCount))
+        return supported.map { original in
+            var entry = original
+            switch entry.function {
+            case leafFeatures:
+                entry.ebx = (entry.ebx & 0x0000_FFFF) | (min(cpus, 255) << 16) | (apicID << 24)
+                entry.ecx |= hypervisorBit
+                if count > 1 { entry.edx |= hyperThreadingBit } else { entry.edx &= ~hyperThreadingBit }
+            case leafCacheParameters:
+                entry.eax = (entry.eax & 0x03FF_FFFF) | ((cpus - 1) << 26)
+            case leafTopology, leafTopologyV2:
+                switch entry.index {
+                case 0:
+                    entry.eax = 0
+                    entry.ebx = 1
+                    entry.ecx = (topologyLevelThread << 8) | entry.index
+                case 1:
+                    entry.eax = coreBits
+                    entry.ebx = cpus
+                    entry.ecx = (topologyLevelCore << 8) | entry.index
+                default:
+                    entry.eax = 0
+                    entry.ebx = 0
+                    entry.ecx = entry.index
+                }
+                entry.edx = apicID
+            case leafAMDTopology:
+                entry.eax = apicID
+                entry.ebx &= ~0xFF00                    // one thread per core
+            case leafAMDSizes:
+                entry.ecx = (entry.ecx & ~0xFF) | (cpus - 1)
+            default:
+                break
+            }
+            return entry
+        }
+    }
+}

@@ -1,0 +1,114 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An error in the machine layer: what went wrong, in words a user can act on.
+public struct MachineError: Error, CustomStringConvertible, Equatable, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// A contiguous range of guest-physical RAM.
+public struct GuestRAMRange: Equatable, Sendable, Codable {
+    public var start: UInt64
+    public var size: UInt64
+    public var end: UInt64 { start + size }
+
+    public init(start: UInt64, size: UInt64) {
+        self.start = start
+        self.size = size
+    }
+}
+
+/// Where guest RAM goes in the guest-physical address space: below the 32-bit MMIO hole, and the
+/// rest above 4 GiB (the layout Firecracker and Cloud Hypervisor use).
+public enum GuestRAMLayout {
+    /// Start of the 32-bit MMIO hole (LAPIC, IOAPIC and device windows live in 3–4 GiB).
+    public static let mmioHoleStart: UInt64 = 0xC000_0000
+    /// RAM that does not fit below the hole continues at 4 GiB.
+    public static let highMemoryStart: UInt64 = 0x1_0000_0000
+    /// The smallest guest Ferry boots: enough for the kernel, initramfs and boot structures.
+    public static let minimumSize: UInt64 = 64 << 20
+
+    /// The RAM ranges for a guest with `size` bytes of memory.
+    public static func ranges(size: UInt64) -> [GuestRAMRange] {
+        let low = min(size, mmioHoleStart)
+        var ranges = [GuestRAMRange(start: 0, size: low)]
+        if size > low {
+            ranges.append(GuestRAMRange(start: highMemoryStart, size: size - low))
+        }
+        return ranges
+    }
+}
+
+/// Guest RAM: anonymous host mappings, one per `GuestRAMRange`, shared with KVM.
+///
+/// Every access from the VMM is bounds-checked here; raw pointers never leave this type except to
+/// register the mappings with KVM.
+public final class GuestMemory: @unchecked Sendable {
+    /// One mapped range: guest-physical placement and host mapping.
+    struct Region {
+        let range: GuestRAMRange
+        let host: UnsafeMutableRawPointer
+    }
+
+    let regions: [Region]
+    public var ranges: [GuestRAMRange] { regions.map(\.range) }
+    public var size: UInt64 { regions.reduce(0) { $0 + $1.range.size } }
+
+    public init(ranges: [GuestRAMRange]) throws {
+        var mapped: [Region] = []
+        for range in ranges {
+            guard let host = mmap(nil, Int(range.size), PROT_READ | PROT_WRITE,
+                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+                  host != MAP_FAILED
+            else {
+                let code = errno
+                for region in mapped { munmap(region.host, Int(region.range.size)) }
+                throw MachineError("cannot map \(range.size >> 20) MiB of guest memory: \(String(cString: strerror(code)))")
+            }
+            mapped.append(Region(range: range, host: host))
+        }
+        regions = mapped
+    }
+
+    deinit {
+        for region in regions {
+            munmap(region.host, Int(region.range.size))
+        }
+    }
+
+    /// The host view of `count` bytes at guest-physical `address`; they must lie in one region.
+    func buffer(at address: UInt64, count: Int) throws -> UnsafeMutableRawBufferPointer {
+        for region in regions where address >= region.range.start && address < region.range.end {
+            let offset = address - region.range.start
+            guard UInt64(count) <= region.range.size - offset else { break }
+            return UnsafeMutableRawBufferPointer(start: region.host + Int(offset), count: count)
+        }
+        throw MachineError("guest-physical range 0x\(String(address, radix: 16))+\(count) is not in guest RAM")
+    }
+
+    public func contains(_ address: UInt64, count: Int) -> Bool {
+        (try? buffer(at: address, count: count)) != nil
+    }
+
+    public func write(_ bytes: some Collection<UInt8>, at address: UInt64) throws {
+        let destination = try buffer(at: address, count: bytes.count)
+        destination.copyBytes(from: bytes)
+    }
+
+    public func read(count: Int, at address: UInt64) throws -> [UInt8] {
+        Array(try buffer(at: address, count: count))
+    }
+
+    /// Writes an integer in little-endian byte order.
+    public func write<T: FixedWidthInteger>(_ value: T, at address: UInt64) throws {
+        try withUnsafeBytes(of: value.littleEndian) { try write($0, at: address) }
+    }
+
+    public func read<T: FixedWidthInteger>(_: T.Type, at address: UInt64) throws -> T {
+        let buffer = try buffer(at: address, count: MemoryLayout<T>.size)
+        return T(littleEndian: buffer.loadUnaligned(as: T.self))
+    }
+}

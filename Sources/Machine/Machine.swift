@@ -1,0 +1,236 @@
+import Foundation
+import KVM
+import Synchronization
+
+/// Why a machine stopped running.
+public enum MachineStop: Equatable, Sendable {
+    /// The guest asked to power off or reset (i8042 reset, or a KVM system event).
+    case guest
+    /// The VMM asked (API, signal).
+    case requested
+    /// Something the VMM cannot recover from: the message names the exit reason, vCPU and RIP.
+    case failed(String)
+}
+
+/// One running x86-64 VM on KVM: guest memory, vCPUs on dedicated threads, devices.
+///
+/// States: created → running ⇄ paused → stopped. `start`, `pause`, `resume` and `stop` are
+/// transitions; each refuses to run from a state it does not start from.
+public final class Machine: Sendable {
+    public enum State: String, Sendable { case created, running, paused, stopped }
+
+    public let configuration: MachineConfiguration
+    public let memory: GuestMemory
+    let vm: KVMVirtualMachine
+    let vcpus: [KVMVCPU]
+    let serial: Serial8250
+    let bus: PortIOBus
+    private let control: VCPUControl
+    private let onStop: @Sendable (MachineStop) -> Void
+
+    /// Creates the VM, loads the kernel and prepares every vCPU to boot.
+    /// - Parameters:
+    ///   - serialOutput: receives the bytes the guest writes to its console UART; nil leaves the UART out.
+    ///   - onStop: called once, from a vCPU thread, when the guest stops by itself or fails.
+    public init(configuration: MachineConfiguration, serialOutput: (@Sendable ([UInt8]) -> Void)?,
+                onStop: @escaping @Sendable (MachineStop) -> Void) throws {
+        try configuration.validate(hostMemory: Self.hostMemory)
+        self.configuration = configuration
+        self.onStop = onStop
+        let kvm = try KVMSystem()
+        try kvm.require(KVMCapability.irqchip, named: "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)")
+        try kvm.require(KVMCapability.immediateExit, named: "KVM_CAP_IMMEDIATE_EXIT")
+        let maxVCPUs = Int(kvm.checkExtension(KVMCapability.maxVCPUs))
+        if maxVCPUs > 0, configuration.cpus > maxVCPUs {
+            throw MachineError("cpus: this host's KVM runs at most \(maxVCPUs) vCPUs per VM")
+        }
+        vm = try kvm.createVM()
+        memory = try GuestMemory(ranges: GuestRAMLayout.ranges(size: configuration.memorySize))
+        for (slot, region) in memory.regions.enumerated() {
+            try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.range.start, size: region.range.size,
+                                   hostAddress: region.host)
+        }
+        try vm.setIdentityMapAddress(BootLayout.kvmIdentityMapAddress)
+        try vm.setTSSAddress(BootLayout.kvmTSSAddress)
+        try vm.createInterruptController()
+        try vm.createPIT()
+
+        let control = VCPUControl(count: configuration.cpus)
+        self.control = control
+        let vmForIRQ = vm
+        serial = Serial8250(output: serialOutput ?? { _ in }, setInterrupt: { high in
+            try? vmForIRQ.setInterruptLine(Serial8250.interruptLine, high: high)
+        })
+        let stopOnce = StopLatch(onStop)
+        let i8042 = I8042(onReset: { [control] in
+            if stopOnce.fire(.guest) { control.requestExit() }
+        })
+        var devices: [(ports: ClosedRange<UInt16>, device: any PortIODevice)] = [(I8042.ports, i8042)]
+        if serialOutput != nil { devices.append((Serial8250.ports, serial)) }
+        bus = PortIOBus(devices)
+        stopLatch = stopOnce
+
+        let entry = try BootLoader.load(kernelPath: configuration.kernel, initramfsPath: configuration.initramfs,
+                                        commandLine: configuration.commandLine, cpuCount: configuration.cpus,
+                                        memory: memory)
+        let supportedCPUID = try kvm.supportedCPUID()
+        var vcpus: [KVMVCPU] = []
+        for index in 0..<configuration.cpus {
+            let vcpu = try vm.createVCPU(id: UInt32(index))
+            try vcpu.setCPUID(CPUIDTemplate.entries(supported: supportedCPUID, vcpu: index, count: configuration.cpus))
+            try vcpu.setMSRs(BootMSRs.entries)
+            try vcpu.resetFPU()
+            try vcpu.setLocalAPIC(LocalAPICSetup.configure(try vcpu.localAPIC()))
+            if index == 0 {
+                let base = try vcpu.specialRegisters()
+                let (regs, sregs) = switch entry {
+                case let .pvh(entry, startInfo): BootCPUState.pvh(entry: entry, startInfo: startInfo, base: base)
+                case let .linux64(entry, zeroPage): BootCPUState.linux64(entry: entry, zeroPage: zeroPage, base: base)
+                }
+                try vcpu.setSpecialRegisters(sregs)
+                try vcpu.setRegisters(regs)
+            }
+            vcpus.append(vcpu)
+        }
+        self.vcpus = vcpus
+    }
+
+    private let stopLatch: StopLatch
+
+    /// Total RAM of this host, from `sysconf`.
+    static var hostMemory: UInt64? {
+        let pages = sysconf(Int32(_SC_PHYS_PAGES))
+        let pageSize = sysconf(Int32(_SC_PAGESIZE))
+        guard pages > 0, pageSize > 0 else { return nil }
+        return UInt64(pages) * UInt64(pageSize)
+    }
+
+    public var state: State { control.machineState }
+
+    /// Starts every vCPU on its own thread.
+    public func start() throws {
+        try control.transition(from: [.created], to: .running)
+        VCPUControl.installKickSignalHandler()
+        for vcpu in vcpus {
+            let thread = Thread { [self] in runLoop(vcpu) }
+            thread.name = "vcpu\(vcpu.id)"
+            thread.stackSize = 1 << 20
+            thread.start()
+        }
+    }
+
+    /// Stops all vCPUs at their next exit and waits until they are parked.
+    public func pause() throws {
+        try control.transition(from: [.running], to: .paused)
+        control.pauseAll(vcpus)
+    }
+
+    public func resume() throws {
+        try control.transition(from: [.paused], to: .running)
+        control.resumeAll()
+    }
+
+    /// Ends every vCPU thread and waits for them. Idempotent.
+    public func stop() {
+        if stopLatch.fire(.requested) {}
+        control.exitAll(vcpus)
+    }
+
+    /// Feeds host input to the guest's console.
+    public func sendConsoleInput(_ bytes: [UInt8]) {
+        serial.enqueueInput(bytes)
+    }
+
+    // MARK: vCPU threads
+
+    private func runLoop(_ vcpu: KVMVCPU) {
+        control.threadStarted()
+        while control.waitUntilRunnable(vcpu) {
+            let exit: VCPUExit
+            do {
+                exit = try vcpu.runOnce()
+            } catch {
+                fail("\(error)")
+                break
+            }
+            if let failure = handle(exit, on: vcpu) {
+                fail(failure)
+                break
+            }
+        }
+        control.threadExited()
+    }
+
+    private func fail(_ message: String) {
+        if stopLatch.fire(.failed(message)) { control.requestExit() }
+    }
+
+    /// Handles one exit; returns a failure message for exits that end the VM.
+    private func handle(_ exit: VCPUExit, on vcpu: KVMVCPU) -> String? {
+        switch exit {
+        case let .portIO(port, size, count, isWrite, data):
+            if isWrite {
+                for element in 0..<count {
+                    bus.write(port: port, data: Array(data[element * size..<(element + 1) * size]))
+                }
+            } else {
+                var bytes: [UInt8] = []
+                for _ in 0..<count { bytes += bus.read(port: port, size: size) }
+                vcpu.completeRead(bytes)
+            }
+            return nil
+        case .mmio(_, _, let isWrite, _):
+            // No MMIO devices besides the in-kernel APICs: reads see an absent device, writes vanish.
+            if !isWrite { vcpu.completeRead([]) }
+            return nil
+        case .interrupted, .halt:
+            return nil
+        case let .systemEvent(type):
+            if type == KVMSystemEvent.crash {
+                return "the guest crashed (KVM system event \(type)) on vCPU \(vcpu.id)\(Self.ripText(vcpu))"
+            }
+            if stopLatch.fire(.guest) { control.requestExit() }
+            return nil
+        case .shutdown:
+            return "triple fault (KVM_EXIT_SHUTDOWN) on vCPU \(vcpu.id)\(Self.ripText(vcpu))"
+        case let .internalError(suberror):
+            let kind = suberror == 1 ? " (instruction emulation failed)" : ""
+            return "KVM internal error, suberror \(suberror)\(kind), on vCPU \(vcpu.id)\(Self.ripText(vcpu))"
+        case let .failedEntry(reason):
+            return "entering the guest failed (KVM_EXIT_FAIL_ENTRY, hardware reason 0x\(String(reason, radix: 16))) on vCPU \(vcpu.id)\(Self.ripText(vcpu))"
+        case let .other(reason):
+            return "unhandled KVM exit reason \(reason) on vCPU \(vcpu.id)\(Self.ripText(vcpu))"
+        }
+    }
+
+    private static func ripText(_ vcpu: KVMVCPU) -> String {
+        guard let regs = try? vcpu.registers() else { return "" }
+        return " at RIP 0x\(String(regs.rip, radix: 16))"
+    }
+}
+
+/// KVM_SYSTEM_EVENT types (include/uapi/linux/kvm.h).
+enum KVMSystemEvent {
+    static let crash: UInt32 = 3
+}
+
+/// Reports the first stop reason exactly once.
+final class StopLatch: Sendable {
+    private let fired = Mutex(false)
+    private let handler: @Sendable (MachineStop) -> Void
+
+    init(_ handler: @escaping @Sendable (MachineStop) -> Void) {
+        self.handler = handler
+    }
+
+    /// Returns true if this call was the first; only the first reason reaches the handler.
+    @discardableResult
+    func fire(_ reason: MachineStop) -> Bool {
+        let first = fired.withLock { fired in
+            defer { fired = true }
+            return !fired
+        }
+        if first, reason != .requested { handler(reason) }
+        return first
+    }
+}

@@ -1,0 +1,57 @@
+import Events
+import Testing
+@testable import VMM
+
+@Suite struct FlagParsingTests {
+    @Test(arguments: [("boot=1", 1), ("boot=2", 2), ("boot=8", 8), ("boot=254", 254)])
+    func cpusAcceptsBootCounts(text: String, count: Int) throws {
+        #expect(try VMConfiguration.parseCPUs(text) == count)
+    }
+
+    @Test(arguments: ["boot=0", "boot=255", "boot=two", "2", "max=2", "boot=2,boot=3", "", "boot=2,"])
+    func cpusRefusesBadValuesNamingTheFlag(text: String) {
+        #expect {
+            _ = try VMConfiguration.parseCPUs(text)
+        } throws: { error in
+            "\(error)".hasPrefix("--cpus: ")
+        }
+    }
+
+    @Test(arguments: [("size=64M", UInt64(64) << 20), ("size=1G", 1 << 30), ("size=8G", 8 << 30),
+                      ("size=524288K", 512 << 20), ("size=1073741824", 1 << 30), ("size=2g", 2 << 30)])
+    func memoryAcceptsCloudHypervisorSizes(text: String, bytes: UInt64) throws {
+        #expect(try VMConfiguration.parseMemory(text) == bytes)
+    }
+
+    @Test(arguments: ["size=32M", "size=", "size=1X", "size=-1G", "1G", "size=1G,shared=on", "size=99999999999T", "size=4097"])
+    func memoryRefusesBadValuesNamingTheFlag(text: String) {
+        #expect {
+            _ = try VMConfiguration.parseMemory(text)
+        } throws: { error in
+            "\(error)".hasPrefix("--memory: ")
+        }
+    }
+
+    @Test func serialModesParse() throws {
+        #expect(try SerialMode(parsing: "tty") == .tty)
+        #expect(try SerialMode(parsing: "off") == .off)
+        #expect(try SerialMode(parsing: "null") == .null)
+        #expect(try SerialMode(parsing: "file=/tmp/console.log") == .file("/tmp/console.log"))
+        for bad in ["pty", "file=", "socket=/x", "tty,off", ""] {
+            #expect(throws: ConfigurationError.self) { try SerialMode(parsing: bad) }
+        }
+    }
+
+    @Test func consoleAcceptsOnlyOff() throws {
+        try VMConfiguration.parseConsole("off")
+        #expect(throws: ConfigurationError.self) { try VMConfiguration.parseConsole("tty") }
+    }
+
+    @Test func eventMonitorAcceptsPathAndFD() throws {
+        #expect(try VMConfiguration.parseEventMonitor("path=/tmp/x.events") == .path("/tmp/x.events"))
+        #expect(try VMConfiguration.parseEventMonitor("fd=3") == .fileDescriptor(3))
+        #expect {
+            _ = try VMConfiguration.parseEventMonitor("socket=/x")
+        } throws: { "\($0)".hasPrefix("--event-monitor: ") }
+    }
+}

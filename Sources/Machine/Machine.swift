@@ -93,6 +93,7 @@ public final class Machine: Sendable {
             vcpus.append(vcpu)
         }
         self.vcpus = vcpus
+        control.attach(vcpus)
     }
 
     private let stopLatch: StopLatch
@@ -122,7 +123,7 @@ public final class Machine: Sendable {
     /// Stops all vCPUs at their next exit and waits until they are parked.
     public func pause() throws {
         try control.transition(from: [.running], to: .paused)
-        control.pauseAll(vcpus)
+        control.pauseAll()
     }
 
     public func resume() throws {
@@ -130,10 +131,13 @@ public final class Machine: Sendable {
         control.resumeAll()
     }
 
-    /// Ends every vCPU thread and waits for them. Idempotent.
-    public func stop() {
-        if stopLatch.fire(.requested) {}
-        control.exitAll(vcpus)
+    /// Ends every vCPU thread and waits for them, at most `timeout`; returns whether all ended.
+    /// Idempotent.
+    @discardableResult
+    public func stop(timeout: Duration = .seconds(5)) -> Bool {
+        stopLatch.fire(.requested)
+        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
+        return control.exitAll(timeout: seconds)
     }
 
     /// Feeds host input to the guest's console.
@@ -144,7 +148,7 @@ public final class Machine: Sendable {
     // MARK: vCPU threads
 
     private func runLoop(_ vcpu: KVMVCPU) {
-        control.threadStarted()
+        control.threadStarted(vcpu)
         while control.waitUntilRunnable(vcpu) {
             let exit: VCPUExit
             do {
@@ -158,7 +162,7 @@ public final class Machine: Sendable {
                 break
             }
         }
-        control.threadExited()
+        control.threadExited(vcpu)
     }
 
     private func fail(_ message: String) {

@@ -21,9 +21,17 @@ final class VCPUControl: @unchecked Sendable {
     private var parked = 0
     private var running = 0
     private var threads: [UInt32: pthread_t] = [:]
+    private var vcpus: [KVMVCPU] = []
 
     init(count: Int) {
         self.count = count
+    }
+
+    /// Hands over the vCPUs to control; called once, before any thread starts.
+    func attach(_ vcpus: [KVMVCPU]) {
+        condition.lock()
+        self.vcpus = vcpus
+        condition.unlock()
     }
 
     static func installKickSignalHandler() {
@@ -50,15 +58,19 @@ final class VCPUControl: @unchecked Sendable {
         state = next
     }
 
-    func threadStarted() {
+    /// Registers the calling thread as `vcpu`'s, so that kicks reach it.
+    func threadStarted(_ vcpu: KVMVCPU) {
         condition.lock()
         running += 1
+        threads[vcpu.id] = pthread_self()
         condition.unlock()
     }
 
-    func threadExited() {
+    /// Unregisters the calling vCPU thread: a thread that has ended must never be signalled.
+    func threadExited(_ vcpu: KVMVCPU) {
         condition.lock()
         running -= 1
+        threads[vcpu.id] = nil
         condition.broadcast()
         condition.unlock()
     }
@@ -67,7 +79,6 @@ final class VCPUControl: @unchecked Sendable {
     func waitUntilRunnable(_ vcpu: KVMVCPU) -> Bool {
         condition.lock()
         defer { condition.unlock() }
-        threads[vcpu.id] = pthread_self()
         var isParked = false
         while command == .pause {
             if !isParked {
@@ -83,19 +94,20 @@ final class VCPUControl: @unchecked Sendable {
         return true
     }
 
-    private func kick(_ vcpus: [KVMVCPU]) {
+    /// Takes every vCPU out of `KVM_RUN`; called with the lock held.
+    private func kickAll() {
         for vcpu in vcpus {
             vcpu.setImmediateExit(true)
             if let thread = threads[vcpu.id] { pthread_kill(thread, Self.kickSignal) }
         }
     }
 
-    func pauseAll(_ vcpus: [KVMVCPU]) {
+    func pauseAll() {
         condition.lock()
         defer { condition.unlock() }
         guard command == .run else { return }
         command = .pause
-        kick(vcpus)
+        kickAll()
         while parked < running {
             condition.wait()
         }
@@ -114,19 +126,25 @@ final class VCPUControl: @unchecked Sendable {
         command = .exit
         state = .stopped
         condition.broadcast()
+        kickAll()
         condition.unlock()
     }
 
-    /// Ends every vCPU thread and waits until all have exited.
-    func exitAll(_ vcpus: [KVMVCPU]) {
+    /// Ends every vCPU thread and waits until all have exited or `timeout` has passed; returns
+    /// whether all exited. (A vCPU inside a long emulated instruction on a nested host can take
+    /// a while to notice the signal.)
+    @discardableResult
+    func exitAll(timeout: TimeInterval) -> Bool {
         condition.lock()
         defer { condition.unlock() }
         command = .exit
         state = .stopped
         condition.broadcast()
-        kick(vcpus)
+        kickAll()
+        let deadline = Date().addingTimeInterval(timeout)
         while running > 0 {
-            condition.wait()
+            if !condition.wait(until: deadline) { return running == 0 }
         }
+        return true
     }
 }

@@ -82,7 +82,9 @@ public final class VirtualMachineMonitor: Sendable {
 
         finished.wait()
         let result = outcome.withLock { $0 } ?? .failed("no outcome")
-        machine?.stop()
+        if let machine, !machine.stop() {
+            logger.warning("a vCPU did not stop within the grace period; exiting without it")
+        }
         console?.restore()
         if machine != nil {
             switch result {

@@ -39,8 +39,7 @@ public enum BootLoader {
                                  at: segment.physicalAddress)
                 let zeroCount = Int(segment.memorySize) - segment.fileSize
                 if zeroCount > 0 {
-                    try memory.write(repeatElement(UInt8(0), count: zeroCount),
-                                     at: segment.physicalAddress + UInt64(segment.fileSize))
+                    try memory.fill(0, count: zeroCount, at: segment.physicalAddress + UInt64(segment.fileSize))
                 }
             }
             var modules: [(address: UInt64, size: UInt64)] = []

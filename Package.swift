@@ -8,10 +8,13 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "ferry", targets: ["ferry"]),
+        .executable(name: "ferry-remote", targets: ["ferry-remote"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.0.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.20.0"),
     ],
     targets: [
         .target(name: "CKVM"),
@@ -19,18 +22,38 @@ let package = Package(
         .target(name: "Events"),
         .target(name: "Machine", dependencies: ["KVM", .product(name: "Logging", package: "swift-log")]),
         .target(name: "VMM", dependencies: ["Machine", "Events", .product(name: "Logging", package: "swift-log")]),
+        .target(
+            name: "API",
+            dependencies: [
+                "VMM", "Events",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "ferry",
             dependencies: [
-                "VMM",
+                "VMM", "API",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "ferry-remote",
+            dependencies: [
+                "API", "Events",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "EventsTests", dependencies: ["Events"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "KVM"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["ferry", "Events"]),
+        .testTarget(
+            name: "APITests",
+            dependencies: ["API", "VMM", "Events", .product(name: "HummingbirdTesting", package: "hummingbird")]
+        ),
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["ferry", "ferry-remote", "Events", "API"]),
     ]
 )

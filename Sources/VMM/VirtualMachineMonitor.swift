@@ -3,101 +3,256 @@ import Events
 import Foundation
 import Logging
 import Machine
-import Synchronization
 
-/// The VMM core: owns the one VM, drives its lifecycle and reports every edge as an event.
-public final class VirtualMachineMonitor: Sendable {
+/// The VMM core: owns the one VM, serialises every operation on it, and reports every lifecycle
+/// edge as an event (events.md section 3).
+///
+/// VM states follow Cloud Hypervisor: no VM → `Created` (vm.create) → `Running` (vm.boot) ⇄
+/// `Paused` → `Shutdown` (vm.shutdown, or the guest powers off) → `Running` again (vm.boot), and
+/// vm.delete from any state back to no VM. An operation in the wrong state changes nothing and
+/// emits nothing.
+public actor VirtualMachineMonitor {
     /// Ferry's version, as `vmm.starting` and `vmm.ping` report it.
     public static let version = "0.1.0"
 
-    /// How the VMM's run ended, and the process exit status that goes with it.
+    /// The VM's lifecycle state, spelled as Cloud Hypervisor's `vm.info` spells it.
+    public enum VMState: String, Sendable, Codable {
+        case created = "Created"
+        case running = "Running"
+        case paused = "Paused"
+        case shutdown = "Shutdown"
+    }
+
+    /// How the VMM process ends, and the exit status that goes with it.
     public enum Outcome: Equatable, Sendable {
+        /// The guest stopped and the VMM runs without an API (boot-at-once mode).
         case guestShutdown
         case signalled(Int32)
+        /// `vmm.shutdown` over the API.
+        case requested
         case failed(String)
 
         public var exitStatus: Int32 {
             switch self {
-            case .guestShutdown, .signalled: 0
+            case .guestShutdown, .signalled, .requested: 0
             case .failed: 1
             }
         }
     }
 
-    public let events: EventMonitor
+    public nonisolated let events: EventMonitor
     private let logger: Logger
-    private let outcome = Mutex<Outcome?>(nil)
-    private let finished = DispatchSemaphore(value: 0)
+    /// Without an API, the process ends with its VM; with one, the VMM outlives the guest.
+    private let exitsWithVM: Bool
 
-    public init(events: EventMonitor, logger: Logger) {
+    private var configuration: VMConfiguration?
+    private var machine: Machine?
+    private var console: HostConsole?
+    private var state: VMState?
+    private var outcome: Outcome?
+    private var exitWaiters: [CheckedContinuation<Outcome, Never>] = []
+
+    public init(events: EventMonitor, logger: Logger, exitsWithVM: Bool) {
         self.events = events
         self.logger = logger
+        self.exitsWithVM = exitsWithVM
         events.emitStarting(version: Self.version)
     }
 
-    /// Records the first outcome and wakes `run`.
-    private func finish(_ result: Outcome) {
-        let first = outcome.withLock { current in
-            guard current == nil else { return false }
-            current = result
-            return true
-        }
-        if first { finished.signal() }
+    // MARK: Queries
+
+    public struct Info: Sendable, Equatable {
+        public var configuration: VMConfiguration
+        public var state: VMState
+        public var memoryActualSize: UInt64
     }
 
-    /// Creates and boots the VM, then runs until the guest stops, a signal arrives, or the VM fails.
-    /// Emits `vm.booting`, `vm.booted`, `vm.shutdown` and `vmm.shutdown`, and closes the event monitor.
-    public func run(_ configuration: VMConfiguration) -> Outcome {
-        let signalSources = [SIGTERM, SIGINT].map { number in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number)
-            source.setEventHandler { [self] in finish(.signalled(number)) }
-            source.resume()
-            return source
-        }
-        defer { signalSources.forEach { $0.cancel() } }
+    public func info() throws(VMMError) -> Info {
+        guard let configuration, let state else { throw VMMError(.noVM, "no VM has been created") }
+        return Info(configuration: configuration, state: state, memoryActualSize: configuration.machine.memorySize)
+    }
 
-        var machine: Machine?
-        var console: HostConsole?
+    // MARK: Operations
+
+    public func create(_ configuration: VMConfiguration) throws(VMMError) {
+        guard state == nil else { throw VMMError(.wrongState, "a VM already exists; delete it first") }
         do {
-            console = try HostConsole(mode: configuration.serial)
-            events.emit(.vm, "booting")
-            let booted = try Machine(configuration: configuration.machine, serialOutput: console?.output,
-                                     onStop: { [self] stop in
-                                         switch stop {
-                                         case .guest: finish(.guestShutdown)
-                                         case let .failed(message): finish(.failed(message))
-                                         case .requested: break
-                                         }
-                                     })
-            machine = booted
-            try booted.start()
-            events.emit(.vm, "booted")
-            console?.forwardInput(to: booted)
-            logger.info("VM booted", metadata: ["cpus": "\(configuration.machine.cpus)",
-                                                "memory": "\(configuration.machine.memorySize >> 20) MiB"])
+            try configuration.machine.validate(hostMemory: ProcessInfo.processInfo.physicalMemory)
         } catch {
-            finish(.failed("\(error)"))
+            throw VMMError(.invalidRequest, "\(error)")
         }
-
-        finished.wait()
-        let result = outcome.withLock { $0 } ?? .failed("no outcome")
-        if let machine, !machine.stop() {
-            logger.warning("a vCPU did not stop within the grace period; exiting without it")
-        }
-        console?.restore()
-        if machine != nil {
-            switch result {
-            case .guestShutdown:
-                events.emit(.vm, "shutdown", ["reason": "guest"])
-            case .signalled:
-                events.emit(.vm, "shutdown", ["reason": "api"])
-            case let .failed(message):
-                events.emit(.vm, "shutdown", ["reason": "guest", "error": message])
+        for (field, path) in [("payload.kernel", configuration.machine.kernel), ("payload.initramfs", configuration.machine.initramfs)] {
+            if let path, !FileManager.default.isReadableFile(atPath: path) {
+                throw VMMError(.invalidRequest, "\(field): \(path) does not exist or is not readable")
             }
+        }
+        self.configuration = configuration
+        state = .created
+    }
+
+    public func boot() throws(VMMError) {
+        guard let configuration, let state else { throw VMMError(.noVM, "no VM has been created") }
+        guard state == .created || state == .shutdown else {
+            throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Created or Shutdown VM can boot")
+        }
+        events.emit(.vm, "booting")
+        do {
+            try startMachine(configuration)
+        } catch {
+            events.emit(.vm, "shutdown", ["reason": "guest", "error": "\(error)"])
+            self.state = .shutdown
+            throw VMMError(.internalFailure, "booting failed: \(error)")
+        }
+        self.state = .running
+        events.emit(.vm, "booted")
+    }
+
+    public func pause() throws(VMMError) {
+        let machine = try requireMachine(in: .running, for: "pause")
+        events.emit(.vm, "pausing")
+        do {
+            try machine.pause()
+        } catch {
+            throw VMMError(.internalFailure, "pausing failed: \(error)")
+        }
+        state = .paused
+        events.emit(.vm, "paused")
+    }
+
+    public func resume() throws(VMMError) {
+        let machine = try requireMachine(in: .paused, for: "resume")
+        events.emit(.vm, "resuming")
+        do {
+            try machine.resume()
+        } catch {
+            throw VMMError(.internalFailure, "resuming failed: \(error)")
+        }
+        state = .running
+        events.emit(.vm, "resumed")
+    }
+
+    /// Stops the guest (API `vm.shutdown`); the VM's configuration stays, and it can boot again.
+    public func shutdown() throws(VMMError) {
+        guard let state else { throw VMMError(.noVM, "no VM has been created") }
+        guard state == .running || state == .paused else {
+            throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Running or Paused VM can shut down")
+        }
+        stopMachine()
+        self.state = .shutdown
+        events.emit(.vm, "shutdown", ["reason": "api"])
+    }
+
+    /// Restarts the guest from its kernel with the same configuration.
+    public func reboot() throws(VMMError) {
+        guard let configuration, let state else { throw VMMError(.noVM, "no VM has been created") }
+        guard state == .running || state == .paused else {
+            throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Running or Paused VM can reboot")
+        }
+        events.emit(.vm, "rebooting")
+        stopMachine()
+        do {
+            try startMachine(configuration)
+        } catch {
+            self.state = .shutdown
+            events.emit(.vm, "shutdown", ["reason": "guest", "error": "\(error)"])
+            throw VMMError(.internalFailure, "rebooting failed: \(error)")
+        }
+        self.state = .running
+        events.emit(.vm, "rebooted")
+    }
+
+    /// Removes the VM, stopping it first if it runs.
+    public func delete() throws(VMMError) {
+        guard let state else { throw VMMError(.noVM, "no VM has been created") }
+        if state == .running || state == .paused {
+            stopMachine()
+            events.emit(.vm, "shutdown", ["reason": "api"])
+        }
+        self.state = nil
+        configuration = nil
+        events.emit(.vm, "deleted")
+    }
+
+    // MARK: Process lifetime
+
+    /// Ends the VMM: `waitForExit` returns `outcome` (the first one asked for wins).
+    public func requestExit(_ outcome: Outcome) {
+        guard self.outcome == nil else { return }
+        self.outcome = outcome
+        for waiter in exitWaiters { waiter.resume(returning: outcome) }
+        exitWaiters.removeAll()
+    }
+
+    public func waitForExit() async -> Outcome {
+        if let outcome { return outcome }
+        return await withCheckedContinuation { exitWaiters.append($0) }
+    }
+
+    /// The last act before the process exits: stops a running VM (`vm.shutdown reason=api`),
+    /// emits `vmm.shutdown` and closes the event monitor.
+    public func finish() {
+        if state == .running || state == .paused {
+            stopMachine()
+            state = .shutdown
+            events.emit(.vm, "shutdown", ["reason": "api"])
         }
         events.emit(.vmm, "shutdown")
         events.close()
-        return result
+    }
+
+    // MARK: The machine
+
+    private func requireMachine(in required: VMState, for operation: String) throws(VMMError) -> Machine {
+        guard let state else { throw VMMError(.noVM, "no VM has been created") }
+        guard state == required, let machine else {
+            throw VMMError(.wrongState, "the VM is \(state.rawValue); it must be \(required.rawValue) to \(operation)")
+        }
+        return machine
+    }
+
+    private func startMachine(_ configuration: VMConfiguration) throws {
+        let console = try HostConsole(mode: configuration.serial)
+        let generation = UUID()
+        let machine = try Machine(configuration: configuration.machine, serialOutput: console.output,
+                                  onStop: { [weak self] stop in
+                                      Task { await self?.machineStopped(stop, generation: generation) }
+                                  })
+        try machine.start()
+        console.forwardInput(to: machine)
+        self.machine = machine
+        self.console = console
+        machineGeneration = generation
+        logger.info("VM booted", metadata: ["cpus": "\(configuration.machine.cpus)",
+                                            "memory": "\(configuration.machine.memorySize >> 20) MiB"])
+    }
+
+    /// Identifies the machine a stop report belongs to, so that a late report from a machine that
+    /// was already replaced (reboot) or stopped changes nothing.
+    private var machineGeneration: UUID?
+
+    private func stopMachine() {
+        if let machine, !machine.stop() {
+            logger.warning("a vCPU did not stop within the grace period; continuing without it")
+        }
+        console?.restore()
+        machine = nil
+        console = nil
+        machineGeneration = nil
+    }
+
+    /// The guest powered off, or the VM failed.
+    private func machineStopped(_ stop: MachineStop, generation: UUID) {
+        guard generation == machineGeneration else { return }
+        stopMachine()
+        state = .shutdown
+        switch stop {
+        case .guest, .requested:
+            events.emit(.vm, "shutdown", ["reason": "guest"])
+            if exitsWithVM { requestExit(.guestShutdown) }
+        case let .failed(message):
+            logger.error("the VM stopped: \(message)")
+            events.emit(.vm, "shutdown", ["reason": "guest", "error": message])
+            if exitsWithVM { requestExit(.failed(message)) }
+        }
     }
 }

@@ -1,4 +1,6 @@
+import API
 import ArgumentParser
+import Dispatch
 import Events
 import Foundation
 import Logging
@@ -7,14 +9,18 @@ import VMM
 
 /// `ferry`: the VMM process. One VM per process; flags spelled as Cloud Hypervisor spells them.
 @main
-struct Ferry: ParsableCommand {
+struct Ferry: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ferry",
         abstract: "A KVM virtual machine monitor built around live migration that management software can watch.",
         discussion: """
-            Boots one VM and runs it until the guest powers off (exit status 0), the process gets \
-            SIGTERM or SIGINT (the VM is stopped, exit status 0), or the VM fails (exit status 1, \
-            with the reason on standard error).
+            Runs one VM. With --kernel the VM is created and booted at once; with only \
+            --api-socket the VMM waits for vm.create and vm.boot over its REST API.
+
+            Without --api-socket, the process ends with its VM: when the guest powers off (exit \
+            status 0), on SIGTERM or SIGINT (the VM is stopped, exit status 0), or when the VM \
+            fails (exit status 1, with the reason on standard error). With --api-socket the VMM \
+            outlives its guest and ends on vmm.shutdown, SIGTERM or SIGINT.
 
             Example:
               ferry --kernel vmlinux --initramfs initrd.img --cmdline "console=ttyS0" \\
@@ -23,8 +29,12 @@ struct Ferry: ParsableCommand {
         version: VirtualMachineMonitor.version
     )
 
-    @Option(help: ArgumentHelp("Kernel to boot: an x86-64 ELF with a PVH note (vmlinux) or a bzImage.", valueName: "path"))
-    var kernel: String
+    @Option(name: .customLong("api-socket"),
+            help: ArgumentHelp("Serve the REST API on this Unix socket: path=PATH (or just PATH).", valueName: "path=PATH"))
+    var apiSocket: String?
+
+    @Option(help: ArgumentHelp("Kernel to boot: an x86-64 ELF with a PVH note (vmlinux) or a bzImage. Required without --api-socket.", valueName: "path"))
+    var kernel: String?
 
     @Option(help: ArgumentHelp("Initramfs to hand the kernel.", valueName: "path"))
     var initramfs: String?
@@ -52,10 +62,10 @@ struct Ferry: ParsableCommand {
     var logLevel: Logger.Level = .warning
 
     /// Parsed in `validate()` so that a bad value fails before anything starts.
-    private var parsed: (vm: VMConfiguration, events: EventSinkTarget?)?
+    private var parsed: (vm: VMConfiguration?, events: EventSinkTarget?, socket: String?)?
 
     enum CodingKeys: String, CodingKey {
-        case kernel, initramfs, cmdline, cpus, memory, serial, console, eventMonitor, logLevel
+        case apiSocket, kernel, initramfs, cmdline, cpus, memory, serial, console, eventMonitor, logLevel
     }
 
     mutating func validate() throws {
@@ -65,6 +75,14 @@ struct Ferry: ParsableCommand {
             let serialMode = try SerialMode(parsing: serial)
             try VMConfiguration.parseConsole(console)
             let sink = try eventMonitor.map(VMConfiguration.parseEventMonitor)
+            let socket = try apiSocket.map(Self.parseAPISocket)
+            guard let kernel else {
+                guard socket != nil else {
+                    throw ConfigurationError(flag: "--kernel", "required unless --api-socket is given")
+                }
+                parsed = (nil, sink, socket)
+                return
+            }
             guard FileManager.default.isReadableFile(atPath: kernel) else {
                 throw ConfigurationError(flag: "--kernel", "\(kernel) does not exist or is not readable")
             }
@@ -73,19 +91,59 @@ struct Ferry: ParsableCommand {
             }
             let machine = MachineConfiguration(cpus: cpuCount, memorySize: memorySize, kernel: kernel,
                                                initramfs: initramfs, commandLine: cmdline)
-            parsed = (VMConfiguration(machine: machine, serial: serialMode), sink)
+            parsed = (VMConfiguration(machine: machine, serial: serialMode), sink, socket)
         } catch let error as ConfigurationError {
             throw ValidationError(error.description)
         }
     }
 
-    func run() throws {
+    /// `--api-socket path=PATH` or a bare path, as Cloud Hypervisor accepts.
+    static func parseAPISocket(_ text: String) throws -> String {
+        let options = try OptionList(parsing: text, flag: "--api-socket", allowedKeys: ["path"])
+        if options.words.isEmpty, let path = options["path"], !path.isEmpty { return path }
+        if options.words.count == 1, options["path"] == nil, let path = options.words.first,
+           path.hasPrefix("/") || path.hasPrefix(".") {
+            return path
+        }
+        throw ConfigurationError(flag: "--api-socket", "write path=PATH, e.g. --api-socket path=/run/ferry/vm1.sock")
+    }
+
+    func run() async throws {
         guard let parsed else { throw ValidationError("arguments were not validated") }
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
-        var logger = Logger(label: "ferry")
-        logger.logLevel = logLevel
-        let monitor = VirtualMachineMonitor(events: EventMonitor(sink: parsed.events), logger: logger)
-        let outcome = monitor.run(parsed.vm)
+        let logger = { var logger = Logger(label: "ferry"); logger.logLevel = logLevel; return logger }()
+        let vmm = VirtualMachineMonitor(events: EventMonitor(sink: parsed.events), logger: logger,
+                                        exitsWithVM: parsed.socket == nil)
+        let signalSources = [SIGTERM, SIGINT].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number)
+            source.setEventHandler { Task { await vmm.requestExit(.signalled(number)) } }
+            source.resume()
+            return source
+        }
+        defer { signalSources.forEach { $0.cancel() } }
+
+        let server = parsed.socket.map { path in
+            Task {
+                do {
+                    try await APIServer(vmm: vmm, socketPath: path, logger: logger).run()
+                } catch {
+                    await vmm.requestExit(.failed("API socket \(path): \(error)"))
+                }
+            }
+        }
+        if let configuration = parsed.vm {
+            do {
+                try await vmm.create(configuration)
+                try await vmm.boot()
+            } catch {
+                await vmm.requestExit(.failed("\(error)"))
+            }
+        }
+        let outcome = await vmm.waitForExit()
+        await vmm.finish()
+        server?.cancel()
+        _ = await server?.result
         if case let .failed(message) = outcome {
             FileHandle.standardError.write(Data("ferry: \(message)\n".utf8))
         }

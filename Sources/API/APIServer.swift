@@ -1,0 +1,200 @@
+import Events
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+import VMM
+
+/// The REST API: HTTP/1.1 on a Unix socket, Cloud Hypervisor's endpoints, bodies and status codes.
+/// Routes are thin: they decode, call the VMM core and encode.
+public struct APIServer: Sendable {
+    /// Largest request body accepted (a `VmConfig` is a few hundred bytes).
+    static let maximumBodySize = 1 << 20
+    /// Events a `vmm.events` subscriber may fall behind by before it is disconnected.
+    static let subscriberBufferLimit = 1024
+
+    let vmm: VirtualMachineMonitor
+    let socketPath: String
+    let logger: Logger
+
+    public init(vmm: VirtualMachineMonitor, socketPath: String, logger: Logger) {
+        self.vmm = vmm
+        self.socketPath = socketPath
+        self.logger = logger
+    }
+
+    /// Serves until the task is cancelled. `onReady` runs once the socket accepts connections.
+    ///
+    /// The socket is private to its owner (mode 0600) from the moment anyone can reach it: it is
+    /// bound inside a fresh directory only its owner can enter, made 0600, and only then moved to
+    /// `socketPath` (replacing a stale socket file there).
+    public func run(onReady: @escaping @Sendable () -> Void = {}) async throws {
+        let path = socketPath
+        let staging = (path as NSString).deletingLastPathComponent.appending("/.ferry-api-\(getpid())")
+        let stagingSocket = staging + "/api.sock"
+        rmdir(staging)
+        guard mkdir(staging, 0o700) == 0 || errno == EEXIST else {
+            throw VMMError(.internalFailure, "cannot create \(staging): \(String(cString: strerror(errno)))")
+        }
+        unlink(stagingSocket)
+        var serverLogger = logger
+        serverLogger.logLevel = .critical  // its errors reach the caller as thrown errors
+        let application = Application(
+            router: Self.router(vmm: vmm),
+            configuration: .init(address: .unixDomainSocket(path: stagingSocket), serverName: "ferry"),
+            onServerRunning: { _ in
+                chmod(stagingSocket, 0o600)
+                rename(stagingSocket, path)
+                rmdir(staging)
+                onReady()
+            },
+            logger: serverLogger
+        )
+        defer {
+            unlink(path)
+            unlink(stagingSocket)
+            rmdir(staging)
+        }
+        try await application.run()
+    }
+
+    static func router(vmm: VirtualMachineMonitor) -> Router<BasicRequestContext> {
+        let router = Router()
+        router.add(middleware: EndpointCheck())
+        router.get(.init(Endpoint.vmmPing.path)) { _, _ in
+            try json(VmmPingResponse(build_version: VirtualMachineMonitor.version, version: VirtualMachineMonitor.version,
+                                     pid: getpid(), features: []))
+        }
+        router.put(.init(Endpoint.vmmShutdown.path)) { _, _ in
+            await vmm.requestExit(.requested)
+            return Response(status: .noContent)
+        }
+        router.get(.init(Endpoint.vmmEvents.path)) { request, _ in
+            let sinceStart = request.uri.queryParameters["since"] == "0"
+            let events = vmm.events.subscribe(sinceStart: sinceStart, bufferLimit: subscriberBufferLimit)
+            return Response(status: .ok, headers: [.contentType: "application/x-ndjson"],
+                            body: ResponseBody { writer in
+                                for await event in events {
+                                    try await writer.write(ByteBuffer(bytes: EventEncoding.ndjson(event)))
+                                }
+                                try await writer.finish(nil)
+                            })
+        }
+        router.put(.init(Endpoint.vmCreate.path)) { request, context in
+            let config = try await decode(VmConfig.self, from: request)
+            let configuration = try config.vmConfiguration()
+            try await vmm.create(configuration)
+            return Response(status: .noContent)
+        }
+        router.get(.init(Endpoint.vmInfo.path)) { _, _ in
+            let info = try await vmm.info()
+            return try json(VmInfo(config: VmConfig(info.configuration), state: info.state.rawValue,
+                                   memory_actual_size: info.memoryActualSize))
+        }
+        let operations: [(Endpoint, @Sendable (VirtualMachineMonitor) async throws -> Void)] = [
+            (.vmBoot, { try await $0.boot() }),
+            (.vmPause, { try await $0.pause() }),
+            (.vmResume, { try await $0.resume() }),
+            (.vmShutdown, { try await $0.shutdown() }),
+            (.vmReboot, { try await $0.reboot() }),
+            (.vmDelete, { try await $0.delete() }),
+        ]
+        for (endpoint, operation) in operations {
+            router.put(.init(endpoint.path)) { _, _ in
+                try await operation(vmm)
+                return Response(status: .noContent)
+            }
+        }
+        return router
+    }
+
+    /// Decodes a JSON body; the error says which field is wrong and why.
+    static func decode<T: Decodable>(_ type: T.Type, from request: Request) async throws -> T {
+        var request = request
+        let body: ByteBuffer
+        do {
+            body = try await request.collectBody(upTo: maximumBodySize)
+        } catch {
+            throw VMMError(.invalidRequest, "request body is larger than \(maximumBodySize) bytes")
+        }
+        guard body.readableBytes > 0 else { throw VMMError(.invalidRequest, "request body is empty; send a JSON object") }
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(buffer: body))
+        } catch let error as DecodingError {
+            throw VMMError(.invalidRequest, describe(error))
+        }
+    }
+
+    static func describe(_ error: DecodingError) -> String {
+        func path(_ codingPath: [any CodingKey]) -> String {
+            codingPath.map { $0.intValue.map(String.init) ?? $0.stringValue }.joined(separator: ".")
+        }
+        switch error {
+        case let .keyNotFound(key, context):
+            let parent = path(context.codingPath)
+            return "\(parent.isEmpty ? "" : parent + ".")\(key.stringValue): required field is missing"
+        case let .typeMismatch(type, context), let .valueNotFound(type, context):
+            return "\(path(context.codingPath)): expected \(typeName(type))"
+        case let .dataCorrupted(context):
+            let location = path(context.codingPath)
+            return location.isEmpty ? "request body is not valid JSON" : "\(location): \(context.debugDescription)"
+        @unknown default:
+            return "request body does not decode"
+        }
+    }
+
+    static func typeName(_ type: Any.Type) -> String {
+        switch type {
+        case is String.Type: "a string"
+        case is Int.Type, is UInt64.Type, is Int32.Type: "a number"
+        case is Bool.Type: "true or false"
+        default: "a \(type)"
+        }
+    }
+
+    static func json(_ value: some Encodable) throws -> Response {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let data = try encoder.encode(value)
+        return Response(status: .ok, headers: [.contentType: "application/json"],
+                        body: .init(byteBuffer: ByteBuffer(bytes: data)))
+    }
+}
+
+/// Answers unknown paths with 404 and known paths with the wrong method with 405, and turns every
+/// error into Cloud Hypervisor's error body: a JSON array of strings.
+struct EndpointCheck: RouterMiddleware {
+    typealias Context = BasicRequestContext
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        guard let endpoint = Endpoint.allCases.first(where: { $0.path == request.uri.path }) else {
+            return Self.error(.notFound, "unknown endpoint \(request.uri.path); the API lives under \(Endpoint.basePath)")
+        }
+        guard request.method == endpoint.method else {
+            var response = Self.error(.methodNotAllowed, "\(endpoint.rawValue) takes \(endpoint.method.rawValue), not \(request.method.rawValue)")
+            response.headers[.allow] = endpoint.method.rawValue
+            return response
+        }
+        do {
+            return try await next(request, context)
+        } catch let error as VMMError {
+            let status: HTTPResponse.Status = switch error.kind {
+            case .invalidRequest: .badRequest
+            case .noVM: .notFound
+            case .wrongState: .conflict
+            case .internalFailure: .internalServerError
+            }
+            return Self.error(status, error.message)
+        } catch let error as HTTPError {
+            return Self.error(error.status, error.body ?? "\(error.status.reasonPhrase)")
+        } catch {
+            return Self.error(.internalServerError, "\(error)")
+        }
+    }
+
+    static func error(_ status: HTTPResponse.Status, _ message: String) -> Response {
+        let body = (try? JSONEncoder().encode([message])) ?? Data("[]".utf8)
+        return Response(status: status, headers: [.contentType: "application/json"],
+                        body: .init(byteBuffer: ByteBuffer(bytes: body)))
+    }
+}

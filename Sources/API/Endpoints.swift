@@ -1,0 +1,29 @@
+import HTTPTypes
+
+/// Every endpoint the API serves: Cloud Hypervisor's names under `/api/v1`. The OpenAPI document
+/// (`docs/openapi.yaml`) lists exactly these; a test keeps the two equal.
+public enum Endpoint: String, CaseIterable, Sendable {
+    case vmmPing = "vmm.ping"
+    case vmmShutdown = "vmm.shutdown"
+    case vmmEvents = "vmm.events"
+    case vmCreate = "vm.create"
+    case vmBoot = "vm.boot"
+    case vmPause = "vm.pause"
+    case vmResume = "vm.resume"
+    case vmInfo = "vm.info"
+    case vmShutdown = "vm.shutdown"
+    case vmReboot = "vm.reboot"
+    case vmDelete = "vm.delete"
+
+    public static let basePath = "/api/v1"
+
+    public var path: String { "\(Self.basePath)/\(rawValue)" }
+
+    /// Queries are GET, operations PUT, as in Cloud Hypervisor.
+    public var method: HTTPRequest.Method {
+        switch self {
+        case .vmmPing, .vmmEvents, .vmInfo: .get
+        default: .put
+        }
+    }
+}

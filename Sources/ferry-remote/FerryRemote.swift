@@ -1,0 +1,185 @@
+import API
+import ArgumentParser
+import Foundation
+
+/// `ferry-remote`: drives a `ferry` through its API socket, one subcommand per endpoint (like
+/// Cloud Hypervisor's `ch-remote`).
+@main
+struct FerryRemote: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ferry-remote",
+        abstract: "Control a ferry VMM through its REST API socket.",
+        discussion: "Exit status 0 when the VMM carried out the request; otherwise the VMM's error text goes to standard error and the status is 1.",
+        version: "0.1.0",
+        subcommands: [Ping.self, Create.self, Boot.self, Pause.self, Resume.self, Info.self, Shutdown.self,
+                      Reboot.self, Delete.self, ShutdownVMM.self, Events.self]
+    )
+}
+
+/// Options every subcommand takes.
+struct Connection: ParsableArguments {
+    @Option(name: .customLong("api-socket"), help: ArgumentHelp("The VMM's API socket.", valueName: "path"))
+    var apiSocket: String
+
+    @Flag(help: "Print the VMM's JSON answer instead of a readable summary.")
+    var json = false
+
+    var client: APIClient { APIClient(socketPath: apiSocket) }
+}
+
+/// Runs one request, turning an error answer into the VMM's message and exit status 1.
+func perform(_ body: () async throws -> Void) async throws {
+    do {
+        try await body()
+    } catch let error as APIError {
+        FileHandle.standardError.write(Data("ferry-remote: \(error) (HTTP \(error.status))\n".utf8))
+        throw ExitCode.failure
+    } catch {
+        FileHandle.standardError.write(Data("ferry-remote: \(error)\n".utf8))
+        throw ExitCode.failure
+    }
+}
+
+/// A subcommand that PUTs to one endpoint without a body and prints nothing on success.
+protocol SimpleOperation: AsyncParsableCommand {
+    static var endpoint: Endpoint { get }
+    var connection: Connection { get }
+}
+
+extension SimpleOperation {
+    func run() async throws {
+        try await perform { try await connection.client.send(Self.endpoint) }
+    }
+}
+
+struct Ping: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Check that the VMM answers; print its version and pid.")
+    @OptionGroup var connection: Connection
+
+    func run() async throws {
+        try await perform {
+            let data = try await connection.client.send(.vmmPing)
+            if connection.json { return print(String(decoding: data, as: UTF8.self)) }
+            let ping = try JSONDecoder().decode(VmmPingResponse.self, from: data)
+            print("ferry \(ping.version) (pid \(ping.pid))")
+        }
+    }
+}
+
+struct Create: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create the VM from a Cloud Hypervisor VmConfig JSON file (- for standard input).",
+        discussion: """
+            Example CONFIG.json:
+              {"cpus": {"boot_vcpus": 2}, "memory": {"size": 1073741824},
+               "payload": {"kernel": "/path/vmlinux", "cmdline": "console=ttyS0"},
+               "serial": {"mode": "Tty"}}
+            """)
+    @OptionGroup var connection: Connection
+    @Argument(help: ArgumentHelp("The VM configuration.", valueName: "CONFIG.json"))
+    var config: String
+
+    func run() async throws {
+        try await perform {
+            let data = config == "-" ? FileHandle.standardInput.readDataToEndOfFile()
+                : try Data(contentsOf: URL(fileURLWithPath: config))
+            try await connection.client.send(.vmCreate, body: data)
+        }
+    }
+}
+
+struct Boot: SimpleOperation {
+    static let configuration = CommandConfiguration(abstract: "Boot the created (or shut down) VM.")
+    static let endpoint = Endpoint.vmBoot
+    @OptionGroup var connection: Connection
+}
+
+struct Pause: SimpleOperation {
+    static let configuration = CommandConfiguration(abstract: "Pause the running VM.")
+    static let endpoint = Endpoint.vmPause
+    @OptionGroup var connection: Connection
+}
+
+struct Resume: SimpleOperation {
+    static let configuration = CommandConfiguration(abstract: "Resume the paused VM.")
+    static let endpoint = Endpoint.vmResume
+    @OptionGroup var connection: Connection
+}
+
+struct Shutdown: SimpleOperation {
+    static let configuration = CommandConfiguration(abstract: "Shut the VM down; it can boot again.")
+    static let endpoint = Endpoint.vmShutdown
+    @OptionGroup var connection: Connection
+}
+
+struct Reboot: SimpleOperation {
+    static let configuration = CommandConfiguration(abstract: "Reboot the VM from its kernel.")
+    static let endpoint = Endpoint.vmReboot
+    @OptionGroup var connection: Connection
+}
+
+struct Delete: SimpleOperation {
+    static let configuration = CommandConfiguration(abstract: "Delete the VM (stopping it first if it runs).")
+    static let endpoint = Endpoint.vmDelete
+    @OptionGroup var connection: Connection
+}
+
+struct ShutdownVMM: SimpleOperation {
+    static let configuration = CommandConfiguration(commandName: "shutdown-vmm", abstract: "Stop the VM if it runs and end the VMM process.")
+    static let endpoint = Endpoint.vmmShutdown
+    @OptionGroup var connection: Connection
+}
+
+struct Info: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the VM's state and configuration.")
+    @OptionGroup var connection: Connection
+
+    func run() async throws {
+        try await perform {
+            let data = try await connection.client.send(.vmInfo)
+            if connection.json { return print(String(decoding: data, as: UTF8.self)) }
+            let info = try JSONDecoder().decode(VmInfo.self, from: data)
+            print("state:   \(info.state)")
+            print("cpus:    \(info.config.cpus?.boot_vcpus ?? 1)")
+            print("memory:  \(info.memory_actual_size >> 20) MiB")
+            print("kernel:  \(info.config.payload.kernel ?? "-")")
+            if let initramfs = info.config.payload.initramfs { print("initramfs: \(initramfs)") }
+            print("cmdline: \(info.config.payload.cmdline ?? "")")
+        }
+    }
+}
+
+struct Events: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Follow the VMM's event stream, one line per event, until interrupted.")
+    @OptionGroup var connection: Connection
+    @Flag(name: .customLong("since-start"), help: "Begin with every event the VMM still holds.")
+    var sinceStart = false
+
+    func run() async throws {
+        try await perform {
+            for try await line in try await connection.client.events(sinceStart: sinceStart) {
+                if connection.json {
+                    print(String(decoding: line, as: UTF8.self))
+                } else {
+                    print(Self.readable(line))
+                }
+                try? FileHandle.standardOutput.synchronize()
+            }
+        }
+    }
+
+    /// `[   12.345] vm.migration-started  id=0 bytes=1024` from one NDJSON event.
+    static func readable(_ line: Data) -> String {
+        guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
+            return String(decoding: line, as: UTF8.self)
+        }
+        let timestamp = object["timestamp"] as? [String: Any]
+        let seconds = timestamp?["secs"] as? Int ?? 0
+        let milliseconds = (timestamp?["nanos"] as? Int ?? 0) / 1_000_000
+        let name = "\(object["source"] as? String ?? "?").\(object["event"] as? String ?? "?")"
+        let properties = (object["properties"] as? [String: String] ?? [:]).sorted { $0.key < $1.key }
+            .map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+        let stamp = String(format: "[%6d.%03d]", seconds, milliseconds)
+        return "\(stamp) \(name.padding(toLength: max(name.count, 30), withPad: " ", startingAt: 0)) \(properties)"
+    }
+}

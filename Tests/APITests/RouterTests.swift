@@ -1,0 +1,161 @@
+import Events
+import Foundation
+import Hummingbird
+import HummingbirdTesting
+import Logging
+import Testing
+@testable import API
+import VMM
+
+/// Drives the API router in-process against a real VMM core with no VM booted: routes, status
+/// codes, error bodies and the OpenAPI document. (Booting guests through the API is tested with
+/// real processes in FerryIntegrationTests.)
+@Suite struct RouterTests {
+    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent()
+
+    func withRouter(_ body: @Sendable (any TestClientProtocol, VirtualMachineMonitor) async throws -> Void) async throws {
+        let vmm = VirtualMachineMonitor(events: EventMonitor(sink: nil), logger: Logger(label: "test"), exitsWithVM: false)
+        let application = Application(router: APIServer.router(vmm: vmm))
+        try await application.test(.router) { client in try await body(client, vmm) }
+        vmm.events.close()
+    }
+
+    /// (path, method) pairs the OpenAPI document declares, read from its `paths:` section.
+    static func documentedOperations() throws -> Set<String> {
+        let text = try String(contentsOf: repository.appendingPathComponent("docs/openapi.yaml"), encoding: .utf8)
+        var operations = Set<String>()
+        var currentPath: String?
+        var inPaths = false
+        for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            if line == "paths:" { inPaths = true; continue }
+            if inPaths, !line.hasPrefix(" "), !line.isEmpty { break }
+            if line.hasPrefix("  /"), line.hasSuffix(":") {
+                currentPath = String(line.dropFirst(2).dropLast())
+            } else if let path = currentPath, line.hasPrefix("    "), !line.hasPrefix("     "), line.hasSuffix(":") {
+                let method = line.trimmingCharacters(in: .whitespaces).dropLast().uppercased()
+                if ["GET", "PUT", "POST", "DELETE", "PATCH"].contains(method) { operations.insert("\(method) \(path)") }
+            }
+        }
+        return operations
+    }
+
+    @Test func openAPIDocumentListsExactlyTheEndpointsTheServerServes() async throws {
+        let documented = try Self.documentedOperations()
+        let served = Set(Endpoint.allCases.map { "\($0.method.rawValue) /\($0.rawValue)" })
+        #expect(documented == served)
+        try await withRouter { client, _ in
+            for endpoint in Endpoint.allCases where endpoint != .vmmShutdown && endpoint != .vmmEvents {
+                try await client.execute(uri: endpoint.path, method: endpoint.method) { response in
+                    let body = String(buffer: response.body)
+                    #expect(response.status != .methodNotAllowed && !body.contains("unknown endpoint"),
+                            "\(endpoint.path) is routed")
+                }
+            }
+            try await client.execute(uri: "/api/v1/vm.snapshot", method: .put) { response in
+                #expect(response.status == .notFound, "a path outside the document is not served")
+            }
+        }
+    }
+
+    @Test func pingReportsVersionAndPid() async throws {
+        try await withRouter { client, _ in
+            try await client.execute(uri: "/api/v1/vmm.ping", method: .get) { response in
+                #expect(response.status == .ok)
+                let ping = try JSONDecoder().decode(VmmPingResponse.self, from: Data(buffer: response.body))
+                #expect(ping.version == VirtualMachineMonitor.version && ping.pid == getpid())
+            }
+        }
+    }
+
+    @Test func wrongMethodGets405WithAllowAndUnknownPathGets404() async throws {
+        try await withRouter { client, _ in
+            try await client.execute(uri: "/api/v1/vm.boot", method: .get) { response in
+                #expect(response.status == .methodNotAllowed)
+                #expect(response.headers[.allow] == "PUT")
+                let messages = try JSONDecoder().decode([String].self, from: Data(buffer: response.body))
+                #expect(messages == ["vm.boot takes PUT, not GET"])
+            }
+            try await client.execute(uri: "/api/v2/vm.boot", method: .put) { response in
+                #expect(response.status == .notFound)
+            }
+        }
+    }
+
+    static let kernel = "/proc/self/exe"   // exists and is readable: create only checks that
+
+    @Test(arguments: [
+        ("{bad json", "request body is not valid JSON"),
+        ("", "request body is empty"),
+        ("[1, 2]", "expected"),
+        (#"{"cpus": {"boot_vcpus": "two"}, "payload": {"kernel": "\#(kernel)"}}"#, "cpus.boot_vcpus: expected a number"),
+        (#"{"cpus": {"boot_vcpus": 1}}"#, "payload: required field is missing"),
+        (#"{"payload": {}}"#, "payload.kernel: required"),
+        (#"{"cpus": {"boot_vcpus": 0}, "payload": {"kernel": "\#(kernel)"}}"#, "cpus.boot_vcpus: 0 is not between 1 and 254"),
+        (#"{"cpus": {"boot_vcpus": 2, "max_vcpus": 4}, "payload": {"kernel": "\#(kernel)"}}"#, "cpus.max_vcpus"),
+        (#"{"memory": {"size": 1099511627776}, "payload": {"kernel": "\#(kernel)"}}"#, "exceeds this host"),
+        (#"{"memory": {"size": 1048576}, "payload": {"kernel": "\#(kernel)"}}"#, "below the minimum"),
+        (#"{"memory": {"size": -5}, "payload": {"kernel": "\#(kernel)"}}"#, "memory.size"),
+        (#"{"payload": {"kernel": "/nonexistent/vmlinux"}}"#, "payload.kernel: /nonexistent/vmlinux does not exist"),
+        (#"{"payload": {"kernel": "\#(kernel)", "initramfs": "/nonexistent/initrd"}}"#, "payload.initramfs"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "File"}}"#, "serial.file: required"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "Pty"}}"#, "serial.mode: Pty is not supported"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "console": {"mode": "Tty"}}"#, "console.mode: Tty"),
+    ])
+    func invalidCreateBodyGets400NamingTheProblemAndCreatesNothing(body: String, message: String) async throws {
+        try await withRouter { client, vmm in
+            try await client.execute(uri: "/api/v1/vm.create", method: .put, body: ByteBuffer(string: body)) { response in
+                #expect(response.status == .badRequest)
+                let messages = try JSONDecoder().decode([String].self, from: Data(buffer: response.body))
+                #expect(messages.count == 1 && messages[0].contains(message), "\(messages)")
+            }
+            await #expect(throws: VMMError.self) { try await vmm.info() }
+        }
+    }
+
+    @Test func unknownFieldsAreIgnoredAsCloudHypervisorDoes() async throws {
+        try await withRouter { client, _ in
+            let body = #"{"payload": {"kernel": "\#(Self.kernel)", "firmware": null}, "disks": [{"path": "/x"}], "rng": {"src": "/dev/urandom"}}"#
+            try await client.execute(uri: "/api/v1/vm.create", method: .put, body: ByteBuffer(string: body)) { response in
+                #expect(response.status == .noContent)
+            }
+            try await client.execute(uri: "/api/v1/vm.info", method: .get) { response in
+                let info = try JSONDecoder().decode(VmInfo.self, from: Data(buffer: response.body))
+                #expect(info.state == "Created" && info.config.cpus?.boot_vcpus == 1 && info.memory_actual_size == 512 << 20)
+            }
+        }
+    }
+
+    @Test func operationsInTheWrongStateChangeNothingAndEmitNothing() async throws {
+        try await withRouter { client, vmm in
+            let stream = vmm.events.subscribe(sinceStart: true)
+            for endpoint in [Endpoint.vmBoot, .vmPause, .vmResume, .vmShutdown, .vmReboot, .vmDelete, .vmInfo] {
+                try await client.execute(uri: endpoint.path, method: endpoint.method) { response in
+                    #expect(response.status == .notFound, "\(endpoint) without a VM")
+                    #expect(String(buffer: response.body) == #"["no VM has been created"]"#)
+                }
+            }
+            let create = ByteBuffer(string: #"{"payload": {"kernel": "\#(Self.kernel)"}}"#)
+            try await client.execute(uri: "/api/v1/vm.create", method: .put, body: create) { #expect($0.status == .noContent) }
+            try await client.execute(uri: "/api/v1/vm.create", method: .put, body: create) { #expect($0.status == .conflict) }
+            for endpoint in [Endpoint.vmPause, .vmResume, .vmShutdown, .vmReboot] {
+                try await client.execute(uri: endpoint.path, method: endpoint.method) { response in
+                    #expect(response.status == .conflict, "\(endpoint) on a Created VM")
+                    #expect(String(buffer: response.body).contains("the VM is Created"))
+                }
+            }
+            try await client.execute(uri: "/api/v1/vm.info", method: .get) { response in
+                let info = try JSONDecoder().decode(VmInfo.self, from: Data(buffer: response.body))
+                #expect(info.state == "Created")
+            }
+            try await client.execute(uri: "/api/v1/vm.delete", method: .put) { #expect($0.status == .noContent) }
+            vmm.events.emit(.vmm, "test-marker")
+            var names: [String] = []
+            for await event in stream {
+                names.append("\(event.source.rawValue).\(event.name)")
+                if event.name == "test-marker" { break }
+            }
+            #expect(names == ["vmm.starting", "vm.deleted", "vmm.test-marker"], "only the delete emitted an event")
+        }
+    }
+}

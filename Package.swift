@@ -27,9 +27,12 @@ let package = Package(
             dependencies: [
                 "VMM", "Events",
                 .product(name: "Hummingbird", package: "hummingbird"),
-                .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        .target(
+            name: "FerryClient",
+            dependencies: ["API", .product(name: "AsyncHTTPClient", package: "async-http-client")]
         ),
         .executableTarget(
             name: "ferry",
@@ -42,7 +45,7 @@ let package = Package(
         .executableTarget(
             name: "ferry-remote",
             dependencies: [
-                "API", "Events",
+                "API", "FerryClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -54,6 +57,6 @@ let package = Package(
             name: "APITests",
             dependencies: ["API", "VMM", "Events", .product(name: "HummingbirdTesting", package: "hummingbird")]
         ),
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["ferry", "ferry-remote", "Events", "API"]),
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["ferry", "ferry-remote", "Events", "API", "FerryClient"]),
     ]
 )

@@ -1,4 +1,5 @@
 import API
+import FerryClient
 import Foundation
 import Testing
 

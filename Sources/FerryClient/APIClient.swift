@@ -1,3 +1,4 @@
+import API
 import AsyncHTTPClient
 import Foundation
 import NIOCore

@@ -36,8 +36,9 @@ public final class KVMVCPU: @unchecked Sendable {
     private let run: UnsafeMutablePointer<kvm_run>
     private let mmapSize: Int
 
-    /// Upper bound on MSRs read or written in one call.
-    static let maxMSRs = 1024
+    /// MSRs read or written per `KVM_GET_MSRS`/`KVM_SET_MSRS` call: KVM refuses 256 or more at once
+    /// (`MAX_IO_MSRS` in arch/x86/kvm/x86.c).
+    static let msrsPerCall = 255
 
     init(id: UInt32, descriptor: OwnedFileDescriptor, mmapSize: Int) throws {
         self.id = id
@@ -63,9 +64,11 @@ public final class KVMVCPU: @unchecked Sendable {
     public func runOnce() throws -> VCPUExit {
         if ckvm_ioctl_value(fd, CKVM_RUN, 0) < 0 {
             let code = errno
-            if code == EINTR || code == EAGAIN { return .interrupted }
+            // KVM finishes the previous exit's work before it looks at signals or immediate_exit.
+            if code == EINTR || code == EAGAIN { exitPendingInKernel = false; return .interrupted }
             throw KVMError(operation: "KVM_RUN(vCPU \(id))", errno: code)
         }
+        exitPendingInKernel = run.pointee.exit_reason != UInt32(KVM_EXIT_INTR)
         let raw = UnsafeMutableRawPointer(run)
         switch Int32(run.pointee.exit_reason) {
         case KVM_EXIT_IO:
@@ -103,6 +106,25 @@ public final class KVMVCPU: @unchecked Sendable {
 
     private enum PendingRead { case port(offset: Int, length: Int), mmio(length: Int) }
     private var pendingRead: PendingRead?
+    /// Whether the last exit left KVM with work to finish on the next `KVM_RUN` (an `in` whose value
+    /// goes to RAX, the RIP advance past an `out` or MMIO access).
+    private var exitPendingInKernel = false
+
+    /// Lets KVM finish the last exit without running any further guest instruction: `KVM_RUN` with
+    /// `immediate_exit` set completes a pending port or MMIO access and returns `EINTR`. KVM keeps
+    /// that pending work where `KVM_GET_*` cannot see it, so a vCPU's state is consistent, and fit
+    /// to save, only after this (KVM API documentation, `KVM_RUN`, `immediate_exit`).
+    ///
+    /// Returns nil when nothing is left pending. A string instruction can make KVM exit once more
+    /// instead: the new exit is returned, and the caller handles it and calls again. Call this on
+    /// the thread that runs the vCPU, with every earlier read answered (`completeRead(_:)`);
+    /// `immediate_exit` stays set afterwards.
+    public func completePendingExit() throws -> VCPUExit? {
+        guard exitPendingInKernel else { return nil }
+        setImmediateExit(true)
+        let exit = try runOnce()
+        return exit == .interrupted ? nil : exit
+    }
 
     /// Supplies the bytes a guest read (port or MMIO) returns; shorter data is padded with 0xFF,
     /// which is what reading an absent device yields.
@@ -165,6 +187,35 @@ public final class KVMVCPU: @unchecked Sendable {
         try systemCall("KVM_SET_FPU(vCPU \(id))") { ckvm_ioctl_ptr(fd, CKVM_SET_FPU, &fpu) }
     }
 
+    /// The x87/SSE state (`struct kvm_fpu`), for hosts without `KVM_CAP_XSAVE`.
+    public func fpu() throws -> [UInt8] {
+        try getBlob(kvm_fpu(), CKVM_GET_FPU, "KVM_GET_FPU")
+    }
+
+    public func setFPU(_ bytes: [UInt8]) throws {
+        try setBlob(bytes, as: kvm_fpu(), CKVM_SET_FPU, "KVM_SET_FPU")
+    }
+
+    /// The CPUID table set on this vCPU (`KVM_GET_CPUID2`); empty before `setCPUID(_:)`.
+    public func cpuid() throws -> [CPUIDEntry] {
+        let list = FlexibleArray<kvm_cpuid2, kvm_cpuid_entry2>(capacity: KVMSystem.maxCPUIDEntries)
+        list.header.pointee.nent = UInt32(KVMSystem.maxCPUIDEntries)
+        try systemCall("KVM_GET_CPUID2(vCPU \(id))") { ckvm_ioctl_ptr(fd, CKVM_GET_CPUID2, list.pointer) }
+        let count = min(Int(list.header.pointee.nent), KVMSystem.maxCPUIDEntries)
+        return (0..<count).map { CPUIDEntry(list[$0]) }
+    }
+
+    /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ`).
+    public func tscKHz() throws -> UInt32 {
+        UInt32(try systemCall("KVM_GET_TSC_KHZ(vCPU \(id))") { ckvm_ioctl_value(fd, CKVM_GET_TSC_KHZ, 0) })
+    }
+
+    /// Scales the guest's TSC to `kHz` (`KVM_SET_TSC_KHZ`; needs `KVM_CAP_TSC_CONTROL` unless it is
+    /// the host's own frequency).
+    public func setTSCKHz(_ kHz: UInt32) throws {
+        try systemCall("KVM_SET_TSC_KHZ(vCPU \(id))") { ckvm_ioctl_value(fd, CKVM_SET_TSC_KHZ, UInt(kHz)) }
+    }
+
     public func setCPUID(_ entries: [CPUIDEntry]) throws {
         var list = FlexibleArray<kvm_cpuid2, kvm_cpuid_entry2>(capacity: entries.count)
         list.header.pointee.nent = UInt32(entries.count)
@@ -174,9 +225,23 @@ public final class KVMVCPU: @unchecked Sendable {
         try systemCall("KVM_SET_CPUID2(vCPU \(id))") { ckvm_ioctl_ptr(fd, CKVM_SET_CPUID2, list.pointer) }
     }
 
-    /// Reads the given MSRs; MSRs KVM does not know are left out of the result.
+    /// Reads the given MSRs; MSRs KVM cannot read on this vCPU are left out of the result.
+    /// (`KVM_GET_MSRS` stops at the first MSR it cannot read and returns how many it read, so the
+    /// rest is asked again after skipping that one.)
     public func msrs(_ indices: [UInt32]) throws -> [MSREntry] {
-        guard !indices.isEmpty else { return [] }
+        var result: [MSREntry] = []
+        var remaining = indices[...]
+        while !remaining.isEmpty {
+            let chunk = Array(remaining.prefix(Self.msrsPerCall))
+            let read = try readMSRs(chunk)
+            result += read
+            // A short read means chunk[read.count] was refused: skip it and go on after it.
+            remaining = remaining.dropFirst(read.count < chunk.count ? read.count + 1 : chunk.count)
+        }
+        return result
+    }
+
+    private func readMSRs(_ indices: [UInt32]) throws -> [MSREntry] {
         var list = FlexibleArray<kvm_msrs, kvm_msr_entry>(capacity: indices.count)
         list.header.pointee.nmsrs = UInt32(indices.count)
         for (position, index) in indices.enumerated() {
@@ -185,25 +250,29 @@ public final class KVMVCPU: @unchecked Sendable {
             list[position] = entry
         }
         let read = try systemCall("KVM_GET_MSRS(vCPU \(id))") { ckvm_ioctl_ptr(fd, CKVM_GET_MSRS, list.pointer) }
-        return (0..<Int(read)).map { MSREntry(index: list[$0].index, data: list[$0].data) }
+        return (0..<min(Int(read), indices.count)).map { MSREntry(index: list[$0].index, data: list[$0].data) }
     }
 
-    /// Writes MSRs; fails naming the first MSR KVM refused.
+    /// Writes MSRs in the order given; fails naming the first MSR KVM refused.
     public func setMSRs(_ entries: [MSREntry]) throws {
-        guard !entries.isEmpty else { return }
-        var list = FlexibleArray<kvm_msrs, kvm_msr_entry>(capacity: entries.count)
-        list.header.pointee.nmsrs = UInt32(entries.count)
-        for (position, msr) in entries.enumerated() {
-            var entry = kvm_msr_entry()
-            entry.index = msr.index
-            entry.data = msr.data
-            list[position] = entry
-        }
-        let written = try systemCall("KVM_SET_MSRS(vCPU \(id))") { ckvm_ioctl_ptr(fd, CKVM_SET_MSRS, list.pointer) }
-        if Int(written) < entries.count {
-            let refused = entries[Int(written)].index
-            throw KVMError(operation: "KVM_SET_MSRS(vCPU \(id))", errno: 0,
-                           detail: "KVM refused MSR 0x\(String(refused, radix: 16))")
+        var start = 0
+        while start < entries.count {
+            let chunk = entries[start..<min(start + Self.msrsPerCall, entries.count)]
+            var list = FlexibleArray<kvm_msrs, kvm_msr_entry>(capacity: chunk.count)
+            list.header.pointee.nmsrs = UInt32(chunk.count)
+            for (position, msr) in chunk.enumerated() {
+                var entry = kvm_msr_entry()
+                entry.index = msr.index
+                entry.data = msr.data
+                list[position] = entry
+            }
+            let written = try systemCall("KVM_SET_MSRS(vCPU \(id))") { ckvm_ioctl_ptr(fd, CKVM_SET_MSRS, list.pointer) }
+            if Int(written) < chunk.count {
+                let refused = chunk[chunk.startIndex + Int(written)]
+                throw KVMError(operation: "KVM_SET_MSRS(vCPU \(id))", errno: 0,
+                               detail: "KVM refused MSR 0x\(String(refused.index, radix: 16)) = 0x\(String(refused.data, radix: 16))")
+            }
+            start += chunk.count
         }
     }
 

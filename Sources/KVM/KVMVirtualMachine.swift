@@ -96,9 +96,15 @@ public final class KVMVirtualMachine: Sendable {
         return rawBytes(of: state)
     }
 
-    public func setInterruptChipState(_ bytes: [UInt8]) throws {
-        var state = try value(kvm_irqchip(), from: bytes, operation: "KVM_SET_IRQCHIP")
-        try systemCall("KVM_SET_IRQCHIP") { ckvm_ioctl_ptr(fd, CKVM_SET_IRQCHIP, &state) }
+    /// Sets one in-kernel interrupt controller from `interruptChipState(_:)`'s bytes, refusing bytes
+    /// that describe a different controller than `chip`.
+    public func setInterruptChipState(_ bytes: [UInt8], chip: InterruptChip) throws {
+        var state = try value(kvm_irqchip(), from: bytes, operation: "KVM_SET_IRQCHIP(\(chip))")
+        guard state.chip_id == chip.rawValue else {
+            throw KVMError(operation: "KVM_SET_IRQCHIP(\(chip))", errno: 0,
+                           detail: "the state is of interrupt controller \(state.chip_id), not \(chip.rawValue)")
+        }
+        try systemCall("KVM_SET_IRQCHIP(\(chip))") { ckvm_ioctl_ptr(fd, CKVM_SET_IRQCHIP, &state) }
     }
 
     /// The raw state of the in-kernel PIT (`struct kvm_pit_state2`).

@@ -24,19 +24,47 @@ public final class Machine: Sendable {
     let vm: KVMVirtualMachine
     let vcpus: [KVMVCPU]
     let serial: Serial8250
+    let i8042: I8042
     let bus: PortIOBus
-    private let control: VCPUControl
+    /// Every device with saved state, under the id its state carries in a `MachineState`.
+    let statefulDevices: [(id: String, device: any StatefulDevice)]
+    /// What KVM on this host saves of a vCPU.
+    let vcpuStateSupport: VCPUStateSupport
+    let control: VCPUControl
     private let onStop: @Sendable (MachineStop) -> Void
+    /// True from `forRestore` until `restore(_:)` has succeeded: the vCPUs hold no state yet.
+    let awaitingState: Mutex<Bool>
+
+    /// Device ids in a `MachineState`.
+    enum DeviceID {
+        static let serial = "serial0"
+        static let i8042 = "i8042"
+    }
 
     /// Creates the VM, loads the kernel and prepares every vCPU to boot.
     /// - Parameters:
     ///   - serialOutput: receives the bytes the guest writes to its console UART; nil leaves the UART out.
     ///   - onStop: called once, from a vCPU thread, when the guest stops by itself or fails.
-    public init(configuration: MachineConfiguration, serialOutput: (@Sendable ([UInt8]) -> Void)?,
-                onStop: @escaping @Sendable (MachineStop) -> Void) throws {
+    public convenience init(configuration: MachineConfiguration, serialOutput: (@Sendable ([UInt8]) -> Void)?,
+                            onStop: @escaping @Sendable (MachineStop) -> Void) throws {
+        try self.init(configuration: configuration, serialOutput: serialOutput, onStop: onStop, bootsKernel: true)
+    }
+
+    /// Creates the VM, guest memory, vCPUs and devices of `configuration` without loading a kernel
+    /// or setting any vCPU up: the machine is `created` and waits for a saved state. Fill its RAM
+    /// with `loadMemory(fromFile:)` (or by writing `memory` directly), apply the state with
+    /// `restore(_:)`, then `start()` it; it refuses to start before `restore(_:)` succeeded.
+    public static func forRestore(configuration: MachineConfiguration, serialOutput: (@Sendable ([UInt8]) -> Void)?,
+                                  onStop: @escaping @Sendable (MachineStop) -> Void) throws -> Machine {
+        try Machine(configuration: configuration, serialOutput: serialOutput, onStop: onStop, bootsKernel: false)
+    }
+
+    private init(configuration: MachineConfiguration, serialOutput: (@Sendable ([UInt8]) -> Void)?,
+                 onStop: @escaping @Sendable (MachineStop) -> Void, bootsKernel: Bool) throws {
         try configuration.validate(hostMemory: Self.hostMemory)
         self.configuration = configuration
         self.onStop = onStop
+        awaitingState = Mutex(!bootsKernel)
         let kvm = try KVMSystem()
         try kvm.require(KVMCapability.irqchip, named: "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)")
         try kvm.require(KVMCapability.immediateExit, named: "KVM_CAP_IMMEDIATE_EXIT")
@@ -44,6 +72,7 @@ public final class Machine: Sendable {
         if maxVCPUs > 0, configuration.cpus > maxVCPUs {
             throw MachineError("cpus: this host's KVM runs at most \(maxVCPUs) vCPUs per VM")
         }
+        vcpuStateSupport = try kvm.vcpuStateSupport()
         vm = try kvm.createVM()
         memory = try GuestMemory(ranges: GuestRAMLayout.ranges(size: configuration.memorySize))
         for (slot, region) in memory.regions.enumerated() {
@@ -62,33 +91,36 @@ public final class Machine: Sendable {
             try? vmForIRQ.setInterruptLine(Serial8250.interruptLine, high: high)
         })
         let stopOnce = StopLatch(onStop)
-        let i8042 = I8042(onReset: { [control] in
+        i8042 = I8042(onReset: { [control] in
             if stopOnce.fire(.guest) { control.requestExit() }
         })
         var devices: [(ports: ClosedRange<UInt16>, device: any PortIODevice)] = [(I8042.ports, i8042)]
         if serialOutput != nil { devices.append((Serial8250.ports, serial)) }
         bus = PortIOBus(devices)
+        statefulDevices = [(DeviceID.serial, serial), (DeviceID.i8042, i8042)]
         stopLatch = stopOnce
 
-        let entry = try BootLoader.load(kernelPath: configuration.kernel, initramfsPath: configuration.initramfs,
-                                        commandLine: configuration.commandLine, cpuCount: configuration.cpus,
-                                        memory: memory)
-        let supportedCPUID = try kvm.supportedCPUID()
+        let entry = try bootsKernel ? BootLoader.load(kernelPath: configuration.kernel, initramfsPath: configuration.initramfs,
+                                                     commandLine: configuration.commandLine, cpuCount: configuration.cpus,
+                                                     memory: memory) : nil
+        let supportedCPUID = bootsKernel ? try kvm.supportedCPUID() : []
         var vcpus: [KVMVCPU] = []
         for index in 0..<configuration.cpus {
             let vcpu = try vm.createVCPU(id: UInt32(index))
-            try vcpu.setCPUID(CPUIDTemplate.entries(supported: supportedCPUID, vcpu: index, count: configuration.cpus))
-            try vcpu.setMSRs(BootMSRs.entries)
-            try vcpu.resetFPU()
-            try vcpu.setLocalAPIC(LocalAPICSetup.configure(try vcpu.localAPIC()))
-            if index == 0 {
-                let base = try vcpu.specialRegisters()
-                let (regs, sregs) = switch entry {
-                case let .pvh(entry, startInfo): BootCPUState.pvh(entry: entry, startInfo: startInfo, base: base)
-                case let .linux64(entry, zeroPage): BootCPUState.linux64(entry: entry, zeroPage: zeroPage, base: base)
+            if let entry {
+                try vcpu.setCPUID(CPUIDTemplate.entries(supported: supportedCPUID, vcpu: index, count: configuration.cpus))
+                try vcpu.setMSRs(BootMSRs.entries)
+                try vcpu.resetFPU()
+                try vcpu.setLocalAPIC(LocalAPICSetup.configure(try vcpu.localAPIC()))
+                if index == 0 {
+                    let base = try vcpu.specialRegisters()
+                    let (regs, sregs) = switch entry {
+                    case let .pvh(entry, startInfo): BootCPUState.pvh(entry: entry, startInfo: startInfo, base: base)
+                    case let .linux64(entry, zeroPage): BootCPUState.linux64(entry: entry, zeroPage: zeroPage, base: base)
+                    }
+                    try vcpu.setSpecialRegisters(sregs)
+                    try vcpu.setRegisters(regs)
                 }
-                try vcpu.setSpecialRegisters(sregs)
-                try vcpu.setRegisters(regs)
             }
             vcpus.append(vcpu)
         }
@@ -110,6 +142,9 @@ public final class Machine: Sendable {
 
     /// Starts every vCPU on its own thread.
     public func start() throws {
+        if awaitingState.withLock({ $0 }) {
+            throw MachineError("the VM was created to receive a saved state; restore one before starting it")
+        }
         try control.transition(from: [.created], to: .running)
         VCPUControl.installKickSignalHandler()
         for vcpu in vcpus {
@@ -149,7 +184,7 @@ public final class Machine: Sendable {
 
     private func runLoop(_ vcpu: KVMVCPU) {
         control.threadStarted(vcpu)
-        while control.waitUntilRunnable(vcpu) {
+        while control.waitUntilRunnable(vcpu, beforeParking: { settle(vcpu) }) {
             let exit: VCPUExit
             do {
                 exit = try vcpu.runOnce()
@@ -163,6 +198,21 @@ public final class Machine: Sendable {
             }
         }
         control.threadExited(vcpu)
+    }
+
+    /// Lets KVM finish the vCPU's last exit before it parks, so that a paused vCPU's state is
+    /// complete: no `in` whose value has not reached RAX, no `out` whose RIP has not moved on.
+    private func settle(_ vcpu: KVMVCPU) {
+        do {
+            while let exit = try vcpu.completePendingExit() {
+                if let failure = handle(exit, on: vcpu) {
+                    fail(failure)
+                    return
+                }
+            }
+        } catch {
+            fail("\(error)")
+        }
     }
 
     private func fail(_ message: String) {

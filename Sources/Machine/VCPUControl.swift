@@ -76,12 +76,18 @@ final class VCPUControl: @unchecked Sendable {
     }
 
     /// Called by a vCPU thread before each `KVM_RUN`: parks while paused, returns false on exit.
-    func waitUntilRunnable(_ vcpu: KVMVCPU) -> Bool {
+    /// On a pause, `beforeParking` runs first, without the lock, so that the vCPU counts as parked
+    /// (and its state may be saved) only once it is done.
+    func waitUntilRunnable(_ vcpu: KVMVCPU, beforeParking: () -> Void) -> Bool {
         condition.lock()
         defer { condition.unlock() }
         var isParked = false
         while command == .pause {
             if !isParked {
+                condition.unlock()
+                beforeParking()
+                condition.lock()
+                guard command == .pause else { break }
                 isParked = true
                 parked += 1
                 condition.broadcast()
@@ -92,6 +98,17 @@ final class VCPUControl: @unchecked Sendable {
         guard command == .run else { return false }
         vcpu.setImmediateExit(false)
         return true
+    }
+
+    /// Runs `body` while the machine is in `required` state, holding the lock so that no
+    /// transition can happen meanwhile; refuses, naming the current state, otherwise.
+    func whileIn<T>(_ required: Machine.State, to operation: String, _ body: () throws -> T) throws -> T {
+        condition.lock()
+        defer { condition.unlock() }
+        guard state == required else {
+            throw MachineError("the VM is \(state.rawValue); it must be \(required.rawValue) to \(operation)")
+        }
+        return try body()
     }
 
     /// Takes every vCPU out of `KVM_RUN`; called with the lock held.

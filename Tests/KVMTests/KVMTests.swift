@@ -91,6 +91,57 @@ struct KVMSystemTests {
     }
 }
 
+@Suite(.enabled(if: KVMSystem.isAvailable, Comment(rawValue: kvmMissing)))
+struct KVMPendingExitTests {
+    /// Runs `code` at 0x1000 in flat 32-bit protected mode until its first port I/O exit.
+    func vcpuStoppedAtFirstPortAccess(_ code: [UInt8]) throws -> (KVMVirtualMachine, KVMVCPU, UnsafeMutableRawPointer) {
+        let size = 16 * 4096
+        let memory = try #require(mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        (memory + 0x1000).copyMemory(from: code, byteCount: code.count)
+        let vm = try KVMSystem().createVM()
+        try vm.setMemoryRegion(slot: 0, guestAddress: 0, size: UInt64(size), hostAddress: memory)
+        let vcpu = try vm.createVCPU(id: 0)
+        var sregs = try vcpu.specialRegisters()
+        sregs.cs = Segment(descriptor: 0x00CF_9B00_0000_FFFF, selector: 0x08)
+        let data = Segment(descriptor: 0x00CF_9300_0000_FFFF, selector: 0x10)
+        sregs.ds = data; sregs.es = data; sregs.ss = data; sregs.fs = data; sregs.gs = data
+        sregs.cr0 |= 1
+        try vcpu.setSpecialRegisters(sregs)
+        var regs = Registers()
+        regs.rip = 0x1000
+        try vcpu.setRegisters(regs)
+        for _ in 0..<8 {
+            if case .portIO = try vcpu.runOnce() { return (vm, vcpu, memory) }
+        }
+        throw KVMError(operation: "test", errno: 0, detail: "no port I/O exit")
+    }
+
+    @Test func portReadReachesRAXOnlyOnceThePendingExitIsCompletedAndNothingElseRuns() throws {
+        let (_, vcpu, memory) = try vcpuStoppedAtFirstPortAccess([0xE4, 0x10,   // in al, 0x10
+                                                                  0xB0, 0x07,   // mov al, 7
+                                                                  0xF4])        // hlt
+        defer { munmap(memory, 16 * 4096) }
+        vcpu.completeRead([0x99])
+        #expect(try vcpu.completePendingExit() == nil)
+        let regs = try vcpu.registers()
+        #expect(regs.rax & 0xFF == 0x99, "the value read is in AL")
+        #expect(regs.rip == 0x1002, "RIP is past the in, and the next instruction has not run")
+        #expect(try vcpu.completePendingExit() == nil, "nothing is left pending")
+    }
+
+    @Test func portWriteLeavesRIPPastTheOutOnceCompleted() throws {
+        let (_, vcpu, memory) = try vcpuStoppedAtFirstPortAccess([0xB0, 0x42,   // mov al, 0x42
+                                                                  0xE6, 0x10,   // out 0x10, al
+                                                                  0xB0, 0x07,   // mov al, 7
+                                                                  0xF4])        // hlt
+        defer { munmap(memory, 16 * 4096) }
+        #expect(try vcpu.completePendingExit() == nil)
+        let regs = try vcpu.registers()
+        #expect(regs.rip == 0x1004)
+        #expect(regs.rax & 0xFF == 0x42)
+    }
+}
+
 @Suite struct KVMErrorTests {
     @Test func descriptionNamesOperationErrnoAndDetail() {
         #expect(KVMError(operation: "KVM_RUN", errno: EFAULT).description == "KVM_RUN failed: Bad address (errno 14)")

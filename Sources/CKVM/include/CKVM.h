@@ -50,6 +50,7 @@ static const unsigned long CKVM_SET_SREGS = KVM_SET_SREGS;
 static const unsigned long CKVM_GET_FPU = KVM_GET_FPU;
 static const unsigned long CKVM_SET_FPU = KVM_SET_FPU;
 static const unsigned long CKVM_SET_CPUID2 = KVM_SET_CPUID2;
+static const unsigned long CKVM_GET_CPUID2 = KVM_GET_CPUID2;
 static const unsigned long CKVM_GET_MSRS = KVM_GET_MSRS;
 static const unsigned long CKVM_SET_MSRS = KVM_SET_MSRS;
 static const unsigned long CKVM_GET_LAPIC = KVM_GET_LAPIC;
@@ -79,5 +80,7 @@ static const int CKVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
 static const int CKVM_CAP_XSAVE = KVM_CAP_XSAVE;
 static const int CKVM_CAP_XCRS = KVM_CAP_XCRS;
 static const int CKVM_CAP_ADJUST_CLOCK = KVM_CAP_ADJUST_CLOCK;
+static const int CKVM_CAP_TSC_CONTROL = KVM_CAP_TSC_CONTROL;
+static const int CKVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
 
 #endif

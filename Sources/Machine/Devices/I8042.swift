@@ -3,7 +3,7 @@ import Synchronization
 /// The i8042 keyboard controller, as much of it as a guest needs to reset the machine: writing the
 /// "pulse reset line" command 0xFE to the command port ends the VM (how Linux's `reboot=k` and the
 /// test guest power off; Firecracker behaves the same way). No keyboard is attached.
-public final class I8042: PortIODevice {
+public final class I8042: PortIODevice, StatefulDevice {
     /// Data port 0x60 and command/status port 0x64.
     public static let ports: ClosedRange<UInt16> = 0x60...0x64
     static let commandOffset: UInt16 = 4
@@ -11,6 +11,15 @@ public final class I8042: PortIODevice {
     /// Command 0x20 reads the controller configuration byte; answer "keyboard interface disabled".
     static let readConfigurationCommand: UInt8 = 0x20
     static let statusOutputBufferFull: UInt8 = 1 << 0
+
+    /// The controller's state: the byte waiting in its output buffer, if any.
+    public struct SavedState: Codable, Equatable, Sendable {
+        public var pendingOutput: UInt8?
+
+        public init(pendingOutput: UInt8? = nil) {
+            self.pendingOutput = pendingOutput
+        }
+    }
 
     private let onReset: @Sendable () -> Void
     private let pendingOutput = Mutex<UInt8?>(nil)
@@ -38,5 +47,13 @@ public final class I8042: PortIODevice {
         default:
             break
         }
+    }
+
+    public func saveState() -> SavedState {
+        SavedState(pendingOutput: pendingOutput.withLock { $0 })
+    }
+
+    public func restoreState(_ state: SavedState) throws {
+        pendingOutput.withLock { $0 = state.pendingOutput }
     }
 }

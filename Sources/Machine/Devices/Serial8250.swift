@@ -2,7 +2,7 @@ import Synchronization
 
 /// A 16550-compatible UART at COM1, the guest's console: register set, divisor latch, FIFO control,
 /// loopback, transmit and receive interrupts (National Semiconductor PC16550D data sheet).
-public final class Serial8250: PortIODevice {
+public final class Serial8250: PortIODevice, StatefulDevice {
     /// COM1's eight registers at 0x3F8, raising ISA IRQ 4.
     public static let ports: ClosedRange<UInt16> = 0x3F8...0x3FF
     public static let interruptLine: UInt32 = 4
@@ -24,21 +24,31 @@ public final class Serial8250: PortIODevice {
     static let lsrDataReady: UInt8 = 1 << 0
     static let lsrTransmitterIdle: UInt8 = 0x60   // THR empty and transmitter empty
     static let mcrLoopback: UInt8 = 1 << 4
+    static let ierImplementedBits: UInt8 = 0x0F     // IER bits 4-7 are always zero on a 16550
+    static let mcrImplementedBits: UInt8 = 0x1F     // MCR bits 5-7 are always zero on a 16550
     static let msrDefault: UInt8 = 0xB0           // DCD, DSR, CTS asserted: a terminal is attached
 
-    struct State {
-        var interruptEnable: UInt8 = 0
-        var transmitterEmptyPending = false
-        var fifoControl: UInt8 = 0
-        var lineControl: UInt8 = 0x03            // 8N1
-        var modemControl: UInt8 = 0x08           // OUT2
-        var scratch: UInt8 = 0
-        var divisorLow: UInt8 = 0x0C             // 9600 baud
-        var divisorHigh: UInt8 = 0
-        var receive: [UInt8] = []
+    /// The UART's registers and receive FIFO: all of its state, as saved for snapshots and migration.
+    public struct SavedState: Codable, Equatable, Sendable {
+        /// IER: the four interrupt enable bits.
+        public var interruptEnable: UInt8 = 0
+        /// A transmitter-empty interrupt is raised and not yet acknowledged by reading IIR.
+        public var transmitterEmptyPending = false
+        /// FCR as last written.
+        public var fifoControl: UInt8 = 0
+        public var lineControl: UInt8 = 0x03            // 8N1
+        /// MCR: the five writable bits.
+        public var modemControl: UInt8 = 0x08           // OUT2
+        public var scratch: UInt8 = 0
+        public var divisorLow: UInt8 = 0x0C             // 9600 baud
+        public var divisorHigh: UInt8 = 0
+        /// Bytes received and not yet read by the guest, oldest first.
+        public var receive: [UInt8] = []
+
+        public init() {}
     }
 
-    private let state = Mutex(State())
+    private let state = Mutex(SavedState())
     private let output: @Sendable ([UInt8]) -> Void
     private let setInterrupt: @Sendable (Bool) -> Void
 
@@ -60,7 +70,7 @@ public final class Serial8250: PortIODevice {
         if raise { pulseInterrupt() }
     }
 
-    private static func interruptPending(_ state: State) -> Bool {
+    private static func interruptPending(_ state: SavedState) -> Bool {
         (state.interruptEnable & ierReceivedData != 0 && !state.receive.isEmpty)
             || (state.interruptEnable & ierTransmitterEmpty != 0 && state.transmitterEmptyPending)
     }
@@ -138,7 +148,7 @@ public final class Serial8250: PortIODevice {
                 state.divisorHigh = value
             case .interruptEnable:
                 let newlyEnabled = value & ~state.interruptEnable
-                state.interruptEnable = value & 0x0F
+                state.interruptEnable = value & Self.ierImplementedBits
                 if newlyEnabled & Self.ierTransmitterEmpty != 0 { state.transmitterEmptyPending = true }
             case .interruptIdentification:
                 state.fifoControl = value
@@ -146,7 +156,7 @@ public final class Serial8250: PortIODevice {
             case .lineControl:
                 state.lineControl = value
             case .modemControl:
-                state.modemControl = value & 0x1F
+                state.modemControl = value & Self.mcrImplementedBits
             case .scratch:
                 state.scratch = value
             case .lineStatus, .modemStatus, nil:
@@ -156,5 +166,26 @@ public final class Serial8250: PortIODevice {
         }
         if let transmitted { output([transmitted]) }
         if raise { pulseInterrupt() }
+    }
+
+    // MARK: Saved state
+
+    public func saveState() -> SavedState {
+        state.withLock { $0 }
+    }
+
+    /// Takes over a saved register set and receive FIFO. Raises no interrupt: one that was pending
+    /// when the state was saved is in the interrupt controllers' saved state.
+    public func restoreState(_ saved: SavedState) throws {
+        guard saved.interruptEnable & ~Self.ierImplementedBits == 0 else {
+            throw MachineError("serial port state: IER 0x\(String(saved.interruptEnable, radix: 16)) sets bits a 16550 does not have")
+        }
+        guard saved.modemControl & ~Self.mcrImplementedBits == 0 else {
+            throw MachineError("serial port state: MCR 0x\(String(saved.modemControl, radix: 16)) sets bits a 16550 does not have")
+        }
+        guard saved.receive.count <= Self.receiveCapacity else {
+            throw MachineError("serial port state: \(saved.receive.count) received bytes exceed the \(Self.receiveCapacity)-byte buffer")
+        }
+        state.withLock { $0 = saved }
     }
 }

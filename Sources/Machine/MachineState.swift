@@ -1,0 +1,50 @@
+import KVM
+
+/// Everything of a paused machine except its RAM: what it was built from, every vCPU, the VM-wide
+/// KVM state and every device. `Machine.saveState()` makes it; `Machine.restore(_:)` applies it to
+/// a machine made by `Machine.forRestore(configuration:serialOutput:onStop:)`. The same value
+/// serves snapshot/restore and migration.
+public struct MachineState: Codable, Equatable, Sendable {
+    /// The format this Ferry writes and reads. Any change to this type or to a type inside it that
+    /// an older Ferry could not read raises it; a state of another version is refused.
+    public static let currentFormatVersion = 1
+
+    public var formatVersion: Int
+    public var configuration: MachineConfiguration
+    /// One per vCPU, in vCPU id order.
+    public var vcpus: [VCPUState]
+    public var vm: VMState
+    /// One per stateful device, in the machine's registration order.
+    public var devices: [DeviceState]
+
+    public init(formatVersion: Int = MachineState.currentFormatVersion, configuration: MachineConfiguration,
+                vcpus: [VCPUState], vm: VMState, devices: [DeviceState]) {
+        self.formatVersion = formatVersion
+        self.configuration = configuration
+        self.vcpus = vcpus
+        self.vm = vm
+        self.devices = devices
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case formatVersion, configuration, vcpus, vm, devices
+    }
+
+    /// Decodes the version first and refuses another version before reading anything else, so the
+    /// error names the version instead of whichever field changed.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        formatVersion = try container.decode(Int.self, forKey: .formatVersion)
+        try Self.checkVersion(formatVersion)
+        configuration = try container.decode(MachineConfiguration.self, forKey: .configuration)
+        vcpus = try container.decode([VCPUState].self, forKey: .vcpus)
+        vm = try container.decode(VMState.self, forKey: .vm)
+        devices = try container.decode([DeviceState].self, forKey: .devices)
+    }
+
+    static func checkVersion(_ version: Int) throws {
+        guard version == currentFormatVersion else {
+            throw MachineError("the saved machine state has format version \(version); this Ferry reads version \(currentFormatVersion)")
+        }
+    }
+}

@@ -58,8 +58,14 @@ final class VCPUControl: @unchecked Sendable {
         state = next
     }
 
-    /// Registers the calling thread as `vcpu`'s, so that kicks reach it.
+    /// Registers the calling thread as `vcpu`'s, so that kicks reach it. Threads inherit their
+    /// creator's signal mask, and the creator may be a pool thread that blocks signals, so the
+    /// kick signal is unblocked here explicitly.
     func threadStarted(_ vcpu: KVMVCPU) {
+        var kickOnly = sigset_t()
+        sigemptyset(&kickOnly)
+        sigaddset(&kickOnly, Self.kickSignal)
+        pthread_sigmask(SIG_UNBLOCK, &kickOnly, nil)
         condition.lock()
         running += 1
         threads[vcpu.id] = pthread_self()

@@ -3,6 +3,7 @@ import Foundation
 import Hummingbird
 import Logging
 import NIOCore
+import ServiceLifecycle
 import VMM
 
 /// The REST API: HTTP/1.1 on a Unix socket, Cloud Hypervisor's endpoints, bodies and status codes.
@@ -23,7 +24,9 @@ public struct APIServer: Sendable {
         self.logger = logger
     }
 
-    /// Serves until the task is cancelled. `onReady` runs once the socket accepts connections.
+    /// Serves until the task is cancelled, then shuts down gracefully: requests in flight (such as
+    /// the `vmm.shutdown` that ended the VMM) get their answers before the socket closes.
+    /// `onReady` runs once the socket accepts connections.
     ///
     /// The socket is private to its owner (mode 0600) from the moment anyone can reach it: it is
     /// bound inside a fresh directory only its owner can enter, made 0600, and only then moved to
@@ -55,7 +58,13 @@ public struct APIServer: Sendable {
             unlink(stagingSocket)
             rmdir(staging)
         }
-        try await application.run()
+        let group = ServiceGroup(configuration: .init(services: [application], gracefulShutdownSignals: [],
+                                                      logger: serverLogger))
+        try await withTaskCancellationHandler {
+            try await group.run()
+        } onCancel: {
+            Task { await group.triggerGracefulShutdown() }
+        }
     }
 
     static func router(vmm: VirtualMachineMonitor) -> Router<BasicRequestContext> {
@@ -84,6 +93,18 @@ public struct APIServer: Sendable {
             let config = try await decode(VmConfig.self, from: request)
             let configuration = try config.vmConfiguration()
             try await vmm.create(configuration)
+            return Response(status: .noContent)
+        }
+        router.put(.init(Endpoint.vmSnapshot.path)) { request, _ in
+            let config = try await decode(VmSnapshotConfig.self, from: request)
+            let directory = try Snapshot.directory(fromURL: config.destination_url, field: "destination_url")
+            try await vmm.snapshot(to: directory)
+            return Response(status: .noContent)
+        }
+        router.put(.init(Endpoint.vmRestore.path)) { request, _ in
+            let config = try await decode(RestoreConfig.self, from: request)
+            let directory = try Snapshot.directory(fromURL: config.source_url, field: "source_url")
+            try await vmm.restore(from: directory, resume: config.resume ?? false)
             return Response(status: .noContent)
         }
         router.get(.init(Endpoint.vmInfo.path)) { _, _ in

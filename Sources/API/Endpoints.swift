@@ -14,6 +14,8 @@ public enum Endpoint: String, CaseIterable, Sendable {
     case vmShutdown = "vm.shutdown"
     case vmReboot = "vm.reboot"
     case vmDelete = "vm.delete"
+    case vmSnapshot = "vm.snapshot"
+    case vmRestore = "vm.restore"
 
     public static let basePath = "/api/v1"
 

@@ -108,3 +108,28 @@ public struct VmmPingResponse: Codable, Equatable, Sendable {
     public var pid: Int32
     public var features: [String]
 }
+
+/// `PUT vm.snapshot`.
+public struct VmSnapshotConfig: Codable, Equatable, Sendable {
+    /// `file:///absolute/directory`.
+    public var destination_url: String
+
+    public init(destination_url: String) {
+        self.destination_url = destination_url
+    }
+}
+
+/// `PUT vm.restore`. Cloud Hypervisor's `prefault` is accepted and ignored.
+public struct RestoreConfig: Codable, Equatable, Sendable {
+    /// `file:///absolute/directory` holding a snapshot.
+    public var source_url: String
+    /// Run the guest at once; otherwise the restored VM is Paused.
+    public var resume: Bool?
+    public var prefault: Bool?
+
+    public init(source_url: String, resume: Bool?, prefault: Bool? = nil) {
+        self.source_url = source_url
+        self.resume = resume
+        self.prefault = prefault
+    }
+}

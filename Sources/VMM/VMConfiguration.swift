@@ -2,7 +2,7 @@ import Events
 import Machine
 
 /// Where the guest's serial console goes: `--serial` in Cloud Hypervisor's spelling.
-public enum SerialMode: Equatable, Sendable {
+public enum SerialMode: Codable, Equatable, Sendable {
     /// The VMM's standard output (and, on a terminal, its standard input).
     case tty
     /// Appended to a file created or truncated at start.
@@ -26,7 +26,7 @@ public enum SerialMode: Equatable, Sendable {
 }
 
 /// Everything `ferry` needs to create and boot one VM, parsed from Cloud Hypervisor-style flags.
-public struct VMConfiguration: Equatable, Sendable {
+public struct VMConfiguration: Codable, Equatable, Sendable {
     public var machine: MachineConfiguration
     public var serial: SerialMode
 

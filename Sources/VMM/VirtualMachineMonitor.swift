@@ -123,7 +123,8 @@ public actor VirtualMachineMonitor {
         let machine = try requireMachine(in: .paused, for: "resume")
         events.emit(.vm, "resuming")
         do {
-            try machine.resume()
+            // A VM restored without `resume` has never run on this host: it starts rather than resumes.
+            if machine.state == .created { try machine.start() } else { try machine.resume() }
         } catch {
             throw VMMError(.internalFailure, "resuming failed: \(error)")
         }
@@ -171,6 +172,62 @@ public actor VirtualMachineMonitor {
         self.state = nil
         configuration = nil
         events.emit(.vm, "deleted")
+    }
+
+    // MARK: Snapshot and restore
+
+    /// Writes the paused VM's complete state and memory into `directory` (created if needed).
+    public func snapshot(to directory: String) throws(VMMError) {
+        let machine = try requireMachine(in: .paused, for: "snapshot")
+        guard let configuration else { throw VMMError(.noVM, "no VM has been created") }
+        events.emit(.vm, "snapshotting")
+        do {
+            let state = try machine.saveState()
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            try machine.saveMemory(toFile: (directory as NSString).appendingPathComponent(Snapshot.memoryFile))
+            try Snapshot(formatVersion: Snapshot.currentFormatVersion, configuration: configuration, machine: state)
+                .write(to: directory)
+        } catch {
+            events.emit(.vm, "snapshot-failed", ["error": "\(error)"])
+            throw VMMError(.internalFailure, "snapshot failed: \(error)")
+        }
+        events.emit(.vm, "snapshotted", ["destination": directory])
+    }
+
+    /// Creates the VM from a snapshot directory; it runs if `resume`, and is Paused otherwise.
+    public func restore(from directory: String, resume: Bool) throws(VMMError) {
+        guard state == nil else { throw VMMError(.wrongState, "a VM already exists; restore needs a VMM without one") }
+        let snapshot = try Snapshot.read(from: directory)
+        do {
+            try snapshot.configuration.machine.validate(hostMemory: ProcessInfo.processInfo.physicalMemory)
+        } catch {
+            throw VMMError(.invalidRequest, "the snapshot's VM does not fit this host: \(error)")
+        }
+        events.emit(.vm, "restoring", ["source": directory])
+        do {
+            let console = try HostConsole(mode: snapshot.configuration.serial)
+            let generation = UUID()
+            let machine = try Machine.forRestore(configuration: snapshot.configuration.machine,
+                                                 serialOutput: console.output,
+                                                 onStop: { [weak self] stop in
+                                                     Task { await self?.machineStopped(stop, generation: generation) }
+                                                 })
+            try machine.loadMemory(fromFile: (directory as NSString).appendingPathComponent(Snapshot.memoryFile))
+            try machine.restore(snapshot.machine)
+            self.machine = machine
+            self.console = console
+            machineGeneration = generation
+            configuration = snapshot.configuration
+            state = .paused
+        } catch {
+            stopMachine()
+            events.emit(.vm, "restore-failed", ["error": "\(error)"])
+            throw VMMError(.invalidRequest, "restore from \(directory) failed: \(error)")
+        }
+        events.emit(.vm, "restored")
+        if resume {
+            try self.resume()
+        }
     }
 
     // MARK: Process lifetime

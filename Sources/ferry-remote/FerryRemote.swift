@@ -13,7 +13,7 @@ struct FerryRemote: AsyncParsableCommand {
         discussion: "Exit status 0 when the VMM carried out the request; otherwise the VMM's error text goes to standard error and the status is 1.",
         version: "0.1.0",
         subcommands: [Ping.self, Create.self, Boot.self, Pause.self, Resume.self, Info.self, Shutdown.self,
-                      Reboot.self, Delete.self, ShutdownVMM.self, Events.self]
+                      Reboot.self, Delete.self, Snapshot.self, Restore.self, ShutdownVMM.self, Events.self]
     )
 }
 
@@ -129,6 +129,39 @@ struct ShutdownVMM: SimpleOperation {
     static let configuration = CommandConfiguration(commandName: "shutdown-vmm", abstract: "Stop the VM if it runs and end the VMM process.")
     static let endpoint = Endpoint.vmmShutdown
     @OptionGroup var connection: Connection
+}
+
+/// Encodes a request body for the API.
+func body(_ value: some Encodable) throws -> Data {
+    try JSONEncoder().encode(value)
+}
+
+struct Snapshot: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Save the paused VM's state and memory into a directory.")
+    @OptionGroup var connection: Connection
+    @Argument(help: ArgumentHelp("Where to write the snapshot.", valueName: "file:///DIR"))
+    var destination: String
+
+    func run() async throws {
+        try await perform {
+            try await connection.client.send(.vmSnapshot, body: try body(VmSnapshotConfig(destination_url: destination)))
+        }
+    }
+}
+
+struct Restore: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Create the VM from a snapshot directory (Paused unless --resume).")
+    @OptionGroup var connection: Connection
+    @Argument(help: ArgumentHelp("The snapshot to restore.", valueName: "file:///DIR"))
+    var source: String
+    @Flag(help: "Run the guest at once instead of leaving it Paused.")
+    var resume = false
+
+    func run() async throws {
+        try await perform {
+            try await connection.client.send(.vmRestore, body: try body(RestoreConfig(source_url: source, resume: resume)))
+        }
+    }
 }
 
 struct Info: AsyncParsableCommand {

@@ -52,7 +52,7 @@ import VMM
                             "\(endpoint.path) is routed")
                 }
             }
-            try await client.execute(uri: "/api/v1/vm.snapshot", method: .put) { response in
+            try await client.execute(uri: "/api/v1/vm.migrate", method: .put) { response in
                 #expect(response.status == .notFound, "a path outside the document is not served")
             }
         }
@@ -113,6 +113,25 @@ import VMM
         }
     }
 
+    @Test(arguments: [
+        (#"{"destination_url": "/tmp/x"}"#, "vm.snapshot", "destination_url: '/tmp/x' is not a file:///absolute/directory URL"),
+        (#"{"destination_url": "file://relative"}"#, "vm.snapshot", "destination_url"),
+        (#"{}"#, "vm.snapshot", "destination_url: required field is missing"),
+        (#"{"source_url": "http://x/y"}"#, "vm.restore", "source_url: 'http://x/y' is not a file"),
+        (#"{"source_url": "file:///nonexistent/snapshot"}"#, "vm.restore", "snapshot.json does not exist"),
+        (#"{"source_url": "file:///tmp", "resume": "yes"}"#, "vm.restore", "resume: expected true or false"),
+    ])
+    func invalidSnapshotAndRestoreRequestsGet400(body: String, endpoint: String, message: String) async throws {
+        try await withRouter { client, vmm in
+            // vm.snapshot checks its URL before it looks for a VM.
+            try await client.execute(uri: "/api/v1/\(endpoint)", method: .put, body: ByteBuffer(string: body)) { response in
+                let messages = try JSONDecoder().decode([String].self, from: Data(buffer: response.body))
+                #expect(response.status == .badRequest && messages.first?.contains(message) == true, "\(messages)")
+            }
+            await #expect(throws: VMMError.self) { try await vmm.info() }
+        }
+    }
+
     @Test func unknownFieldsAreIgnoredAsCloudHypervisorDoes() async throws {
         try await withRouter { client, _ in
             let body = #"{"payload": {"kernel": "\#(Self.kernel)", "firmware": null}, "disks": [{"path": "/x"}], "rng": {"src": "/dev/urandom"}}"#
@@ -129,6 +148,10 @@ import VMM
     @Test func operationsInTheWrongStateChangeNothingAndEmitNothing() async throws {
         try await withRouter { client, vmm in
             let stream = vmm.events.subscribe(sinceStart: true)
+            let snapshot = ByteBuffer(string: #"{"destination_url": "file:///tmp/ferry-never-written"}"#)
+            try await client.execute(uri: "/api/v1/vm.snapshot", method: .put, body: snapshot) { response in
+                #expect(response.status == .notFound, "snapshot without a VM")
+            }
             for endpoint in [Endpoint.vmBoot, .vmPause, .vmResume, .vmShutdown, .vmReboot, .vmDelete, .vmInfo] {
                 try await client.execute(uri: endpoint.path, method: endpoint.method) { response in
                     #expect(response.status == .notFound, "\(endpoint) without a VM")
@@ -144,6 +167,14 @@ import VMM
                     #expect(String(buffer: response.body).contains("the VM is Created"))
                 }
             }
+            try await client.execute(uri: "/api/v1/vm.snapshot", method: .put, body: snapshot) { response in
+                #expect(response.status == .conflict, "snapshot of a VM that is not paused")
+            }
+            let restore = ByteBuffer(string: #"{"source_url": "file:///tmp"}"#)
+            try await client.execute(uri: "/api/v1/vm.restore", method: .put, body: restore) { response in
+                #expect(response.status == .conflict, "restore while a VM exists")
+            }
+            #expect(!FileManager.default.fileExists(atPath: "/tmp/ferry-never-written"))
             try await client.execute(uri: "/api/v1/vm.info", method: .get) { response in
                 let info = try JSONDecoder().decode(VmInfo.self, from: Data(buffer: response.body))
                 #expect(info.state == "Created")

@@ -108,7 +108,8 @@ public final class Machine: Sendable {
         for index in 0..<configuration.cpus {
             let vcpu = try vm.createVCPU(id: UInt32(index))
             if let entry {
-                try vcpu.setCPUID(CPUIDTemplate.entries(supported: supportedCPUID, vcpu: index, count: configuration.cpus))
+                try vcpu.setCPUID(CPUIDTemplate.entries(supported: supportedCPUID, vcpu: index, count: configuration.cpus,
+                                                        hostEmulatesGuestKernel: CPUIDTemplate.hostEmulatesGuestKernel))
                 try vcpu.setMSRs(BootMSRs.entries)
                 try vcpu.resetFPU()
                 try vcpu.setLocalAPIC(LocalAPICSetup.configure(try vcpu.localAPIC()))

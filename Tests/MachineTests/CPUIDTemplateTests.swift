@@ -31,6 +31,17 @@ import Testing
         #expect(cache.eax >> 26 == UInt32(count - 1))
     }
 
+    @Test func hostThatEmulatesGuestKernelCodeHidesWhatItsEmulatorCannotRun() {
+        var features = supported
+        features[1].ecx |= (1 << 13) | (1 << 26) | (1 << 28) | (1 << 0)   // CX16, XSAVE, AVX, SSE3
+        let hidden = CPUIDTemplate.entries(supported: features, vcpu: 0, count: 1, hostEmulatesGuestKernel: true)
+            .first { $0.function == 1 }!
+        #expect(hidden.ecx & (1 << 13) == 0 && hidden.ecx & (1 << 26) == 0 && hidden.ecx & (1 << 28) == 0)
+        #expect(hidden.ecx & 1 == 1, "other features stay")
+        let native = CPUIDTemplate.entries(supported: features, vcpu: 0, count: 1).first { $0.function == 1 }!
+        #expect(native.ecx & (1 << 13) != 0 && native.ecx & (1 << 26) != 0, "hardware hosts keep them")
+    }
+
     @Test func leavesItDoesNotOwnPassThroughUnchanged() {
         let entries = CPUIDTemplate.entries(supported: supported, vcpu: 1, count: 2)
         #expect(entries.count == supported.count)

@@ -3,6 +3,7 @@ import Events
 import Foundation
 import Logging
 import Machine
+import Synchronization
 
 /// The VMM core: owns the one VM, serialises every operation on it, and reports every lifecycle
 /// edge as an event (events.md section 3).
@@ -45,10 +46,13 @@ public actor VirtualMachineMonitor {
     /// Without an API, the process ends with its VM; with one, the VMM outlives the guest.
     private let exitsWithVM: Bool
 
-    private var configuration: VMConfiguration?
+    private var configuration: VMConfiguration? { didSet { publishInfo() } }
     private var machine: Machine?
     private var console: HostConsole?
-    private var state: VMState?
+    private var state: VMState? { didSet { publishInfo() } }
+    /// What `info()` answers, readable without waiting for the actor, so that `vm.info` stays
+    /// responsive while a long operation (a snapshot of a large guest) runs.
+    private nonisolated let publishedInfo = Mutex<Info?>(nil)
     private var outcome: Outcome?
     private var exitWaiters: [CheckedContinuation<Outcome, Never>] = []
 
@@ -67,9 +71,16 @@ public actor VirtualMachineMonitor {
         public var memoryActualSize: UInt64
     }
 
-    public func info() throws(VMMError) -> Info {
-        guard let configuration, let state else { throw VMMError(.noVM, "no VM has been created") }
-        return Info(configuration: configuration, state: state, memoryActualSize: configuration.machine.memorySize)
+    public nonisolated func info() throws(VMMError) -> Info {
+        guard let info = publishedInfo.withLock({ $0 }) else { throw VMMError(.noVM, "no VM has been created") }
+        return info
+    }
+
+    private func publishInfo() {
+        let info = configuration.flatMap { configuration in
+            state.map { Info(configuration: configuration, state: $0, memoryActualSize: configuration.machine.memorySize) }
+        }
+        publishedInfo.withLock { $0 = info }
     }
 
     // MARK: Operations

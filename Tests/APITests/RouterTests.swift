@@ -189,4 +189,60 @@ import VMM
             #expect(names == ["vmm.starting", "vm.deleted", "vmm.test-marker"], "only the delete emitted an event")
         }
     }
+
+    /// The test guest, built by the repository's script.
+    static func testGuest() throws -> String {
+        let process = Process()
+        process.executableURL = repository.appendingPathComponent("scripts/build-test-guest")
+        let output = Pipe()
+        process.standardOutput = output
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0, let path = String(decoding: data, as: UTF8.self).split(separator: "\n").last else {
+            throw VMMError(.internalFailure, "scripts/build-test-guest failed")
+        }
+        return String(path)
+    }
+
+    /// Every operation the VM's state does not allow, in every state a booted VM can be in,
+    /// answers 409 and changes nothing: the event stream holds only the valid transitions.
+    @Test(.enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+    func everyOperationInEveryWrongStateGets409AndEmitsNothing() async throws {
+        let guest = try Self.testGuest()
+        try await withRouter { client, vmm in
+            func put(_ endpoint: Endpoint, _ body: String? = nil) async throws -> HTTPResponse.Status {
+                try await client.execute(uri: endpoint.path, method: .put, body: body.map { ByteBuffer(string: $0) }) { $0.status }
+            }
+            let create = #"{"memory": {"size": 134217728}, "payload": {"kernel": "\#(guest)"}, "serial": {"mode": "Null"}}"#
+            let snapshot = #"{"destination_url": "file:///tmp/ferry-test-never-written"}"#
+            let restore = #"{"source_url": "file:///tmp/ferry-test-never-written"}"#
+            func expectConflicts(_ operations: [(Endpoint, String?)], in state: String) async throws {
+                for (endpoint, body) in operations {
+                    #expect(try await put(endpoint, body) == .conflict, "\(endpoint.rawValue) while \(state)")
+                    #expect(try vmm.info().state.rawValue == state, "\(endpoint.rawValue) changed nothing")
+                }
+            }
+            #expect(try await put(.vmCreate, create) == .noContent)
+            #expect(try await put(.vmBoot) == .noContent)
+            try await expectConflicts([(.vmBoot, nil), (.vmResume, nil), (.vmCreate, create), (.vmRestore, restore),
+                                       (.vmSnapshot, snapshot)], in: "Running")
+            #expect(try await put(.vmPause) == .noContent)
+            try await expectConflicts([(.vmBoot, nil), (.vmPause, nil), (.vmCreate, create), (.vmRestore, restore)],
+                                      in: "Paused")
+            #expect(try await put(.vmShutdown) == .noContent)
+            try await expectConflicts([(.vmPause, nil), (.vmResume, nil), (.vmShutdown, nil), (.vmReboot, nil),
+                                       (.vmSnapshot, snapshot), (.vmCreate, create), (.vmRestore, restore)], in: "Shutdown")
+            #expect(try await put(.vmDelete) == .noContent)
+            #expect(!FileManager.default.fileExists(atPath: "/tmp/ferry-test-never-written"))
+            vmm.events.emit(.vmm, "test-marker")
+            var names: [String] = []
+            for await event in vmm.events.subscribe(sinceStart: true) {
+                names.append("\(event.source.rawValue).\(event.name)")
+                if event.name == "test-marker" { break }
+            }
+            #expect(names == ["vmm.starting", "vm.booting", "vm.booted", "vm.pausing", "vm.paused", "vm.shutdown",
+                              "vm.deleted", "vmm.test-marker"])
+        }
+    }
 }

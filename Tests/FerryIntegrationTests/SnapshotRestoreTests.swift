@@ -1,6 +1,7 @@
 import API
 import FerryClient
 import Foundation
+import Synchronization
 import Testing
 
 /// Snapshots a running test guest in one `ferry` and restores it in another: the guest continues
@@ -110,5 +111,40 @@ struct SnapshotRestoreTests {
         let names = try EventFile.read(targetEvents).map(\.name)
         #expect(names.filter { $0 == "vm.restore-failed" }.count == 2, "the memory-file failures happen after restoring began: \(names)")
         #expect(names.suffix(6) == ["vm.restoring", "vm.restored", "vm.resuming", "vm.resumed", "vm.shutdown", "vmm.shutdown"])
+    }
+
+    @Test func apiAnswersWhileASnapshotIsWritten() async throws {
+        let guest = try TestGuest.path.get()
+        let directory = try TemporaryDirectory()
+        let (ferry, api, _) = try Self.startVMM(directory, "vmm")
+        let config = #"{"memory": {"size": 1073741824}, "payload": {"kernel": "\#(guest)", "cmdline": "workset_mib=384 heartbeat_ms=200"}, "serial": {"mode": "Tty"}}"#
+        try await api.send(.vmCreate, body: Data(config.utf8))
+        try await api.send(.vmBoot)
+        #expect(ferry.waitForConsoleLine(timeout: .seconds(120)) { $0 == "ferry-test-guest: ready" } != nil)
+        try await api.send(.vmPause)
+        final class Flag: Sendable {
+            let raised = Mutex(false)
+        }
+        let snapshotDone = Flag()
+        let answersDuringSnapshot = try await withThrowingTaskGroup(of: Int.self) { group in
+            group.addTask {
+                try await api.send(.vmSnapshot, body: Data(#"{"destination_url": "file://\#(directory.path("snapshot"))"}"#.utf8))
+                snapshotDone.raised.withLock { $0 = true }
+                return 0
+            }
+            group.addTask {
+                var answered = 0
+                while !snapshotDone.raised.withLock({ $0 }) {
+                    let info = try JSONDecoder().decode(VmInfo.self, from: try await api.send(.vmInfo))
+                    _ = try await api.send(.vmmPing)
+                    if info.state == "Paused", !snapshotDone.raised.withLock({ $0 }) { answered += 1 }
+                }
+                return answered
+            }
+            return try await group.reduce(0, +)
+        }
+        #expect(answersDuringSnapshot > 0, "vm.info and vmm.ping were answered while the snapshot was being written")
+        try await api.send(.vmmShutdown)
+        #expect(ferry.waitForExit(timeout: .seconds(30)) == 0)
     }
 }

@@ -11,16 +11,25 @@ import VMM
 public struct APIServer: Sendable {
     /// Largest request body accepted (a `VmConfig` is a few hundred bytes).
     static let maximumBodySize = 1 << 20
+    /// How long shutdown waits for relayed answers on an inherited socket to reach their clients.
+    static let relayDrainSeconds: TimeInterval = 2
     /// Events a `vmm.events` subscriber may fall behind by before it is disconnected.
     static let subscriberBufferLimit = 1024
 
+    /// Where clients reach the API: Cloud Hypervisor's `--api-socket path=PATH` or `fd=N`.
+    public enum Socket: Equatable, Sendable {
+        case path(String)
+        /// An inherited listening Unix socket.
+        case fileDescriptor(Int32)
+    }
+
     let vmm: VirtualMachineMonitor
-    let socketPath: String
+    let socket: Socket
     let logger: Logger
 
-    public init(vmm: VirtualMachineMonitor, socketPath: String, logger: Logger) {
+    public init(vmm: VirtualMachineMonitor, socket: Socket, logger: Logger) {
         self.vmm = vmm
-        self.socketPath = socketPath
+        self.socket = socket
         self.logger = logger
     }
 
@@ -32,7 +41,18 @@ public struct APIServer: Sendable {
     /// bound inside a fresh directory only its owner can enter, made 0600, and only then moved to
     /// `socketPath` (replacing a stale socket file there).
     public func run(onReady: @escaping @Sendable () -> Void = {}) async throws {
-        let path = socketPath
+        let path: String
+        let forwarder: InheritedSocketForwarder?
+        switch socket {
+        case let .path(socketPath):
+            path = socketPath
+            forwarder = nil
+        case let .fileDescriptor(descriptor):
+            // The server listens privately; the inherited socket's connections are relayed to it.
+            try InheritedSocketForwarder.validate(descriptor)
+            path = NSTemporaryDirectory() + "ferry-api-\(getpid()).sock"
+            forwarder = InheritedSocketForwarder(listeningDescriptor: descriptor, serverPath: path)
+        }
         let staging = (path as NSString).deletingLastPathComponent.appending("/.ferry-api-\(getpid())")
         let stagingSocket = staging + "/api.sock"
         rmdir(staging)
@@ -49,6 +69,7 @@ public struct APIServer: Sendable {
                 chmod(stagingSocket, 0o600)
                 rename(stagingSocket, path)
                 rmdir(staging)
+                forwarder?.start()
                 onReady()
             },
             logger: serverLogger
@@ -65,6 +86,7 @@ public struct APIServer: Sendable {
         } onCancel: {
             Task { await group.triggerGracefulShutdown() }
         }
+        forwarder?.drain(timeout: Self.relayDrainSeconds)
     }
 
     static func router(vmm: VirtualMachineMonitor) -> Router<BasicRequestContext> {

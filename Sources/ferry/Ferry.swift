@@ -30,7 +30,7 @@ struct Ferry: AsyncParsableCommand {
     )
 
     @Option(name: .customLong("api-socket"),
-            help: ArgumentHelp("Serve the REST API on this Unix socket: path=PATH (or just PATH).", valueName: "path=PATH"))
+            help: ArgumentHelp("Serve the REST API on a Unix socket: path=PATH (or just PATH), or fd=N for an inherited listening socket.", valueName: "path=PATH|fd=N"))
     var apiSocket: String?
 
     @Option(help: ArgumentHelp("Kernel to boot: an x86-64 ELF with a PVH note (vmlinux) or a bzImage. Required without --api-socket.", valueName: "path"))
@@ -62,7 +62,7 @@ struct Ferry: AsyncParsableCommand {
     var logLevel: Logger.Level = .warning
 
     /// Parsed in `validate()` so that a bad value fails before anything starts.
-    private var parsed: (vm: VMConfiguration?, events: EventSinkTarget?, socket: String?)?
+    private var parsed: (vm: VMConfiguration?, events: EventSinkTarget?, socket: APIServer.Socket?)?
 
     enum CodingKeys: String, CodingKey {
         case apiSocket, kernel, initramfs, cmdline, cpus, memory, serial, console, eventMonitor, logLevel
@@ -97,15 +97,21 @@ struct Ferry: AsyncParsableCommand {
         }
     }
 
-    /// `--api-socket path=PATH` or a bare path, as Cloud Hypervisor accepts.
-    static func parseAPISocket(_ text: String) throws -> String {
-        let options = try OptionList(parsing: text, flag: "--api-socket", allowedKeys: ["path"])
-        if options.words.isEmpty, let path = options["path"], !path.isEmpty { return path }
-        if options.words.count == 1, options["path"] == nil, let path = options.words.first,
-           path.hasPrefix("/") || path.hasPrefix(".") {
-            return path
+    /// `--api-socket path=PATH`, `fd=N` or a bare path, as Cloud Hypervisor accepts.
+    static func parseAPISocket(_ text: String) throws -> APIServer.Socket {
+        let options = try OptionList(parsing: text, flag: "--api-socket", allowedKeys: ["path", "fd"])
+        if options.words.isEmpty, options["fd"] == nil, let path = options["path"], !path.isEmpty { return .path(path) }
+        if options.words.isEmpty, options["path"] == nil, let fd = options["fd"] {
+            guard let descriptor = Int32(fd), descriptor > 2, fcntl(descriptor, F_GETFD) >= 0 else {
+                throw ConfigurationError(flag: "--api-socket", "fd=\(fd) is not an open descriptor above 2")
+            }
+            return .fileDescriptor(descriptor)
         }
-        throw ConfigurationError(flag: "--api-socket", "write path=PATH, e.g. --api-socket path=/run/ferry/vm1.sock")
+        if options.words.count == 1, options.values.isEmpty, let path = options.words.first,
+           path.hasPrefix("/") || path.hasPrefix(".") {
+            return .path(path)
+        }
+        throw ConfigurationError(flag: "--api-socket", "write path=PATH or fd=N, e.g. --api-socket path=/run/ferry/vm1.sock")
     }
 
     func run() async throws {
@@ -123,12 +129,12 @@ struct Ferry: AsyncParsableCommand {
         }
         defer { signalSources.forEach { $0.cancel() } }
 
-        let server = parsed.socket.map { path in
+        let server = parsed.socket.map { socket in
             Task {
                 do {
-                    try await APIServer(vmm: vmm, socketPath: path, logger: logger).run()
+                    try await APIServer(vmm: vmm, socket: socket, logger: logger).run()
                 } catch {
-                    await vmm.requestExit(.failed("API socket \(path): \(error)"))
+                    await vmm.requestExit(.failed("--api-socket: \(error)"))
                 }
             }
         }

@@ -138,4 +138,34 @@ struct APILifecycleTests {
         ferry.signal(SIGTERM)
         #expect(ferry.waitForExit(timeout: .seconds(20)) == 0)
     }
+
+    /// `--api-socket fd=N`: a parent binds and listens (as libvirt does), then execs ferry with the
+    /// socket as descriptor 3.
+    @Test func inheritedListeningSocketServesTheAPI() async throws {
+        let directory = try TemporaryDirectory()
+        let socket = directory.path("inherited.sock")
+        let parent = """
+            import os, socket, sys
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(sys.argv[1] + ".new"); listener.listen(16)
+            os.rename(sys.argv[1] + ".new", sys.argv[1])  # appears only once it listens
+            os.dup2(listener.fileno(), 3); os.set_inheritable(3, True)
+            os.execv(sys.argv[2], [sys.argv[2], "--api-socket", "fd=3"])
+            """
+        let ferry = try FerryProcess(arguments: ["-c", parent, socket, Repository.ferry.path],
+                                     executable: URL(fileURLWithPath: "/usr/bin/python3"))
+        #expect(Self.waitForFile(socket, timeout: .seconds(20)))
+        let client = APIClient(socketPath: socket)
+        let ping = try JSONDecoder().decode(VmmPingResponse.self, from: try await client.send(.vmmPing))
+        #expect(ping.pid == ferry.pid, "the exec'd ferry answers on the inherited socket")
+        await #expect(throws: APIError.self) { try await client.send(.vmBoot) }
+        try await client.send(.vmmShutdown)
+        #expect(ferry.waitForExit(timeout: .seconds(20)) == 0, "stderr: \(ferry.standardError)")
+    }
+
+    @Test func descriptorThatIsNotAListeningSocketIsRefused() throws {
+        let ferry = try FerryProcess(arguments: ["--api-socket", "fd=99"])
+        #expect(ferry.waitForExit(timeout: .seconds(20)) != 0)
+        #expect(ferry.standardError.contains("--api-socket: fd=99 is not an open descriptor"))
+    }
 }

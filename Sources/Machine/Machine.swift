@@ -61,7 +61,7 @@ public final class Machine: Sendable {
 
     private init(configuration: MachineConfiguration, serialOutput: (@Sendable ([UInt8]) -> Void)?,
                  onStop: @escaping @Sendable (MachineStop) -> Void, bootsKernel: Bool) throws {
-        try configuration.validate(hostMemory: Self.hostMemory)
+        try configuration.validate()
         self.configuration = configuration
         self.onStop = onStop
         awaitingState = Mutex(!bootsKernel)
@@ -130,14 +130,6 @@ public final class Machine: Sendable {
     }
 
     private let stopLatch: StopLatch
-
-    /// Total RAM of this host, from `sysconf`.
-    static var hostMemory: UInt64? {
-        let pages = sysconf(Int32(_SC_PHYS_PAGES))
-        let pageSize = sysconf(Int32(_SC_PAGESIZE))
-        guard pages > 0, pageSize > 0 else { return nil }
-        return UInt64(pages) * UInt64(pageSize)
-    }
 
     public var state: State { control.machineState }
 

@@ -1,3 +1,5 @@
+import Foundation
+
 /// What a VM is made of: Cloud Hypervisor's `VmConfig` reduced to what Ferry's machine needs.
 public struct MachineConfiguration: Codable, Equatable, Sendable {
     public var cpus: Int
@@ -18,8 +20,11 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
         self.commandLine = commandLine
     }
 
+    /// This host's RAM: no guest may have more.
+    public static var hostMemory: UInt64 { ProcessInfo.processInfo.physicalMemory }
+
     /// Checks the values against what Ferry and this host can run; the message names the field.
-    public func validate(hostMemory: UInt64?) throws {
+    public func validate(hostMemory: UInt64? = MachineConfiguration.hostMemory) throws {
         guard (1...Self.maximumCPUs).contains(cpus) else {
             throw MachineError("cpus: \(cpus) is not between 1 and \(Self.maximumCPUs)")
         }

@@ -88,7 +88,7 @@ public actor VirtualMachineMonitor {
     public func create(_ configuration: VMConfiguration) throws(VMMError) {
         guard state == nil else { throw VMMError(.wrongState, "a VM already exists; delete it first") }
         do {
-            try configuration.machine.validate(hostMemory: ProcessInfo.processInfo.physicalMemory)
+            try configuration.machine.validate()
         } catch {
             throw VMMError(.invalidRequest, "\(error)")
         }
@@ -210,7 +210,7 @@ public actor VirtualMachineMonitor {
         guard state == nil else { throw VMMError(.wrongState, "a VM already exists; restore needs a VMM without one") }
         let snapshot = try Snapshot.read(from: directory)
         do {
-            try snapshot.configuration.machine.validate(hostMemory: ProcessInfo.processInfo.physicalMemory)
+            try snapshot.configuration.machine.validate()
         } catch {
             throw VMMError(.invalidRequest, "the snapshot's VM does not fit this host: \(error)")
         }
@@ -318,7 +318,7 @@ public actor VirtualMachineMonitor {
             events.emit(.vm, "shutdown", ["reason": "guest"])
             if exitsWithVM { requestExit(.guestShutdown) }
         case let .failed(message):
-            logger.error("the VM stopped: \(message)")
+            if !exitsWithVM { logger.error("the VM stopped: \(message)") }
             events.emit(.vm, "shutdown", ["reason": "guest", "error": message])
             if exitsWithVM { requestExit(.failed(message)) }
         }

@@ -56,6 +56,25 @@ struct TestGuestBootTests {
         #expect(starting.properties["version"]?.isEmpty == false)
     }
 
+    /// 5 GiB of guest RAM: 3 GiB below the MMIO hole and 2 GiB above 4 GiB. A working set larger
+    /// than the RAM below the hole must use RAM above 4 GiB, and all of it must verify.
+    @Test func memoryAboveTheFourGiBHoleIsUsableAndVerifies() throws {
+        let guest = try TestGuest.path.get()
+        let ferry = try FerryProcess(arguments: [
+            "--kernel", guest, "--cpus", "boot=2", "--memory", "size=5G",
+            "--cmdline", "workset_mib=3400 heartbeat_ms=1000 verify_ms=1000",
+        ])
+        let boot = ferry.waitForConsoleLine(timeout: .seconds(60)) { $0.hasPrefix("ferry-test-guest: boot ") }
+        #expect(boot.map(keyValues)?["ram_mib"].flatMap(Int.init).map { $0 > 5000 } == true, "the guest sees about 5 GiB: \(boot ?? "")")
+        #expect(boot.map(keyValues)?["workset_mib"] == "3400", "the working set was not clamped")
+        for cpu in 0..<2 {
+            #expect(ferry.waitForConsoleLine(timeout: .seconds(300)) { $0.hasPrefix("VERIFY OK cpu=\(cpu) ") } != nil)
+        }
+        #expect(ferry.consoleLines.verifyFailures.isEmpty)
+        ferry.signal(SIGTERM)
+        #expect(ferry.waitForExit(timeout: .seconds(30)) == 0)
+    }
+
     @Test func sigtermStopsTheGuestAndTheProcessCleanly() throws {
         let guest = try TestGuest.path.get()
         let directory = try TemporaryDirectory()

@@ -51,14 +51,15 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        .target(name: "FerryTestSupport", path: "Tests/FerryTestSupport"),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "EventsTests", dependencies: ["Events"]),
-        .testTarget(name: "MachineTests", dependencies: ["Machine", "KVM"]),
+        .testTarget(name: "MachineTests", dependencies: ["Machine", "KVM", "FerryTestSupport"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),
         .testTarget(
             name: "APITests",
-            dependencies: ["API", "VMM", "Events", .product(name: "HummingbirdTesting", package: "hummingbird")]
+            dependencies: ["API", "VMM", "Events", "FerryTestSupport", .product(name: "HummingbirdTesting", package: "hummingbird")]
         ),
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["ferry", "ferry-remote", "Events", "API", "FerryClient"]),
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["ferry", "ferry-remote", "Events", "API", "FerryClient", "FerryTestSupport"]),
     ]
 )

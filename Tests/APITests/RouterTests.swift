@@ -1,4 +1,5 @@
 import Events
+import FerryTestSupport
 import Foundation
 import Hummingbird
 import HummingbirdTesting
@@ -11,9 +12,6 @@ import VMM
 /// codes, error bodies and the OpenAPI document. (Booting guests through the API is tested with
 /// real processes in FerryIntegrationTests.)
 @Suite struct RouterTests {
-    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-        .deletingLastPathComponent().deletingLastPathComponent()
-
     func withRouter(_ body: @Sendable (any TestClientProtocol, VirtualMachineMonitor) async throws -> Void) async throws {
         let vmm = VirtualMachineMonitor(events: EventMonitor(sink: nil), logger: Logger(label: "test"), exitsWithVM: false)
         let application = Application(router: APIServer.router(vmm: vmm))
@@ -23,7 +21,7 @@ import VMM
 
     /// (path, method) pairs the OpenAPI document declares, read from its `paths:` section.
     static func documentedOperations() throws -> Set<String> {
-        let text = try String(contentsOf: repository.appendingPathComponent("docs/openapi.yaml"), encoding: .utf8)
+        let text = try String(contentsOf: Repository.root.appendingPathComponent("docs/openapi.yaml"), encoding: .utf8)
         var operations = Set<String>()
         var currentPath: String?
         var inPaths = false
@@ -190,26 +188,11 @@ import VMM
         }
     }
 
-    /// The test guest, built by the repository's script.
-    static func testGuest() throws -> String {
-        let process = Process()
-        process.executableURL = repository.appendingPathComponent("scripts/build-test-guest")
-        let output = Pipe()
-        process.standardOutput = output
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0, let path = String(decoding: data, as: UTF8.self).split(separator: "\n").last else {
-            throw VMMError(.internalFailure, "scripts/build-test-guest failed")
-        }
-        return String(path)
-    }
-
     /// Every operation the VM's state does not allow, in every state a booted VM can be in,
     /// answers 409 and changes nothing: the event stream holds only the valid transitions.
-    @Test(.enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+    @Test(.enabled(if: Repository.kvmAvailable, "needs /dev/kvm (absent or not accessible on this machine)"))
     func everyOperationInEveryWrongStateGets409AndEmitsNothing() async throws {
-        let guest = try Self.testGuest()
+        let guest = try TestGuest.path.get()
         try await withRouter { client, vmm in
             func put(_ endpoint: Endpoint, _ body: String? = nil) async throws -> HTTPResponse.Status {
                 try await client.execute(uri: endpoint.path, method: .put, body: body.map { ByteBuffer(string: $0) }) { $0.status }

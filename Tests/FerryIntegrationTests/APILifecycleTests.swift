@@ -1,3 +1,4 @@
+import FerryTestSupport
 import API
 import FerryClient
 import Foundation
@@ -98,7 +99,7 @@ struct APILifecycleTests {
         await #expect(throws: APIError.self) { try await client.send(.vmInfo) }
 
         let remote = try FerryProcess(arguments: ["shutdown-vmm", "--api-socket", socket],
-                                      executable: Repository.productsDirectory.appendingPathComponent("ferry-remote"))
+                                      executable: Repository.ferryRemote)
         #expect(remote.waitForExit(timeout: .seconds(20)) == 0)
         #expect(ferry.waitForExit(timeout: .seconds(30)) == 0, "stderr: \(ferry.standardError)")
         #expect(!FileManager.default.fileExists(atPath: socket), "the socket is removed on exit")
@@ -127,7 +128,7 @@ struct APILifecycleTests {
         #expect(Self.waitForFile(socket, timeout: .seconds(20)))
         let remote = { (arguments: [String]) throws -> FerryProcess in
             try FerryProcess(arguments: arguments + ["--api-socket", socket],
-                             executable: Repository.productsDirectory.appendingPathComponent("ferry-remote"))
+                             executable: Repository.ferryRemote)
         }
         let boot = try remote(["boot"])
         #expect(boot.waitForExit(timeout: .seconds(20)) == 1)

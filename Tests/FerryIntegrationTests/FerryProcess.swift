@@ -1,67 +1,6 @@
+import FerryTestSupport
 import Foundation
 import Synchronization
-
-/// Paths of the repository and of the built products, found from the running test binary.
-enum Repository {
-    /// The directory holding the test bundle also holds the `ferry` executable.
-    static let productsDirectory: URL = {
-        let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-        return executable.deletingLastPathComponent()
-    }()
-
-    static let root: URL = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-
-    static var ferry: URL { productsDirectory.appendingPathComponent("ferry") }
-
-    static var kvmAvailable: Bool { access("/dev/kvm", R_OK | W_OK) == 0 }
-
-    /// Runs one of the repository's scripts and returns its standard output lines.
-    static func runScript(_ name: String) throws -> [String] {
-        let process = Process()
-        process.executableURL = root.appendingPathComponent("scripts/\(name)")
-        let output = Pipe()
-        process.standardOutput = output
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw TestFailure("scripts/\(name) exited with status \(process.terminationStatus)")
-        }
-        return String(decoding: data, as: UTF8.self).split(separator: "\n").map(String.init)
-    }
-}
-
-struct TestFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}
-
-/// The test guest, built once per test run by the repository's script.
-enum TestGuest {
-    static let path: Result<String, any Error> = Result {
-        guard let path = try Repository.runScript("build-test-guest").last else {
-            throw TestFailure("build-test-guest printed no path")
-        }
-        return path
-    }
-}
-
-/// A temporary directory removed when the value goes away.
-final class TemporaryDirectory: Sendable {
-    let url: URL
-
-    init() throws {
-        url = FileManager.default.temporaryDirectory.appendingPathComponent("ferry-test-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-    }
-
-    func path(_ name: String) -> String { url.appendingPathComponent(name).path }
-
-    deinit {
-        try? FileManager.default.removeItem(at: url)
-    }
-}
 
 /// Collects a pipe's output as lines, from the pipe's reader thread. Lines are split at LF bytes
 /// (Linux's console ends lines with CR LF, which Swift strings treat as one character) and lose

@@ -1,3 +1,4 @@
+import FerryTestSupport
 import API
 import FerryClient
 import Foundation

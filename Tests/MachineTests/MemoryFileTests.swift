@@ -1,22 +1,7 @@
+import FerryTestSupport
 import Foundation
 import Testing
 @testable import Machine
-
-/// A temporary directory removed when the value goes away.
-final class TemporaryDirectory: Sendable {
-    let url: URL
-
-    init() throws {
-        url = FileManager.default.temporaryDirectory.appendingPathComponent("ferry-machine-test-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-    }
-
-    func path(_ name: String) -> String { url.appendingPathComponent(name).path }
-
-    deinit {
-        try? FileManager.default.removeItem(at: url)
-    }
-}
 
 extension GuestMemory {
     /// Whether every byte of guest RAM equals `other`'s (compared in place, region by region).

@@ -1,35 +1,9 @@
+import FerryTestSupport
 import Foundation
 import KVM
 import Synchronization
 import Testing
 @testable import Machine
-
-struct TestFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}
-
-/// The test guest, built once per test run by the repository's script.
-enum TestGuest {
-    static let repository = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-
-    static let path: Result<String, any Error> = Result {
-        let process = Process()
-        process.executableURL = repository.appendingPathComponent("scripts/build-test-guest")
-        let output = Pipe()
-        process.standardOutput = output
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0,
-              let path = String(decoding: data, as: UTF8.self).split(separator: "\n").last.map(String.init)
-        else {
-            throw TestFailure("scripts/build-test-guest failed with status \(process.terminationStatus)")
-        }
-        return path
-    }
-}
 
 /// A guest console: bytes from the UART, split into lines at LF, from any thread.
 final class Console: Sendable {

@@ -1,13 +1,13 @@
 /// The test guest's console lines, parsed (formats in Guests/test-guest/README.md).
-struct Heartbeat: Equatable {
-    var cpu: Int
-    var seq: Int
-    var ticks: Int
-    var sum: String
-    var written: Int
+public struct Heartbeat: Equatable, Sendable {
+    public var cpu: Int
+    public var seq: Int
+    public var ticks: Int
+    public var sum: String
+    public var written: Int
 
     /// Parses `HEARTBEAT cpu=C seq=N ticks=T sum=H written=W`.
-    init?(_ line: String) {
+    public init?(_ line: String) {
         guard line.hasPrefix("HEARTBEAT ") else { return nil }
         let fields = keyValues(line)
         guard let cpu = fields["cpu"].flatMap(Int.init), let seq = fields["seq"].flatMap(Int.init),
@@ -19,7 +19,7 @@ struct Heartbeat: Equatable {
 }
 
 /// `key=value` fields of a console line.
-func keyValues(_ line: String) -> [String: String] {
+public func keyValues(_ line: String) -> [String: String] {
     var fields: [String: String] = [:]
     for word in line.split(separator: " ") {
         let parts = word.split(separator: "=", maxSplits: 1)
@@ -29,7 +29,7 @@ func keyValues(_ line: String) -> [String: String] {
 }
 
 extension Array where Element == String {
-    var heartbeats: [Heartbeat] { compactMap(Heartbeat.init) }
-    func verifyOK(cpu: Int) -> [String] { filter { $0.hasPrefix("VERIFY OK cpu=\(cpu) ") } }
-    var verifyFailures: [String] { filter { $0.hasPrefix("VERIFY FAIL") } }
+    public var heartbeats: [Heartbeat] { compactMap(Heartbeat.init) }
+    public func verifyOK(cpu: Int) -> [String] { filter { $0.hasPrefix("VERIFY OK cpu=\(cpu) ") } }
+    public var verifyFailures: [String] { filter { $0.hasPrefix("VERIFY FAIL") } }
 }

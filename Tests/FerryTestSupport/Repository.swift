@@ -1,0 +1,63 @@
+import Foundation
+
+/// Paths of the repository and of the built products, for tests of every target.
+public enum Repository {
+    /// The directory holding the test bundle also holds the executables.
+    public static let productsDirectory: URL = {
+        URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+    }()
+
+    public static let root: URL = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    public static var ferry: URL { productsDirectory.appendingPathComponent("ferry") }
+    public static var ferryRemote: URL { productsDirectory.appendingPathComponent("ferry-remote") }
+
+    public static var kvmAvailable: Bool { access("/dev/kvm", R_OK | W_OK) == 0 }
+
+    /// Runs one of the repository's scripts and returns its standard output lines.
+    public static func runScript(_ name: String) throws -> [String] {
+        let process = Process()
+        process.executableURL = root.appendingPathComponent("scripts/\(name)")
+        let output = Pipe()
+        process.standardOutput = output
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw TestFailure("scripts/\(name) exited with status \(process.terminationStatus)")
+        }
+        return String(decoding: data, as: UTF8.self).split(separator: "\n").map(String.init)
+    }
+}
+
+public struct TestFailure: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The test guest, built once per test run by the repository's script.
+public enum TestGuest {
+    public static let path: Result<String, any Error> = Result {
+        guard let path = try Repository.runScript("build-test-guest").last else {
+            throw TestFailure("build-test-guest printed no path")
+        }
+        return path
+    }
+}
+
+/// A temporary directory removed when the value goes away.
+public final class TemporaryDirectory: Sendable {
+    public let url: URL
+
+    public init() throws {
+        url = FileManager.default.temporaryDirectory.appendingPathComponent("ferry-test-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+    }
+
+    public func path(_ name: String) -> String { url.appendingPathComponent(name).path }
+
+    deinit {
+        try? FileManager.default.removeItem(at: url)
+    }
+}

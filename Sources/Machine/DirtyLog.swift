@@ -1,0 +1,57 @@
+import KVM
+
+/// Guest pages written since the last collection, as runs of consecutive 4 KiB pages.
+public struct DirtyPages: Equatable, Sendable {
+    public static let pageSize: UInt64 = 4096
+
+    /// Guest-physical runs, in address order.
+    public var runs: [GuestRAMRange]
+
+    public init(runs: [GuestRAMRange]) {
+        self.runs = runs
+    }
+
+    public var pageCount: Int { runs.reduce(0) { $0 + Int($1.size / Self.pageSize) } }
+    public var byteCount: UInt64 { runs.reduce(0) { $0 + $1.size } }
+
+    /// Turns one slot's KVM dirty bitmap (bit n = page n of the slot, least significant bit of
+    /// word 0 first) into runs of guest-physical pages.
+    static func runs(bitmap: [UInt64], slotStart: UInt64, pageCount: Int) -> [GuestRAMRange] {
+        var runs: [GuestRAMRange] = []
+        var runStart: Int?
+        for page in 0...pageCount {
+            let dirty = page < pageCount && bitmap[page / 64] & (1 << UInt64(page % 64)) != 0
+            if dirty, runStart == nil {
+                runStart = page
+            } else if !dirty, let start = runStart {
+                runs.append(GuestRAMRange(start: slotStart + UInt64(start) * pageSize,
+                                          size: UInt64(page - start) * pageSize))
+                runStart = nil
+            }
+        }
+        return runs
+    }
+}
+
+extension Machine {
+    /// Turns KVM's dirty-page logging on or off for every guest RAM slot. Turning it on starts
+    /// with a clean log: only writes from now on are reported. Safe while the vCPUs run.
+    public func setDirtyLogging(_ on: Bool) throws {
+        for (slot, region) in memory.regions.enumerated() {
+            try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.range.start, size: region.range.size,
+                                   hostAddress: region.host, logDirtyPages: on)
+        }
+    }
+
+    /// The pages written since logging started or since the last call, and clears the log.
+    /// Dirty logging must be on.
+    public func collectDirtyPages() throws -> DirtyPages {
+        var runs: [GuestRAMRange] = []
+        for (slot, region) in memory.regions.enumerated() {
+            let pages = Int(region.range.size / DirtyPages.pageSize)
+            let bitmap = try vm.dirtyLog(slot: UInt32(slot), pageCount: pages)
+            runs += DirtyPages.runs(bitmap: bitmap, slotStart: region.range.start, pageCount: pages)
+        }
+        return DirtyPages(runs: runs)
+    }
+}

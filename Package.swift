@@ -23,6 +23,7 @@ let package = Package(
         .target(name: "Events"),
         .target(name: "Machine", dependencies: ["KVM", .product(name: "Logging", package: "swift-log")]),
         .target(name: "VMM", dependencies: ["Machine", "Events", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "Migration", dependencies: ["Machine"]),
         .target(
             name: "API",
             dependencies: [
@@ -56,6 +57,7 @@ let package = Package(
         .testTarget(name: "EventsTests", dependencies: ["Events"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "KVM", "FerryTestSupport"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM"]),
+        .testTarget(name: "MigrationTests", dependencies: ["Migration", "Machine"]),
         .testTarget(
             name: "APITests",
             dependencies: ["API", "VMM", "Events", "FerryTestSupport", .product(name: "HummingbirdTesting", package: "hummingbird")]

@@ -123,3 +123,108 @@ public final class GuestMemory: @unchecked Sendable {
         return T(littleEndian: buffer.loadUnaligned(as: T.self))
     }
 }
+
+extension GuestMemory {
+    /// Why `send(to:address:count:deadline:)` or `receive(from:address:count:deadline:)` stopped
+    /// before moving every byte.
+    public enum TransferError: Error, Equatable, Sendable, CustomStringConvertible {
+        /// The range is not inside one guest RAM range; nothing was transferred.
+        case outsideRAM(address: UInt64, count: Int)
+        /// The deadline passed while the socket was not ready.
+        case timedOut(transferred: Int)
+        /// The peer closed or reset the connection (end of stream, `EPIPE`, `ECONNRESET`).
+        case peerClosed(transferred: Int)
+        /// A system call failed otherwise.
+        case failed(operation: String, errno: Int32)
+
+        public var description: String {
+            switch self {
+            case let .outsideRAM(address, count):
+                "guest-physical range 0x\(String(address, radix: 16))+\(count) is not in guest RAM"
+            case let .timedOut(transferred):
+                "timed out after \(transferred) bytes"
+            case let .peerClosed(transferred):
+                "the peer closed the connection after \(transferred) bytes"
+            case let .failed(operation, code):
+                "\(operation) failed: \(String(cString: strerror(code)))"
+            }
+        }
+    }
+
+    /// Writes the `count` bytes of guest RAM at `address` to the stream socket `fd`, straight from
+    /// the guest's mapping (no intermediate copy). Short writes are continued and `EINTR` retried;
+    /// when the socket is full it waits with poll(2), and gives up once `deadline` has passed.
+    /// Never raises `SIGPIPE`. The range must lie in one guest RAM range.
+    public func send(to fd: Int32, address: UInt64, count: Int, deadline: ContinuousClock.Instant) throws(TransferError) {
+        guard count >= 0, let source = try? buffer(at: address, count: count) else {
+            throw .outsideRAM(address: address, count: count)
+        }
+        guard let base = source.baseAddress else { return }
+        var done = 0
+        while done < count {
+            let sent = Glibc.send(fd, base + done, count - done, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+            if sent > 0 {
+                done += sent
+                continue
+            }
+            let code = errno
+            switch code {
+            case EINTR: continue
+            case EAGAIN, EWOULDBLOCK: try Self.waitForSocket(fd, events: Int16(POLLOUT), until: deadline, transferred: done)
+            case EPIPE, ECONNRESET: throw .peerClosed(transferred: done)
+            default: throw .failed(operation: "send", errno: code)
+            }
+        }
+    }
+
+    /// Reads exactly `count` bytes from the stream socket `fd` into guest RAM at `address`, straight
+    /// into the guest's mapping (no intermediate copy). Short reads are continued and `EINTR`
+    /// retried; while no data is available it waits with poll(2), and gives up once `deadline` has
+    /// passed. End of stream before `count` bytes is `peerClosed`. The range must lie in one guest
+    /// RAM range; it is checked before the first byte is read. After an error the range holds a
+    /// mix of old and new bytes.
+    public func receive(from fd: Int32, address: UInt64, count: Int, deadline: ContinuousClock.Instant) throws(TransferError) {
+        guard count >= 0, let destination = try? buffer(at: address, count: count) else {
+            throw .outsideRAM(address: address, count: count)
+        }
+        guard let base = destination.baseAddress else { return }
+        var done = 0
+        while done < count {
+            let got = Glibc.recv(fd, base + done, count - done, Int32(MSG_DONTWAIT))
+            if got > 0 {
+                done += got
+                continue
+            }
+            if got == 0 { throw .peerClosed(transferred: done) }
+            let code = errno
+            switch code {
+            case EINTR: continue
+            case EAGAIN, EWOULDBLOCK: try Self.waitForSocket(fd, events: Int16(POLLIN), until: deadline, transferred: done)
+            case ECONNRESET: throw .peerClosed(transferred: done)
+            default: throw .failed(operation: "recv", errno: code)
+            }
+        }
+    }
+
+    /// Waits until `fd` is ready for `events` (or reports an error or hang-up, which the next call
+    /// on it surfaces), or throws `timedOut` once `deadline` has passed.
+    private static func waitForSocket(_ fd: Int32, events: Int16, until deadline: ContinuousClock.Instant,
+                                      transferred: Int) throws(TransferError) {
+        while true {
+            let remaining = deadline - .now
+            guard remaining > .zero else { throw .timedOut(transferred: transferred) }
+            let (seconds, attoseconds) = remaining.components
+            // Round up so that a wait never ends just before the deadline and spins.
+            let milliseconds = min(seconds * 1000 + (attoseconds + 999_999_999_999_999) / 1_000_000_000_000_000,
+                                   Int64(Int32.max))
+            var descriptor = pollfd(fd: fd, events: events, revents: 0)
+            let ready = poll(&descriptor, 1, Int32(milliseconds))
+            if ready > 0 { return }
+            if ready < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                throw .failed(operation: "poll", errno: code)
+            }
+        }
+    }
+}

@@ -22,12 +22,12 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CKVM"]),
         .target(name: "Events"),
         .target(name: "Machine", dependencies: ["KVM", .product(name: "Logging", package: "swift-log")]),
-        .target(name: "VMM", dependencies: ["Machine", "Events", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "VMM", dependencies: ["Machine", "Events", "Migration", .product(name: "Logging", package: "swift-log")]),
         .target(name: "Migration", dependencies: ["Machine"]),
         .target(
             name: "API",
             dependencies: [
-                "VMM", "Events",
+                "VMM", "Events", "Migration",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),

@@ -129,8 +129,18 @@ public struct APIServer: Sendable {
             try await vmm.restore(from: directory, resume: config.resume ?? false)
             return Response(status: .noContent)
         }
+        router.put(.init(Endpoint.vmSendMigration.path)) { request, _ in
+            let options = try await decode(SendMigrationData.self, from: request).options()
+            try await vmm.sendMigration(options)
+            return Response(status: .noContent)
+        }
+        router.put(.init(Endpoint.vmReceiveMigration.path)) { request, _ in
+            let url = try await decode(ReceiveMigrationData.self, from: request).url()
+            try await vmm.receiveMigration(at: url)
+            return Response(status: .noContent)
+        }
         router.get(.init(Endpoint.vmInfo.path)) { _, _ in
-            let info = try await vmm.info()
+            let info = try vmm.info()
             return try json(VmInfo(config: VmConfig(info.configuration), state: info.state.rawValue,
                                    memory_actual_size: info.memoryActualSize))
         }

@@ -16,6 +16,8 @@ public enum Endpoint: String, CaseIterable, Sendable {
     case vmDelete = "vm.delete"
     case vmSnapshot = "vm.snapshot"
     case vmRestore = "vm.restore"
+    case vmSendMigration = "vm.send-migration"
+    case vmReceiveMigration = "vm.receive-migration"
 
     public static let basePath = "/api/v1"
 

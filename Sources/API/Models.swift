@@ -1,5 +1,6 @@
 import Foundation
 import Machine
+import Migration
 import VMM
 
 /// Cloud Hypervisor's `VmConfig`, as much of it as Ferry uses. Fields Ferry does not know are
@@ -131,5 +132,85 @@ public struct RestoreConfig: Codable, Equatable, Sendable {
         self.source_url = source_url
         self.resume = resume
         self.prefault = prefault
+    }
+}
+
+/// `PUT vm.send-migration`: Cloud Hypervisor's `SendMigrationData`.
+public struct SendMigrationData: Codable, Equatable, Sendable {
+    /// `tcp:HOST:PORT` or `unix:PATH`, where the destination's `vm.receive-migration` listens.
+    public var destination_url: String
+    /// The longest the guest may be paused for the switch-over, in milliseconds (default 300).
+    public var downtime_ms: Int64?
+    /// How long pre-copy may take before `timeout_strategy` applies, in seconds (default 3600).
+    public var timeout_s: Int64?
+    /// `Cancel` (the default) or `Ignore`.
+    public var timeout_strategy: String?
+    /// Parallel connections; Ferry sends over one.
+    public var connections: Int64?
+    /// Migration to a VMM on the same host by handing over guest memory; not available.
+    public var local: Bool?
+    /// Keep the source VMM running after the migration finished.
+    public var keep_alive: Bool?
+
+    public init(destination_url: String, downtime_ms: Int64? = nil, timeout_s: Int64? = nil,
+                timeout_strategy: String? = nil, connections: Int64? = nil, local: Bool? = nil, keep_alive: Bool? = nil) {
+        self.destination_url = destination_url
+        self.downtime_ms = downtime_ms
+        self.timeout_s = timeout_s
+        self.timeout_strategy = timeout_strategy
+        self.connections = connections
+        self.local = local
+        self.keep_alive = keep_alive
+    }
+
+    /// The checked request; the error names the field and why.
+    public func options() throws(VMMError) -> SendMigrationOptions {
+        let destination: MigrationURL
+        do {
+            destination = try MigrationURL(parsing: destination_url)
+        } catch {
+            throw VMMError(.invalidRequest, "destination_url: \(error.message)")
+        }
+        let downtime = downtime_ms ?? Int64(PrecopyPolicy.defaultDowntimeLimit / .milliseconds(1))
+        guard downtime > 0 else { throw VMMError(.invalidRequest, "downtime_ms: \(downtime) must be at least 1") }
+        let timeout = timeout_s ?? PrecopyPolicy.defaultTimeout.components.seconds
+        guard timeout > 0 else { throw VMMError(.invalidRequest, "timeout_s: \(timeout) must be at least 1") }
+        let strategy: TimeoutStrategy
+        switch timeout_strategy {
+        case nil: strategy = .cancel
+        case let text?:
+            guard let parsed = TimeoutStrategy(rawValue: text) else {
+                throw VMMError(.invalidRequest, "timeout_strategy: '\(text)' is not a strategy; use Cancel or Ignore")
+            }
+            strategy = parsed
+        }
+        if let connections, connections != Int64(SendMigrationOptions.connections) {
+            throw VMMError(.invalidRequest, "connections: \(connections) is not available; Ferry migrates over 1 connection")
+        }
+        if local == true {
+            throw VMMError(.invalidRequest, "local: local migration (handing guest memory over on one host) is not available; omit it or set it to false")
+        }
+        return SendMigrationOptions(
+            destination: destination,
+            policy: PrecopyPolicy(downtimeLimit: .milliseconds(downtime), timeout: .seconds(timeout), timeoutStrategy: strategy),
+            keepAlive: keep_alive ?? false)
+    }
+}
+
+/// `PUT vm.receive-migration`: Cloud Hypervisor's `ReceiveMigrationData`.
+public struct ReceiveMigrationData: Codable, Equatable, Sendable {
+    /// `tcp:HOST:PORT` (port 0: any free port, which `vm.migration-receive-ready` names) or `unix:PATH`.
+    public var receiver_url: String
+
+    public init(receiver_url: String) {
+        self.receiver_url = receiver_url
+    }
+
+    public func url() throws(VMMError) -> MigrationURL {
+        do {
+            return try MigrationURL(parsing: receiver_url)
+        } catch {
+            throw VMMError(.invalidRequest, "receiver_url: \(error.message)")
+        }
     }
 }

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import KVM
 
 /// Guest pages written since the last collection, as runs of consecutive 4 KiB pages.
@@ -13,6 +16,19 @@ public struct DirtyPages: Equatable, Sendable {
 
     public var pageCount: Int { runs.reduce(0) { $0 + Int($1.size / Self.pageSize) } }
     public var byteCount: UInt64 { runs.reduce(0) { $0 + $1.size } }
+
+    /// The pages in either set, as coalesced runs in address order.
+    public func union(_ other: DirtyPages) -> DirtyPages {
+        var merged: [GuestRAMRange] = []
+        for run in (runs + other.runs).sorted(by: { $0.start < $1.start }) {
+            if let last = merged.last, run.start <= last.end {
+                merged[merged.count - 1].size = max(last.end, run.end) - last.start
+            } else {
+                merged.append(run)
+            }
+        }
+        return DirtyPages(runs: merged)
+    }
 
     /// Turns one slot's KVM dirty bitmap (bit n = page n of the slot, least significant bit of
     /// word 0 first) into runs of guest-physical pages.
@@ -30,6 +46,34 @@ public struct DirtyPages: Equatable, Sendable {
             }
         }
         return runs
+    }
+}
+
+extension GuestMemory {
+    /// Every page of guest RAM that holds a byte other than zero, as runs in address order: what
+    /// a first pass over memory must send to a destination whose RAM starts zeroed. Pages never
+    /// touched read as the kernel's shared zero page, so scanning them costs no memory.
+    public func nonZeroPages() -> DirtyPages {
+        let page = Int(DirtyPages.pageSize)
+        let zero = [UInt8](repeating: 0, count: page)
+        var runs: [GuestRAMRange] = []
+        zero.withUnsafeBytes { zero in
+            for region in regions {
+                let pages = Int(region.range.size) / page
+                var runStart: Int?
+                for index in 0...pages {
+                    let nonZero = index < pages && memcmp(region.host + index * page, zero.baseAddress!, page) != 0
+                    if nonZero, runStart == nil {
+                        runStart = index
+                    } else if !nonZero, let start = runStart {
+                        runs.append(GuestRAMRange(start: region.range.start + UInt64(start * page),
+                                                  size: UInt64((index - start) * page)))
+                        runStart = nil
+                    }
+                }
+            }
+        }
+        return DirtyPages(runs: runs)
     }
 }
 

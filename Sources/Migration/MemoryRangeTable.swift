@@ -79,3 +79,40 @@ public struct MemoryRangeTable: Equatable, Sendable {
         }
     }
 }
+
+extension MemoryRangeTable {
+    /// The largest memory request a sender makes: small enough that progress, the timeout and a
+    /// cancel are looked at often, large enough that the table and header cost nothing.
+    public static let defaultBatchBytes: UInt64 = 64 << 20
+    /// Ranges per request a sender uses, well under any receiver's `maximumRanges`.
+    public static let defaultBatchRanges = 8192
+
+    /// Cuts `runs` (page-aligned, ascending, not overlapping) into the tables of consecutive
+    /// memory requests, each with at most `maximumRanges` ranges and `maximumBytes` bytes of
+    /// data; a run larger than what is left of a request's budget is split across requests.
+    public static func batches(of runs: [GuestRAMRange], maximumBytes: UInt64 = defaultBatchBytes,
+                               maximumRanges: Int = defaultBatchRanges) -> [MemoryRangeTable] {
+        precondition(maximumBytes >= MigrationProtocol.pageSize && maximumBytes % MigrationProtocol.pageSize == 0 && maximumRanges > 0)
+        var tables: [MemoryRangeTable] = []
+        var current: [MigrationMemoryRange] = []
+        var currentBytes: UInt64 = 0
+        for run in runs {
+            var address = run.start
+            var left = run.size
+            while left > 0 {
+                if current.count == maximumRanges || currentBytes == maximumBytes {
+                    tables.append(MemoryRangeTable(current))
+                    current = []
+                    currentBytes = 0
+                }
+                let length = min(left, maximumBytes - currentBytes)
+                current.append(MigrationMemoryRange(address: address, length: length))
+                currentBytes += length
+                address += length
+                left -= length
+            }
+        }
+        if !current.isEmpty { tables.append(MemoryRangeTable(current)) }
+        return tables
+    }
+}

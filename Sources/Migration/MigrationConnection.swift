@@ -63,6 +63,9 @@ public final class MigrationConnection: Sendable {
 
     deinit { close() }
 
+    /// Who is at the other end: `HOST:PORT` over TCP, `unix:PATH` over a Unix socket.
+    public var peer: String { SocketAddress.peerName(fd) }
+
     /// Closes the socket, once. No other thread may be using the connection; to interrupt one
     /// that is, call `shutdown()` first.
     public func close() {

@@ -21,19 +21,23 @@ public struct MigrationStart: Equatable, Sendable {
         return bytes.bytes
     }
 
-    /// Decodes a start payload and refuses a protocol version other than
-    /// `MigrationProtocol.version`.
+    /// Decodes a start payload of any version: the receiver reads the migration id first, so that
+    /// even a refusal of the version can name the migration (`checkVersion()`).
     public init(decoding bytes: [UInt8]) throws(MigrationError) {
         guard bytes.count == MigrationProtocol.startPayloadSize else {
             throw MigrationError(.badPayloadLength, "start payload is \(bytes.count) bytes; it is exactly \(MigrationProtocol.startPayloadSize)")
         }
         let version = bytes.littleEndian(UInt32.self, at: 0)
-        guard version == MigrationProtocol.version else {
-            throw MigrationError(.unsupportedVersion, "the sender speaks migration protocol version \(version); this Ferry speaks version \(MigrationProtocol.version)")
-        }
         let b = Array(bytes[4..<20])
         self.version = version
         self.migrationID = UUID(uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
                                        b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]))
+    }
+
+    /// Refuses a protocol version other than `MigrationProtocol.version`.
+    public func checkVersion() throws(MigrationError) {
+        guard version == MigrationProtocol.version else {
+            throw MigrationError(.unsupportedVersion, "the sender speaks migration protocol version \(version); this Ferry speaks version \(MigrationProtocol.version)")
+        }
     }
 }

@@ -84,4 +84,37 @@ enum SocketAddress {
             storage.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, resolved.length) }
         }
     }
+
+    /// The connected peer of `fd`, for people: `HOST:PORT` (`[HOST]:PORT` for IPv6) over TCP,
+    /// `unix:PATH` over a Unix socket (`unix:` alone when the peer's socket is unnamed, as a
+    /// connecting client's is).
+    static func peerName(_ fd: Int32) -> String {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let result = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &length) }
+        }
+        guard result == 0 else { return "unknown" }
+        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        var service = [CChar](repeating: 0, count: Int(NI_MAXSERV))
+        switch Int32(storage.ss_family) {
+        case AF_UNIX:
+            let path = withUnsafeBytes(of: storage) { bytes -> String in
+                let pathBytes = bytes[MemoryLayout<sa_family_t>.size..<Int(length)].prefix { $0 != 0 }
+                return String(decoding: pathBytes, as: UTF8.self)
+            }
+            return "unix:\(path)"
+        case let family:
+            let found = withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    getnameinfo($0, length, &host, socklen_t(host.count), &service, socklen_t(service.count),
+                                NI_NUMERICHOST | NI_NUMERICSERV)
+                }
+            }
+            guard found == 0 else { return "unknown" }
+            let hostText = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            let serviceText = String(decoding: service.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            return family == AF_INET6 ? "[\(hostText)]:\(serviceText)" : "\(hostText):\(serviceText)"
+        }
+    }
 }

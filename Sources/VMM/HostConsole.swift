@@ -9,7 +9,9 @@ final class HostConsole: Sendable {
     private let readsTerminal: Bool
     private let savedTerminal: termios?
 
-    init(mode: SerialMode) throws {
+    /// - Parameter truncating: whether a `file` console starts empty; a VM that arrives by
+    ///   migration appends to it instead, since its source may have written there.
+    init(mode: SerialMode, truncating: Bool = true) throws {
         switch mode {
         case .off:
             output = nil
@@ -21,7 +23,7 @@ final class HostConsole: Sendable {
             descriptor = STDOUT_FILENO
             output = { bytes in HostConsole.writeAll(STDOUT_FILENO, bytes) }
         case let .file(path):
-            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            let fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (truncating ? O_TRUNC : O_APPEND), 0o644)
             guard fd >= 0 else {
                 throw ConfigurationError(flag: "--serial", "cannot open \(path): \(String(cString: strerror(errno)))")
             }

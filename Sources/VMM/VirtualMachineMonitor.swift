@@ -29,31 +29,37 @@ public actor VirtualMachineMonitor {
         /// The guest stopped and the VMM runs without an API (boot-at-once mode).
         case guestShutdown
         case signalled(Int32)
+        /// The VM migrated away and the VMM was not asked to stay up (`keep_alive`).
+        case migrated
         /// `vmm.shutdown` over the API.
         case requested
         case failed(String)
 
         public var exitStatus: Int32 {
             switch self {
-            case .guestShutdown, .signalled, .requested: 0
+            case .guestShutdown, .signalled, .requested, .migrated: 0
             case .failed: 1
             }
         }
     }
 
     public nonisolated let events: EventMonitor
-    private let logger: Logger
+    let logger: Logger
     /// Without an API, the process ends with its VM; with one, the VMM outlives the guest.
     private let exitsWithVM: Bool
 
-    private var configuration: VMConfiguration? { didSet { publishInfo() } }
-    private var machine: Machine?
-    private var console: HostConsole?
-    private var state: VMState? { didSet { publishInfo() } }
+    var configuration: VMConfiguration? { didSet { publishInfo() } }
+    var machine: Machine?
+    var console: HostConsole?
+    var state: VMState? { didSet { publishInfo() } }
+    /// The migration under way, if any: while there is one, only queries are answered.
+    var migration: MigrationActivity?
+    /// Waiting for the migration under way to end (`finish()`).
+    var migrationWaiters: [CheckedContinuation<Void, Never>] = []
     /// What `info()` answers, readable without waiting for the actor, so that `vm.info` stays
     /// responsive while a long operation (a snapshot of a large guest) runs.
     private nonisolated let publishedInfo = Mutex<Info?>(nil)
-    private var outcome: Outcome?
+    var outcome: Outcome?
     private var exitWaiters: [CheckedContinuation<Outcome, Never>] = []
 
     public init(events: EventMonitor, logger: Logger, exitsWithVM: Bool) {
@@ -86,6 +92,7 @@ public actor VirtualMachineMonitor {
     // MARK: Operations
 
     public func create(_ configuration: VMConfiguration) throws(VMMError) {
+        try refuseDuringMigration()
         guard state == nil else { throw VMMError(.wrongState, "a VM already exists; delete it first") }
         do {
             try configuration.machine.validate()
@@ -102,6 +109,7 @@ public actor VirtualMachineMonitor {
     }
 
     public func boot() throws(VMMError) {
+        try refuseDuringMigration()
         guard let configuration, let state else { throw VMMError(.noVM, "no VM has been created") }
         guard state == .created || state == .shutdown else {
             throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Created or Shutdown VM can boot")
@@ -119,6 +127,11 @@ public actor VirtualMachineMonitor {
     }
 
     public func pause() throws(VMMError) {
+        try refuseDuringMigration()
+        try pauseMachine()
+    }
+
+    func pauseMachine() throws(VMMError) {
         let machine = try requireMachine(in: .running, for: "pause")
         events.emit(.vm, "pausing")
         do {
@@ -131,6 +144,11 @@ public actor VirtualMachineMonitor {
     }
 
     public func resume() throws(VMMError) {
+        try refuseDuringMigration()
+        try resumeMachine()
+    }
+
+    func resumeMachine() throws(VMMError) {
         let machine = try requireMachine(in: .paused, for: "resume")
         events.emit(.vm, "resuming")
         do {
@@ -145,6 +163,7 @@ public actor VirtualMachineMonitor {
 
     /// Stops the guest (API `vm.shutdown`); the VM's configuration stays, and it can boot again.
     public func shutdown() throws(VMMError) {
+        try refuseDuringMigration()
         guard let state else { throw VMMError(.noVM, "no VM has been created") }
         guard state == .running || state == .paused else {
             throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Running or Paused VM can shut down")
@@ -156,6 +175,7 @@ public actor VirtualMachineMonitor {
 
     /// Restarts the guest from its kernel with the same configuration.
     public func reboot() throws(VMMError) {
+        try refuseDuringMigration()
         guard let configuration, let state else { throw VMMError(.noVM, "no VM has been created") }
         guard state == .running || state == .paused else {
             throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Running or Paused VM can reboot")
@@ -175,6 +195,7 @@ public actor VirtualMachineMonitor {
 
     /// Removes the VM, stopping it first if it runs.
     public func delete() throws(VMMError) {
+        try refuseDuringMigration()
         guard let state else { throw VMMError(.noVM, "no VM has been created") }
         if state == .running || state == .paused {
             stopMachine()
@@ -189,6 +210,7 @@ public actor VirtualMachineMonitor {
 
     /// Writes the paused VM's complete state and memory into `directory` (created if needed).
     public func snapshot(to directory: String) throws(VMMError) {
+        try refuseDuringMigration()
         let machine = try requireMachine(in: .paused, for: "snapshot")
         guard let configuration else { throw VMMError(.noVM, "no VM has been created") }
         events.emit(.vm, "snapshotting")
@@ -207,6 +229,7 @@ public actor VirtualMachineMonitor {
 
     /// Creates the VM from a snapshot directory; it runs if `resume`, and is Paused otherwise.
     public func restore(from directory: String, resume: Bool) throws(VMMError) {
+        try refuseDuringMigration()
         guard state == nil else { throw VMMError(.wrongState, "a VM already exists; restore needs a VMM without one") }
         let snapshot = try Snapshot.read(from: directory)
         do {
@@ -256,9 +279,11 @@ public actor VirtualMachineMonitor {
         return await withCheckedContinuation { exitWaiters.append($0) }
     }
 
-    /// The last act before the process exits: stops a running VM (`vm.shutdown reason=api`),
-    /// emits `vmm.shutdown` and closes the event monitor.
-    public func finish() {
+    /// The last act before the process exits: ends a migration under way (its terminal event says
+    /// the VMM is shutting down), stops a running VM (`vm.shutdown reason=api`), emits
+    /// `vmm.shutdown` and closes the event monitor.
+    public func finish() async {
+        await endMigration()
         if state == .running || state == .paused {
             stopMachine()
             state = .shutdown
@@ -270,7 +295,7 @@ public actor VirtualMachineMonitor {
 
     // MARK: The machine
 
-    private func requireMachine(in required: VMState, for operation: String) throws(VMMError) -> Machine {
+    func requireMachine(in required: VMState, for operation: String) throws(VMMError) -> Machine {
         guard let state else { throw VMMError(.noVM, "no VM has been created") }
         guard state == required, let machine else {
             throw VMMError(.wrongState, "the VM is \(state.rawValue); it must be \(required.rawValue) to \(operation)")
@@ -296,9 +321,9 @@ public actor VirtualMachineMonitor {
 
     /// Identifies the machine a stop report belongs to, so that a late report from a machine that
     /// was already replaced (reboot) or stopped changes nothing.
-    private var machineGeneration: UUID?
+    var machineGeneration: UUID?
 
-    private func stopMachine() {
+    func stopMachine() {
         if let machine, !machine.stop() {
             logger.warning("a vCPU did not stop within the grace period; continuing without it")
         }
@@ -309,8 +334,9 @@ public actor VirtualMachineMonitor {
     }
 
     /// The guest powered off, or the VM failed.
-    private func machineStopped(_ stop: MachineStop, generation: UUID) {
+    func machineStopped(_ stop: MachineStop, generation: UUID) {
         guard generation == machineGeneration else { return }
+        if case .sending(let sender) = migration { sender.requestStop(.guestStopped) }
         stopMachine()
         state = .shutdown
         switch stop {

@@ -87,7 +87,11 @@ struct MalformedStream: Sendable, CustomTestStringConvertible {
         do {
             while true {
                 let request = try connection.receiveRequest(limits: limits)
-                if case .memory(let table) = request { try connection.receiveMemory(table, into: memory) }
+                switch request {
+                case .start(let start): try start.checkVersion()
+                case .memory(let table): try connection.receiveMemory(table, into: memory)
+                default: break
+                }
             }
         } catch {
             return error

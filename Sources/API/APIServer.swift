@@ -139,6 +139,13 @@ public struct APIServer: Sendable {
             try await vmm.receiveMigration(at: url)
             return Response(status: .noContent)
         }
+        router.put(.init(Endpoint.vmCancelMigration.path)) { _, _ in
+            try await vmm.cancelMigration()
+            return Response(status: .noContent)
+        }
+        router.get(.init(Endpoint.vmMigrationProgress.path)) { _, _ in
+            try json(vmm.migrationProgress())
+        }
         router.get(.init(Endpoint.vmInfo.path)) { _, _ in
             let info = try vmm.info()
             return try json(VmInfo(config: VmConfig(info.configuration), state: info.state.rawValue,

@@ -18,6 +18,8 @@ public enum Endpoint: String, CaseIterable, Sendable {
     case vmRestore = "vm.restore"
     case vmSendMigration = "vm.send-migration"
     case vmReceiveMigration = "vm.receive-migration"
+    case vmCancelMigration = "vm.cancel-migration"
+    case vmMigrationProgress = "vm.migration-progress"
 
     public static let basePath = "/api/v1"
 
@@ -26,7 +28,7 @@ public enum Endpoint: String, CaseIterable, Sendable {
     /// Queries are GET, operations PUT, as in Cloud Hypervisor.
     public var method: HTTPRequest.Method {
         switch self {
-        case .vmmPing, .vmmEvents, .vmInfo: .get
+        case .vmmPing, .vmmEvents, .vmInfo, .vmMigrationProgress: .get
         default: .put
         }
     }

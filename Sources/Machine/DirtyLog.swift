@@ -54,22 +54,26 @@ extension GuestMemory {
     /// a first pass over memory must send to a destination whose RAM starts zeroed. Pages never
     /// touched read as the kernel's shared zero page, so scanning them costs no memory.
     public func nonZeroPages() -> DirtyPages {
+        DirtyPages(runs: ranges.flatMap { nonZeroPages(in: $0).runs })
+    }
+
+    /// The pages of `range` (page-aligned, inside one range of guest RAM) that hold a byte other
+    /// than zero; none if `range` is not in guest RAM.
+    public func nonZeroPages(in range: GuestRAMRange) -> DirtyPages {
         let page = Int(DirtyPages.pageSize)
+        guard let base = try? buffer(at: range.start, count: Int(range.size)).baseAddress else { return DirtyPages(runs: []) }
         let zero = [UInt8](repeating: 0, count: page)
         var runs: [GuestRAMRange] = []
         zero.withUnsafeBytes { zero in
-            for region in regions {
-                let pages = Int(region.range.size) / page
-                var runStart: Int?
-                for index in 0...pages {
-                    let nonZero = index < pages && memcmp(region.host + index * page, zero.baseAddress!, page) != 0
-                    if nonZero, runStart == nil {
-                        runStart = index
-                    } else if !nonZero, let start = runStart {
-                        runs.append(GuestRAMRange(start: region.range.start + UInt64(start * page),
-                                                  size: UInt64((index - start) * page)))
-                        runStart = nil
-                    }
+            let pages = Int(range.size) / page
+            var runStart: Int?
+            for index in 0...pages {
+                let nonZero = index < pages && memcmp(base + index * page, zero.baseAddress!, page) != 0
+                if nonZero, runStart == nil {
+                    runStart = index
+                } else if !nonZero, let start = runStart {
+                    runs.append(GuestRAMRange(start: range.start + UInt64(start * page), size: UInt64((index - start) * page)))
+                    runStart = nil
                 }
             }
         }

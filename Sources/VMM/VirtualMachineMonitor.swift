@@ -54,6 +54,10 @@ public actor VirtualMachineMonitor {
     var state: VMState? { didSet { publishInfo() } }
     /// The migration under way, if any: while there is one, only queries are answered.
     var migration: MigrationActivity?
+    /// `vm.cancel-migration` came while `vm.send-migration` was connecting.
+    var cancelWhileConnecting = false
+    /// The current or last migration's progress, readable without waiting for the actor.
+    nonisolated let publishedProgress = Mutex<MigrationProgressTracker?>(nil)
     /// Waiting for the migration under way to end (`finish()`).
     var migrationWaiters: [CheckedContinuation<Void, Never>] = []
     /// What `info()` answers, readable without waiting for the actor, so that `vm.info` stays

@@ -35,6 +35,14 @@ enum MigrationPhase: String, Sendable {
     case memoryPrecopy = "memory-precopy"
     /// From the switch-over on: the last memory, the state, the destination resuming.
     case completing
+
+    var progressPhase: MigrationProgress.Phase {
+        switch self {
+        case .starting: .starting
+        case .memoryPrecopy: .memoryPrecopy
+        case .completing: .completing
+        }
+    }
 }
 
 extension Duration {

@@ -41,20 +41,24 @@ final class MigrationReceiver: Sendable {
     let events: EventMonitor
     let host: Host
     let ioTimeout: Duration
-    private let stopping = Mutex(false)
+    let progress: MigrationProgressTracker
+    /// Why the receive was stopped from outside, once it was.
+    private let stopReason = Mutex<String?>(nil)
     private let connection = Mutex<MigrationConnection?>(nil)
 
-    init(listener: MigrationListener, events: EventMonitor, host: Host,
+    init(listener: MigrationListener, events: EventMonitor, progress: MigrationProgressTracker, host: Host,
          ioTimeout: Duration = MigrationConnection.defaultIOTimeout) {
+        self.progress = progress
         self.listener = listener
         self.events = events
         self.host = host
         self.ioTimeout = ioTimeout
     }
 
-    /// Stops the receive as soon as possible, whether it waits for a sender or receives.
-    func requestStop() {
-        stopping.withLock { $0 = true }
+    /// Stops the receive as soon as possible, whether it waits for a sender or receives;
+    /// `reason` becomes its error.
+    func requestStop(reason: String) {
+        stopReason.withLock { $0 = $0 ?? reason }
         listener.shutdown()
         connection.withLock { $0 }?.shutdown()
     }
@@ -75,12 +79,12 @@ final class MigrationReceiver: Sendable {
             connection = try listener.accept(ioTimeout: ioTimeout)
         } catch {
             listener.close()
-            return .failed(stopping.withLock { $0 } ? "the VMM is shutting down" : "accepting a sender failed: \(error)")
+            return .failed(stopReason.withLock { $0 } ?? "accepting a sender failed: \(error)")
         }
         listener.close()  // one sender per receive
         self.connection.withLock { $0 = connection }
         defer { connection.close() }
-        if stopping.withLock({ $0 }) { return .failed("the VMM is shutting down") }
+        if let reason = stopReason.withLock({ $0 }) { return .failed(reason) }
 
         let start: MigrationStart
         do {
@@ -94,11 +98,20 @@ final class MigrationReceiver: Sendable {
             return .failed(message)
         }
         let id = start.migrationID.uuidString.lowercased()
+        progress.update {
+            $0.migration_id = id
+            $0.timestamp_begin_ms = MigrationProgress.nowMilliseconds()
+        }
         events.emit(.vm, "migration-receive-started", ["migration_id": id, "peer": connection.peer])
         let began = ContinuousClock.now
         var phase = MigrationPhase.starting
+        func enter(_ next: MigrationPhase) {
+            phase = next
+            progress.update { $0.state = .ongoing(phase: next.progressPhase, vcpuThrottlePercent: 0) }
+        }
         var incoming: IncomingVM?
         var bytes: UInt64 = 0
+        var bandwidth = BandwidthMeter()
         do {
             try start.checkVersion()
             try connection.sendResponse(.ok)
@@ -117,20 +130,29 @@ final class MigrationReceiver: Sendable {
                 throw Refusal(description: "this host cannot run the VM: \(error)")
             }
             let vm = incoming!
+            progress.update { $0.memory_transmission_info.memory_bytes_total = vm.machine.memory.size }
             try connection.sendResponse(.ok)
 
-            phase = .memoryPrecopy
+            enter(.memoryPrecopy)
             let limits = MigrationLimits(guestRAM: vm.machine.memory.ranges)
             var request = try connection.receiveRequest(limits: limits)
             while case .memory(let table) = request {
+                let batchStart = ContinuousClock.now
                 try connection.receiveMemory(table, into: vm.machine.memory)
+                bandwidth.record(bytes: table.dataBytes, in: ContinuousClock.now - batchStart)
                 bytes += table.dataBytes
+                let bps = UInt64(bandwidth.bytesPerSecond)
+                progress.update {
+                    $0.memory_transmission_info.memory_bytes_transmitted += table.dataBytes
+                    $0.memory_transmission_info.memory_pages_4k_transmitted += table.dataBytes / DirtyPages.pageSize
+                    $0.memory_transmission_info.memory_transmission_bps = bps
+                }
                 try connection.sendResponse(.ok)
                 request = try connection.receiveRequest(limits: limits)
             }
 
-            phase = .completing
             guard case .state(let stateDocument) = request else { throw unexpected(request, expected: "memory or state") }
+            enter(.completing)
             do {
                 let state = try JSONDecoder().decode(MigrationStateDocument.self, from: Data(stateDocument))
                 try vm.machine.restore(state.machine)
@@ -148,9 +170,11 @@ final class MigrationReceiver: Sendable {
             // The guest runs here now. If the sender misses this answer it cannot tell, and the
             // guest keeps running here rather than nowhere.
             try? connection.sendResponse(.ok)
+            let total = ContinuousClock.now - began
+            progress.end(.finished, total: total)
             events.emit(.vm, "migration-receive-finished", [
                 "migration_id": id,
-                "total_ms": "\((ContinuousClock.now - began).wholeMilliseconds)",
+                "total_ms": "\(total.wholeMilliseconds)",
                 "bytes_total": "\(bytes)",
             ])
             return .received
@@ -165,6 +189,7 @@ final class MigrationReceiver: Sendable {
             } else if (error as? MigrationError)?.kind != .peerWentAway {
                 try? connection.sendResponse(.error(message))
             }
+            progress.end(.failed(errorMessage: message), total: ContinuousClock.now - began)
             events.emit(.vm, "migration-receive-failed", ["migration_id": id, "error": message, "phase": phase.rawValue])
             return .failed(message)
         }
@@ -178,7 +203,7 @@ final class MigrationReceiver: Sendable {
     }
 
     private func describe(_ error: any Error) -> String {
-        if stopping.withLock({ $0 }) { return "the VMM is shutting down" }
+        if let reason = stopReason.withLock({ $0 }) { return reason }
         if let error = error as? MigrationError {
             switch error.kind {
             case .peerWentAway: return "the sender went away: \(error.message)"

@@ -20,6 +20,8 @@ final class MigrationSender: Sendable {
 
     /// Why the migration was stopped from outside its thread.
     enum StopReason: Equatable, Sendable {
+        /// `vm.cancel-migration`.
+        case cancelled
         /// The VMM is exiting (vmm.shutdown, a signal).
         case vmmExiting
         /// The guest powered off or failed on the source.
@@ -41,11 +43,20 @@ final class MigrationSender: Sendable {
     let guestWasRunning: Bool
     let host: Host
     let started: ContinuousClock.Instant
-    private let stopReason = Mutex<StopReason?>(nil)
+    let progress: MigrationProgressTracker
+
+    private struct Control {
+        var stopReason: StopReason?
+        /// Set once `complete` went out: the destination may be running the guest, so the
+        /// migration can no longer be stopped from here.
+        var committed = false
+    }
+
+    private let control = Mutex(Control())
 
     init(id: UUID, options: SendMigrationOptions, machine: Machine, configuration: VMConfiguration,
          connection: MigrationConnection, events: EventMonitor, guestWasRunning: Bool, host: Host,
-         started: ContinuousClock.Instant) {
+         started: ContinuousClock.Instant, progress: MigrationProgressTracker) {
         self.id = id
         self.options = options
         self.machine = machine
@@ -55,12 +66,20 @@ final class MigrationSender: Sendable {
         self.guestWasRunning = guestWasRunning
         self.host = host
         self.started = started
+        self.progress = progress
     }
 
     /// Stops the migration as soon as possible: a blocked send or receive returns at once.
-    func requestStop(_ reason: StopReason) {
-        stopReason.withLock { $0 = $0 ?? reason }
-        connection.shutdown()
+    /// Returns false, changing nothing, once the destination has been told to run the guest.
+    @discardableResult
+    func requestStop(_ reason: StopReason) -> Bool {
+        let accepted = control.withLock { control in
+            guard !control.committed else { return false }
+            control.stopReason = control.stopReason ?? reason
+            return true
+        }
+        if accepted { connection.shutdown() }
+        return accepted
     }
 
     /// Everything measured while the migration runs.
@@ -70,30 +89,37 @@ final class MigrationSender: Sendable {
         var bytesTotal: UInt64 = 0
     }
 
-    private struct Cancelled: Error {
-        var reason: String
-    }
+    /// The timeout passed with the `Cancel` strategy.
+    private struct TimedOut: Error {}
 
     private struct Stopped: Error {
         var reason: StopReason
     }
+
+    /// Pass 0 scans and sends guest RAM in slices of this size, so that the link is busy from
+    /// the start and the destination never waits long for the next request.
+    static let scanSliceBytes: UInt64 = 256 << 20
 
     /// Runs the whole migration on the calling thread and emits its events.
     func run() -> Outcome {
         var phase = MigrationPhase.starting
         var statistics = Statistics()
         var pausedByMigration = false
+        func enter(_ next: MigrationPhase) {
+            phase = next
+            progress.update { $0.state = .ongoing(phase: next.progressPhase, vcpuThrottlePercent: 0) }
+        }
         do {
             try connection.sendStart(MigrationStart(migrationID: id))
             try connection.expectOK(after: .start)
             try connection.sendRequest(.config, payload: Array(try JSONEncoder().encode(configuration)))
             try connection.expectOK(after: .config)
 
-            phase = .memoryPrecopy
+            enter(.memoryPrecopy)
             try machine.setDirtyLogging(true)
             let remaining = try precopy(&statistics)
 
-            phase = .completing
+            enter(.completing)
             let estimate = PrecopyPolicy.estimatedDowntime(remainingBytes: remaining.byteCount,
                                                            bandwidthBytesPerSecond: statistics.bandwidth.bytesPerSecond)
             events.emit(.vm, "migration-downtime", [
@@ -109,16 +135,22 @@ final class MigrationSender: Sendable {
             }
             try checkStop()
             let last = remaining.union(try machine.collectDirtyPages())
-            statistics.bytesTotal += try send(last)
+            try send(last, in: &statistics)
             let state = MigrationStateDocument(machine: try machine.saveState(), guestRunning: guestWasRunning)
             try connection.sendRequest(.state, payload: Array(try JSONEncoder().encode(state)))
             try connection.expectOK(after: .state)
+            try commit()
             try connection.sendRequest(.complete)
             try connection.expectOK(after: .complete)
             let downtime = ContinuousClock.now - downtimeStart
+            let total = ContinuousClock.now - started
+            progress.update {
+                $0.downtime_ms = UInt64(downtime.wholeMilliseconds)
+            }
+            progress.end(.finished, total: total)
             events.emit(.vm, "migration-finished", [
                 "migration_id": id.uuidString.lowercased(),
-                "total_ms": "\((ContinuousClock.now - started).wholeMilliseconds)",
+                "total_ms": "\(total.wholeMilliseconds)",
                 "downtime_ms": "\(downtime.wholeMilliseconds)",
                 "bytes_total": "\(statistics.bytesTotal)",
                 "iterations": "\(statistics.passes)",
@@ -131,11 +163,21 @@ final class MigrationSender: Sendable {
             try? machine.setDirtyLogging(false)
             if pausedByMigration { host.resume() }
             let id = id.uuidString.lowercased()
-            if let cancelled = error as? Cancelled {
-                events.emit(.vm, "migration-cancelled", ["migration_id": id, "reason": cancelled.reason])
+            let cancelReason: String? = if error is TimedOut {
+                "timeout"
+            } else if control.withLock({ $0.stopReason }) == .cancelled {
+                "requested"
+            } else {
+                nil
+            }
+            if let cancelReason {
+                progress.end(.cancelled, total: ContinuousClock.now - started)
+                events.emit(.vm, "migration-cancelled", ["migration_id": id, "reason": cancelReason])
                 return .cancelled
             }
-            events.emit(.vm, "migration-failed", ["migration_id": id, "error": describe(error), "phase": phase.rawValue])
+            let message = describe(error)
+            progress.end(.failed(errorMessage: message), total: ContinuousClock.now - started)
+            events.emit(.vm, "migration-failed", ["migration_id": id, "error": message, "phase": phase.rawValue])
             return .failed
         }
     }
@@ -144,21 +186,30 @@ final class MigrationSender: Sendable {
     /// during the one before. Returns the pages dirtied during the last pass, still to send, once
     /// the policy says to switch over.
     private func precopy(_ statistics: inout Statistics) throws -> DirtyPages {
-        var pages = machine.memory.nonZeroPages()
+        var pages: DirtyPages?  // nil: pass 0, every page that is not zero
         while true {
             let passStart = ContinuousClock.now
-            let bytes = try send(pages)
+            progress.update { $0.memory_transmission_info.memory_iteration = statistics.passes }
+            let bytes: UInt64
+            let pageCount: Int
+            if let pages {
+                (bytes, pageCount) = (try send(pages, in: &statistics), pages.pageCount)
+            } else {
+                (bytes, pageCount) = try sendNonZeroPages(&statistics)
+            }
             let duration = ContinuousClock.now - passStart
-            statistics.bandwidth.record(bytes: bytes, in: duration)
-            statistics.bytesTotal += bytes
             let dirty = try machine.collectDirtyPages()
             let bandwidth = statistics.bandwidth.bytesPerSecond
             let estimate = PrecopyPolicy.estimatedDowntime(remainingBytes: dirty.byteCount, bandwidthBytesPerSecond: bandwidth)
+            progress.update {
+                $0.downtime_estimated_ms = estimate.map { UInt64($0.wholeMilliseconds) }
+                $0.memory_transmission_info.memory_dirty_rate_pps = duration > .zero ? UInt64(Double(dirty.pageCount) / duration.seconds) : 0
+            }
             events.emit(.vm, "migration-memory-iteration", [
                 "migration_id": id.uuidString.lowercased(),
                 "id": "\(statistics.passes)",
                 "bytes": "\(bytes)",
-                "pages": "\(pages.pageCount)",
+                "pages": "\(pageCount)",
                 "duration_ms": "\(duration.wholeMilliseconds)",
                 "bandwidth_bytes_per_s": "\(UInt64(bandwidth))",
                 "dirty_pages": "\(dirty.pageCount)",
@@ -173,32 +224,91 @@ final class MigrationSender: Sendable {
             case .switchOver:
                 return dirty
             case .cancel:
-                throw Cancelled(reason: "timeout")
+                throw TimedOut()
             }
         }
     }
 
+    /// Pass 0: scans guest RAM slice by slice and sends each slice's non-zero pages before
+    /// scanning the next. Returns the bytes and pages sent.
+    private func sendNonZeroPages(_ statistics: inout Statistics) throws -> (UInt64, Int) {
+        let ram = machine.memory.ranges
+        let totalPages = ram.reduce(0) { $0 + $1.size } / DirtyPages.pageSize
+        progress.update {
+            $0.memory_transmission_info.memory_bytes_remaining_iteration = totalPages * DirtyPages.pageSize
+            $0.memory_transmission_info.memory_pages_4k_remaining_iteration = totalPages
+        }
+        var bytes: UInt64 = 0
+        var pages = 0
+        for range in ram {
+            var start = range.start
+            while start < range.end {
+                let slice = GuestRAMRange(start: start, size: min(Self.scanSliceBytes, range.end - start))
+                let nonZero = machine.memory.nonZeroPages(in: slice)
+                let skipped = slice.size - nonZero.byteCount
+                progress.update {
+                    $0.memory_transmission_info.memory_pages_constant_count += skipped / DirtyPages.pageSize
+                    $0.memory_transmission_info.memory_bytes_remaining_iteration -= skipped
+                    $0.memory_transmission_info.memory_pages_4k_remaining_iteration -= skipped / DirtyPages.pageSize
+                }
+                bytes += try send(nonZero, in: &statistics, announce: false)
+                pages += nonZero.pageCount
+                start = slice.end
+            }
+        }
+        return (bytes, pages)
+    }
+
     /// Sends `pages` as memory requests straight from guest memory; returns the bytes sent.
-    private func send(_ pages: DirtyPages) throws -> UInt64 {
+    /// - Parameter announce: whether `pages` is a whole pass, whose size the progress shows as
+    ///   still to send.
+    private func send(_ pages: DirtyPages, in statistics: inout Statistics, announce: Bool = true) throws -> UInt64 {
+        if announce {
+            progress.update {
+                $0.memory_transmission_info.memory_bytes_remaining_iteration = pages.byteCount
+                $0.memory_transmission_info.memory_pages_4k_remaining_iteration = UInt64(pages.pageCount)
+            }
+        }
         var sent: UInt64 = 0
         for table in MemoryRangeTable.batches(of: pages.runs) {
             try checkStop()
+            let batchStart = ContinuousClock.now
             try connection.sendMemory(table, from: machine.memory)
             try connection.expectOK(after: .memory)
+            statistics.bandwidth.record(bytes: table.dataBytes, in: ContinuousClock.now - batchStart)
+            statistics.bytesTotal += table.dataBytes
             sent += table.dataBytes
+            let bandwidth = UInt64(statistics.bandwidth.bytesPerSecond)
+            progress.update {
+                $0.memory_transmission_info.memory_bytes_transmitted += table.dataBytes
+                $0.memory_transmission_info.memory_pages_4k_transmitted += table.dataBytes / DirtyPages.pageSize
+                $0.memory_transmission_info.memory_bytes_remaining_iteration -= table.dataBytes
+                $0.memory_transmission_info.memory_pages_4k_remaining_iteration -= table.dataBytes / DirtyPages.pageSize
+                $0.memory_transmission_info.memory_transmission_bps = bandwidth
+            }
         }
         return sent
     }
 
     private func checkStop() throws {
-        if let reason = stopReason.withLock({ $0 }) { throw Stopped(reason: reason) }
+        if let reason = control.withLock({ $0.stopReason }) { throw Stopped(reason: reason) }
+    }
+
+    /// Passes the point of no return, unless a stop came first.
+    private func commit() throws {
+        let reason = control.withLock { control -> StopReason? in
+            if control.stopReason == nil { control.committed = true }
+            return control.stopReason
+        }
+        if let reason { throw Stopped(reason: reason) }
     }
 
     /// One line for `vm.migration-failed`'s `error`: what went wrong, and for a lost connection
     /// that the destination went away.
     private func describe(_ error: any Error) -> String {
-        let stop = stopReason.withLock { $0 }
+        let stop = control.withLock { $0.stopReason }
         switch (stop, error) {
+        case (.cancelled?, _): return "cancelled"
         case (.vmmExiting?, _): return "the source VMM is shutting down"
         case (.guestStopped?, _): return "the guest stopped on the source during the migration"
         case (_, let error as MigrationError) where error.kind == .peerWentAway:

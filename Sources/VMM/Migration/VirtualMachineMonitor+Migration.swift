@@ -55,10 +55,10 @@ extension VirtualMachineMonitor {
             throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure,
                            "cannot reach the destination: \(error.message)")
         }
-        if outcome != nil {
+        if outcome != nil || cancelWhileConnecting {
             connection.close()
             migrationEnded()
-            throw VMMError(.wrongState, "the VMM is shutting down")
+            throw VMMError(.wrongState, outcome != nil ? "the VMM is shutting down" : "cancelled (vm.cancel-migration) while connecting")
         }
         // Nothing else can have changed the VM while connecting: every operation is refused.
         guard let machine, let configuration, let current = self.state else {
@@ -68,6 +68,14 @@ extension VirtualMachineMonitor {
         }
         let id = UUID()
         let started = ContinuousClock.now
+        let progress = MigrationProgressTracker(MigrationProgress(
+            migration_id: id.uuidString.lowercased(), direction: .outgoing,
+            timestamp_begin_ms: MigrationProgress.nowMilliseconds(), timestamp_snapshot_ms: 0,
+            downtime_configured_ms: UInt64(options.policy.downtimeLimit.wholeMilliseconds),
+            transportation_mode: destination.transportationMode, connections: SendMigrationOptions.connections,
+            state: .ongoing(phase: .starting, vcpuThrottlePercent: 0),
+            memory_transmission_info: .init(memory_bytes_total: machine.memory.size)))
+        publishedProgress.withLock { $0 = progress }
         events.emit(.vm, "migration-started", [
             "migration_id": id.uuidString.lowercased(),
             "destination_url": destination.description,
@@ -88,7 +96,7 @@ extension VirtualMachineMonitor {
                     guard let self else { return }
                     waitFor { await self.resumeAfterMigration() }
                 }),
-            started: started)
+            started: started, progress: progress)
         migration = .sending(sender)
         let thread = Thread { [weak self] in
             let outcome = sender.run()
@@ -148,8 +156,13 @@ extension VirtualMachineMonitor {
             throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure,
                            "cannot listen on \(url): \(error.message)")
         }
+        let progress = MigrationProgressTracker(MigrationProgress(
+            direction: .incoming, timestamp_begin_ms: MigrationProgress.nowMilliseconds(), timestamp_snapshot_ms: 0,
+            transportation_mode: url.transportationMode, connections: SendMigrationOptions.connections,
+            state: .ongoing(phase: .starting, vcpuThrottlePercent: 0), memory_transmission_info: .init()))
+        publishedProgress.withLock { $0 = progress }
         let receiver = MigrationReceiver(
-            listener: listener, events: events,
+            listener: listener, events: events, progress: progress,
             host: MigrationReceiver.Host(
                 makeVM: { [weak self] configuration in
                     guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }
@@ -161,9 +174,13 @@ extension VirtualMachineMonitor {
                 }))
         migration = .receiving(receiver)
         events.emit(.vm, "migration-receive-ready", ["receiver_url": listener.url.description])
+        let began = ContinuousClock.now
         let outcome = await onOwnThread { receiver.run() }
         migrationEnded()
         if case .failed(let message) = outcome {
+            if progress.snapshot().state.isOngoing {
+                progress.end(.failed(errorMessage: message), total: ContinuousClock.now - began)
+            }
             throw VMMError(.internalFailure, "receiving the migration failed: \(message)")
         }
     }
@@ -202,8 +219,36 @@ extension VirtualMachineMonitor {
 
     // MARK: Both sides
 
+    /// The current or last migration of this VMM, either direction; answered without waiting for
+    /// the VMM or the migration.
+    public nonisolated func migrationProgress() throws(VMMError) -> MigrationProgress {
+        guard let progress = publishedProgress.withLock({ $0 }) else {
+            throw VMMError(.noVM, "no migration has run in this VMM")
+        }
+        return progress.snapshot()
+    }
+
+    /// Stops the migration under way (`vm.cancel-migration`): an outgoing one ends with
+    /// `vm.migration-cancelled reason=requested` and the guest running here; an incoming one is
+    /// discarded. Returns at once; the migration's thread emits its terminal event.
+    public func cancelMigration() throws(VMMError) {
+        switch migration {
+        case nil:
+            throw VMMError(.wrongState, "no migration is in progress")
+        case .connecting:
+            cancelWhileConnecting = true
+        case .sending(let sender):
+            guard sender.requestStop(.cancelled) else {
+                throw VMMError(.wrongState, "too late to cancel: the destination has been told to run the guest")
+            }
+        case .receiving(let receiver):
+            receiver.requestStop(reason: "cancelled on the destination (vm.cancel-migration)")
+        }
+    }
+
     private func migrationEnded() {
         migration = nil
+        cancelWhileConnecting = false
         for waiter in migrationWaiters { waiter.resume() }
         migrationWaiters.removeAll()
     }
@@ -214,9 +259,19 @@ extension VirtualMachineMonitor {
         case nil: return
         case .connecting: break
         case .sending(let sender): sender.requestStop(.vmmExiting)
-        case .receiving(let receiver): receiver.requestStop()
+        case .receiving(let receiver): receiver.requestStop(reason: "the VMM is shutting down")
         }
         await withCheckedContinuation { migrationWaiters.append($0) }
+    }
+}
+
+extension MigrationURL {
+    /// `transportation_mode` in `vm.migration-progress`.
+    var transportationMode: String {
+        switch self {
+        case .tcp: "Tcp"
+        case .unix: "Unix"
+        }
     }
 }
 

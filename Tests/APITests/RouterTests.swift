@@ -130,6 +130,69 @@ import VMM
         }
     }
 
+    @Test(arguments: [
+        (#"{"destination_url": "http://x:1"}"#, "vm.send-migration", "destination_url: 'http://x:1'"),
+        (#"{"destination_url": "tcp:host"}"#, "vm.send-migration", "destination_url:"),
+        (#"{}"#, "vm.send-migration", "destination_url: required field is missing"),
+        (#"{"destination_url": "tcp:127.0.0.1:1", "downtime_ms": 0}"#, "vm.send-migration", "downtime_ms: 0 must be at least 1"),
+        (#"{"destination_url": "tcp:127.0.0.1:1", "timeout_s": -1}"#, "vm.send-migration", "timeout_s: -1"),
+        (#"{"destination_url": "tcp:127.0.0.1:1", "timeout_strategy": "Abort"}"#, "vm.send-migration", "timeout_strategy: 'Abort' is not a strategy; use Cancel or Ignore"),
+        (#"{"destination_url": "tcp:127.0.0.1:1", "connections": 4}"#, "vm.send-migration", "connections: 4 is not available"),
+        (#"{"destination_url": "tcp:127.0.0.1:1", "local": true}"#, "vm.send-migration", "local: local migration"),
+        (#"{"destination_url": "tcp:127.0.0.1:1", "keep_alive": "yes"}"#, "vm.send-migration", "keep_alive: expected true or false"),
+        (#"{"receiver_url": "ftp:x"}"#, "vm.receive-migration", "receiver_url: 'ftp:x'"),
+        (#"{"receiver_url": "unix:"}"#, "vm.receive-migration", "receiver_url:"),
+        (#"{}"#, "vm.receive-migration", "receiver_url: required field is missing"),
+    ])
+    func invalidMigrationRequestsGet400NamingTheField(body: String, endpoint: String, message: String) async throws {
+        try await withRouter { client, vmm in
+            try await client.execute(uri: "/api/v1/\(endpoint)", method: .put, body: ByteBuffer(string: body)) { response in
+                let messages = try JSONDecoder().decode([String].self, from: Data(buffer: response.body))
+                #expect(response.status == .badRequest && messages.first?.contains(message) == true, "\(messages)")
+            }
+            vmm.events.emit(.vmm, "test-marker")
+            var names: [String] = []
+            for await event in vmm.events.subscribe(sinceStart: true) {
+                names.append("\(event.source.rawValue).\(event.name)")
+                if event.name == "test-marker" { break }
+            }
+            #expect(names == ["vmm.starting", "vmm.test-marker"], "nothing started")
+        }
+    }
+
+    @Test func migrationQueriesAndCancelWithoutAMigration() async throws {
+        try await withRouter { client, _ in
+            try await client.execute(uri: "/api/v1/vm.cancel-migration", method: .put) { response in
+                let messages = try JSONDecoder().decode([String].self, from: Data(buffer: response.body))
+                #expect(response.status == .conflict && messages == ["no migration is in progress"])
+            }
+            try await client.execute(uri: "/api/v1/vm.migration-progress", method: .get) { response in
+                #expect(response.status == .notFound)
+            }
+            // A valid send without a VM: nothing to migrate.
+            try await client.execute(uri: "/api/v1/vm.send-migration", method: .put,
+                                     body: ByteBuffer(string: #"{"destination_url": "tcp:127.0.0.1:1"}"#)) { response in
+                #expect(response.status == .notFound)
+            }
+        }
+    }
+
+    /// The progress document's `state` is encoded as Cloud Hypervisor encodes its Rust enum.
+    @Test func progressStateEncodesLikeCloudHypervisor() throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let cases: [(MigrationProgress.State, String)] = [
+            (.ongoing(phase: .memoryPrecopy, vcpuThrottlePercent: 0), #"{"Ongoing":{"phase":"MemoryPrecopy","vcpu_throttle_percent":0}}"#),
+            (.finished, #""Finished""#),
+            (.failed(errorMessage: "the destination went away"), #"{"Failed":{"error_msg":"the destination went away"}}"#),
+            (.cancelled, #""Cancelled""#),
+        ]
+        for (state, json) in cases {
+            #expect(String(decoding: try encoder.encode(state), as: UTF8.self) == json)
+            #expect(try JSONDecoder().decode(MigrationProgress.State.self, from: Data(json.utf8)) == state)
+        }
+    }
+
     @Test func unknownFieldsAreIgnoredAsCloudHypervisorDoes() async throws {
         try await withRouter { client, _ in
             let body = #"{"payload": {"kernel": "\#(Self.kernel)", "firmware": null}, "disks": [{"path": "/x"}], "rng": {"src": "/dev/urandom"}}"#

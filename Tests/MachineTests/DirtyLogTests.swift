@@ -18,6 +18,41 @@ import Testing
         #expect(DirtyPages(runs: runs).pageCount == 6)
     }
 
+    @Test func unionCoalescesOverlappingAndAdjacentRuns() {
+        let page = DirtyPages.pageSize
+        let a = DirtyPages(runs: [GuestRAMRange(start: 0, size: 2 * page), GuestRAMRange(start: 10 * page, size: page)])
+        let b = DirtyPages(runs: [GuestRAMRange(start: page, size: 3 * page), GuestRAMRange(start: 11 * page, size: page),
+                                  GuestRAMRange(start: 1 << 32, size: page)])
+        #expect(a.union(b).runs == [
+            GuestRAMRange(start: 0, size: 4 * page),
+            GuestRAMRange(start: 10 * page, size: 2 * page),
+            GuestRAMRange(start: 1 << 32, size: page),
+        ])
+        #expect(a.union(DirtyPages(runs: [])) == a)
+        #expect(a.union(a) == a)
+    }
+
+    /// Only pages holding a non-zero byte are reported, across both sides of the MMIO hole, and a
+    /// scan of part of RAM reports only that part.
+    @Test func nonZeroPagesFindsEveryWrittenPageAndNothingElse() throws {
+        let memory = try GuestMemory(ranges: GuestRAMLayout.ranges(size: (3 << 30) + (64 << 20)))
+        let page = DirtyPages.pageSize
+        try memory.write(UInt8(1), at: 0)                     // first byte of page 0
+        try memory.write(UInt8(7), at: 2 * page - 1)          // last byte of page 1
+        try memory.write(UInt64.max, at: 100 * page + 8)
+        try memory.write(UInt8(9), at: (1 << 32) + 5 * page)  // above the hole
+        #expect(memory.nonZeroPages().runs == [
+            GuestRAMRange(start: 0, size: 2 * page),
+            GuestRAMRange(start: 100 * page, size: page),
+            GuestRAMRange(start: (1 << 32) + 5 * page, size: page),
+        ])
+        #expect(memory.nonZeroPages(in: GuestRAMRange(start: page, size: 200 * page)).runs == [
+            GuestRAMRange(start: page, size: page),
+            GuestRAMRange(start: 100 * page, size: page),
+        ])
+        #expect(memory.nonZeroPages(in: GuestRAMRange(start: 0xC000_0000, size: page)).runs.isEmpty, "the MMIO hole is not RAM")
+    }
+
     @Test func lastPageOfTheSlotClosesItsRun() {
         let runs = DirtyPages.runs(bitmap: [UInt64(1) << 63], slotStart: 0, pageCount: 64)
         #expect(runs == [GuestRAMRange(start: 63 * 4096, size: 4096)])

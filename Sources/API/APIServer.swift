@@ -81,8 +81,12 @@ public struct APIServer: Sendable {
         }
         let group = ServiceGroup(configuration: .init(services: [application], gracefulShutdownSignals: [],
                                                       logger: serverLogger))
+        // The group runs in a task of its own: cancelling this task must shut the server down
+        // gracefully, so that requests in flight (the vmm.shutdown that ended the VMM) get their
+        // answers, whereas a ServiceGroup whose own task is cancelled drops them at once.
+        let running = Task { try await group.run() }
         try await withTaskCancellationHandler {
-            try await group.run()
+            try await running.value
         } onCancel: {
             Task { await group.triggerGracefulShutdown() }
         }

@@ -158,7 +158,12 @@ final class MigrationSender: Sendable {
             connection.close()
             return .finished
         } catch {
-            try? connection.sendRequest(.abandon)
+            // After the connection itself failed, an abandon could only wait out another I/O
+            // timeout behind a full send buffer.
+            if let failure = error as? MigrationError, failure.kind == .timedOut || failure.kind == .peerWentAway {
+            } else {
+                try? connection.sendRequest(.abandon)
+            }
             connection.close()
             try? machine.setDirtyLogging(false)
             if pausedByMigration { host.resume() }

@@ -93,7 +93,7 @@ final class MigrationReceiver: Sendable {
             }
             start = first
         } catch {
-            let message = "the sender at \(connection.peer) did not open a migration: \(error)"
+            let message = stopReason.withLock({ $0 }) ?? "the sender at \(connection.peer) did not open a migration: \(error)"
             try? connection.sendResponse(.error(message))
             return .failed(message)
         }

@@ -153,8 +153,7 @@ extension VirtualMachineMonitor {
         do {
             listener = try MigrationListener(listeningOn: url)
         } catch {
-            throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure,
-                           "cannot listen on \(url): \(error.message)")
+            throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure, error.message)
         }
         let progress = MigrationProgressTracker(MigrationProgress(
             direction: .incoming, timestamp_begin_ms: MigrationProgress.nowMilliseconds(), timestamp_snapshot_ms: 0,

@@ -16,8 +16,19 @@ public struct APIError: Error, CustomStringConvertible, Sendable {
 /// A client for Ferry's API socket, as `ferry-remote` uses it.
 public struct APIClient: Sendable {
     public let socketPath: String
-    /// Longest an answer may take; operations such as vm.boot answer within a second or two.
-    static let requestTimeout: TimeAmount = .seconds(60)
+    /// Longest an answer may take by default; operations such as vm.boot answer within a second or
+    /// two. `vm.receive-migration` answers only when a migration has arrived, so callers pass their
+    /// own deadline for it.
+    public static let requestTimeout: TimeAmount = .seconds(60)
+    /// As good as no deadline: for the event stream and for waiting on an incoming migration.
+    public static let unlimited: TimeAmount = .hours(24 * 365)
+
+    /// The HTTP client every `APIClient` shares. Unlike `HTTPClient.shared` it has no read timeout
+    /// (that one gives up after 90 s without a byte), so a quiet event stream or a receive that
+    /// waits long for its sender stays open; each request has its own deadline instead.
+    private static let http = HTTPClient(
+        eventLoopGroup: HTTPClient.defaultEventLoopGroup,
+        configuration: HTTPClient.Configuration(timeout: .init(connect: .seconds(10), read: nil)))
 
     public init(socketPath: String) {
         self.socketPath = socketPath
@@ -32,14 +43,14 @@ public struct APIClient: Sendable {
 
     /// Sends one request and returns the body of a successful answer; throws `APIError` otherwise.
     @discardableResult
-    public func send(_ endpoint: Endpoint, body: Data? = nil) async throws -> Data {
+    public func send(_ endpoint: Endpoint, body: Data? = nil, timeout: TimeAmount = requestTimeout) async throws -> Data {
         var request = HTTPClientRequest(url: try url(endpoint))
         request.method = .init(rawValue: endpoint.method.rawValue)
         if let body {
             request.headers.add(name: "Content-Type", value: "application/json")
             request.body = .bytes(ByteBuffer(bytes: body))
         }
-        let response = try await HTTPClient.shared.execute(request, timeout: Self.requestTimeout)
+        let response = try await Self.http.execute(request, timeout: timeout)
         let bytes = try await response.body.collect(upTo: 16 << 20)
         let data = Data(buffer: bytes)
         guard (200..<300).contains(Int(response.status.code)) else {
@@ -53,7 +64,7 @@ public struct APIClient: Sendable {
     /// Follows `vmm.events`: one compact JSON object per element, until the VMM closes the stream.
     public func events(sinceStart: Bool) async throws -> AsyncThrowingStream<Data, any Error> {
         let request = HTTPClientRequest(url: try url(.vmmEvents, query: sinceStart ? "since=0" : nil))
-        let response = try await HTTPClient.shared.execute(request, timeout: .hours(24 * 365))
+        let response = try await Self.http.execute(request, timeout: Self.unlimited)
         guard response.status == .ok else {
             throw APIError(status: Int(response.status.code), messages: [])
         }

@@ -13,7 +13,8 @@ struct FerryRemote: AsyncParsableCommand {
         discussion: "Exit status 0 when the VMM carried out the request; otherwise the VMM's error text goes to standard error and the status is 1.",
         version: "0.1.0",
         subcommands: [Ping.self, Create.self, Boot.self, Pause.self, Resume.self, Info.self, Shutdown.self,
-                      Reboot.self, Delete.self, Snapshot.self, Restore.self, ShutdownVMM.self, Events.self]
+                      Reboot.self, Delete.self, Snapshot.self, Restore.self, SendMigration.self, ReceiveMigration.self,
+                      CancelMigration.self, MigrationProgressCommand.self, ShutdownVMM.self, Events.self]
     )
 }
 

@@ -110,7 +110,8 @@ public struct MigrationProgress: Codable, Equatable, Sendable {
     public var connections: Int
     public var state: State
     public var memory_transmission_info: MemoryTransmissionInfo
-    /// Measured, once the migration finished: pause on the source to resume on the destination.
+    /// Measured by the source once the migration finished: pause on the source to resume on the
+    /// destination (absent on the destination, which cannot see when the source paused).
     public var downtime_ms: UInt64?
     public var total_ms: UInt64?
 

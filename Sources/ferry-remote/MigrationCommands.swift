@@ -1,0 +1,246 @@
+import API
+import ArgumentParser
+import FerryClient
+import Foundation
+import VMM
+
+/// `--timeout-strategy`: what happens when pre-copy outlasts `--timeout-s`.
+enum TimeoutStrategyArgument: String, ExpressibleByArgument, CaseIterable {
+    case cancel, ignore
+
+    /// The spelling of `SendMigrationData.timeout_strategy`.
+    var apiValue: String {
+        switch self {
+        case .cancel: "Cancel"
+        case .ignore: "Ignore"
+        }
+    }
+}
+
+struct SendMigration: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "send-migration",
+        abstract: "Live-migrate the VM to a VMM that is receiving it (see receive-migration).",
+        discussion: """
+            Without --dispatch, follows the migration until it ends: a progress line while it \
+            runs (pass, bytes sent, bytes left in the pass, rate, expected downtime), then a summary. \
+            Exit status 0 only when the destination runs the guest. On failure or cancellation the \
+            guest keeps running here and the reason goes to standard error. After a finished \
+            migration the source VMM exits, unless --keep-alive.
+
+            With --json, prints this migration's events as they arrive (one JSON object per line) \
+            instead of the progress line and summary.
+            """)
+
+    @OptionGroup var connection: Connection
+    @Argument(help: ArgumentHelp("Where the destination's receive-migration listens.", valueName: "tcp:HOST:PORT|unix:PATH"))
+    var destination: String
+    @Option(name: .customLong("downtime-ms"),
+            help: ArgumentHelp("The longest the guest may be paused for the switch-over (default 300).", valueName: "ms"))
+    var downtimeMs: Int64?
+    @Option(name: .customLong("timeout-s"),
+            help: ArgumentHelp("How long pre-copy may take before --timeout-strategy applies (default 3600).", valueName: "s"))
+    var timeoutS: Int64?
+    @Option(name: .customLong("timeout-strategy"),
+            help: ArgumentHelp("At the timeout: cancel (the default; the guest keeps running here) or ignore (switch over anyway).",
+                               valueName: "cancel|ignore"))
+    var timeoutStrategy: TimeoutStrategyArgument?
+    @Flag(name: .customLong("keep-alive"), help: "Keep the source VMM running after the migration finished.")
+    var keepAlive = false
+    @Flag(help: "Start the migration and return at once; follow it with events or migration-progress.")
+    var dispatch = false
+
+    func validate() throws {
+        if let downtimeMs, downtimeMs < 1 {
+            throw ValidationError("--downtime-ms must be at least 1, e.g. --downtime-ms 300")
+        }
+        if let timeoutS, timeoutS < 1 {
+            throw ValidationError("--timeout-s must be at least 1, e.g. --timeout-s 3600")
+        }
+    }
+
+    var request: SendMigrationData {
+        SendMigrationData(destination_url: destination, downtime_ms: downtimeMs, timeout_s: timeoutS,
+                          timeout_strategy: timeoutStrategy?.apiValue, keep_alive: keepAlive ? true : nil)
+    }
+
+    func run() async throws {
+        if dispatch {
+            return try await perform { try await connection.client.send(.vmSendMigration, body: try body(request)) }
+        }
+        let watch = MigrationWatch(client: connection.client, json: connection.json)
+        let ending = try await watch.follow(starting: try body(request))
+        guard ending.succeeded else { throw ExitCode.failure }
+    }
+}
+
+struct ReceiveMigration: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "receive-migration",
+        abstract: "Wait for one incoming migration on a VMM without a VM, and run the guest here.",
+        discussion: """
+            Returns once the guest runs here (or stays paused, if it was paused on the source), \
+            printing where it listens, who connected and what arrived. Port 0 listens on any free \
+            port, which the first line names. Exit status 1 if the receive failed; the VMM can \
+            receive again afterwards.
+            """)
+
+    @OptionGroup var connection: Connection
+    @Argument(help: ArgumentHelp("Where to listen for the source.", valueName: "tcp:HOST:PORT|unix:PATH"))
+    var receiver: String
+
+    func run() async throws {
+        try await perform {
+            let client = connection.client
+            let events = try await client.events(sinceStart: false)
+            let json = connection.json
+            // Says where it listens and who connected while the request waits; ends with the receive.
+            let narrator = Task {
+                for try await line in events {
+                    guard let event = MigrationEvent(line) else { continue }
+                    if json {
+                        if event.name.hasPrefix("vm.migration-receive") { printLine(String(decoding: line, as: UTF8.self)) }
+                    } else if event.name == "vm.migration-receive-ready" {
+                        printLine("listening on \(event["receiver_url"])")
+                    } else if event.name == "vm.migration-receive-started" {
+                        printLine("receiving migration \(event["migration_id"]) from \(event["peer"])")
+                    }
+                    if event.name == "vm.migration-receive-finished" || event.name == "vm.migration-receive-failed" { return }
+                }
+            }
+            defer { narrator.cancel() }
+            do {
+                try await client.send(.vmReceiveMigration, body: try body(ReceiveMigrationData(receiver_url: receiver)),
+                                      timeout: APIClient.unlimited)
+            } catch {
+                // A receive that failed after it began (500) has events still on their way.
+                if (error as? APIError)?.status == 500 { await narrator.awaitEnd(cancellingAfter: .seconds(2)) }
+                throw error
+            }
+            await narrator.awaitEnd(cancellingAfter: .seconds(5))
+            if json { return }
+            let progress = try JSONDecoder().decode(MigrationProgress.self, from: try await client.send(.vmMigrationProgress))
+            let state = try JSONDecoder().decode(VmInfo.self, from: try await client.send(.vmInfo)).state
+            let info = progress.memory_transmission_info
+            printLine("received \(Human.bytes(info.memory_bytes_transmitted)) of guest memory in "
+                      + "\(Human.milliseconds(progress.total_ms ?? 0)); the guest is \(state) here")
+        }
+    }
+}
+
+struct CancelMigration: SimpleOperation {
+    static let configuration = CommandConfiguration(
+        commandName: "cancel-migration",
+        abstract: "Stop the migration under way: the guest keeps running on the source; a destination discards what it received.")
+    static let endpoint = Endpoint.vmCancelMigration
+    @OptionGroup var connection: Connection
+}
+
+struct MigrationProgressCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migration-progress",
+        abstract: "Show the current or last migration of this VMM, either direction.")
+    @OptionGroup var connection: Connection
+
+    func run() async throws {
+        try await perform {
+            let data = try await connection.client.send(.vmMigrationProgress)
+            if connection.json { return printLine(String(decoding: data, as: UTF8.self)) }
+            let progress = try JSONDecoder().decode(MigrationProgress.self, from: data)
+            for line in Self.summary(progress) { printLine(line) }
+        }
+    }
+
+    /// The readable form of a progress report, one labelled fact per line. A destination knows
+    /// what it received, not the passes, rates and limits the source worked with.
+    static func summary(_ progress: MigrationProgress) -> [String] {
+        let info = progress.memory_transmission_info
+        let connections = progress.connections == 1 ? "1 connection" : "\(progress.connections) connections"
+        let outgoing = progress.direction == .outgoing
+        var lines = [
+            "migration:  \(progress.migration_id ?? "-") (\(progress.direction.rawValue), \(progress.transportation_mode), \(connections))",
+            "state:      \(describe(progress.state))",
+        ]
+        let memory = "\(Human.bytes(info.memory_bytes_transmitted)) (\(info.memory_pages_4k_transmitted) pages) of \(Human.bytes(info.memory_bytes_total)) RAM"
+        if outgoing {
+            lines += [
+                "pass:       \(info.memory_iteration)",
+                "sent:       \(memory); \(info.memory_pages_constant_count) zero pages not sent",
+                "remaining:  \(Human.bytes(info.memory_bytes_remaining_iteration)) in this pass",
+                "rate:       \(Human.rate(info.memory_transmission_bps)); the guest dirtied \(info.memory_dirty_rate_pps) pages/s in the last pass",
+            ]
+            var downtime = "limit \(progress.downtime_configured_ms.map(Human.milliseconds) ?? "-")"
+            if let estimated = progress.downtime_estimated_ms { downtime += ", expected \(Human.milliseconds(estimated))" }
+            if let measured = progress.downtime_ms { downtime += ", measured \(Human.milliseconds(measured))" }
+            lines.append("downtime:   \(downtime)")
+        } else {
+            lines += [
+                "received:   \(memory)",
+                "rate:       \(Human.rate(info.memory_transmission_bps))",
+            ]
+        }
+        if let total = progress.total_ms {
+            lines.append("took:       \(Human.milliseconds(total))")
+        } else {
+            let elapsed = progress.timestamp_snapshot_ms.subtractingReportingOverflow(progress.timestamp_begin_ms)
+            lines.append("running:    \(Human.milliseconds(elapsed.overflow ? 0 : elapsed.partialValue))")
+        }
+        return lines
+    }
+
+    static func describe(_ state: MigrationProgress.State) -> String {
+        switch state {
+        case let .ongoing(phase, throttle):
+            "ongoing (\(phase.rawValue)\(throttle > 0 ? ", vCPUs throttled \(throttle)%" : ""))"
+        case .finished: "finished"
+        case let .failed(message): "failed: \(message)"
+        case .cancelled: "cancelled"
+        }
+    }
+}
+
+/// Sizes, rates and durations as people read them.
+enum Human {
+    /// `512 B`, `4.0 KiB`, `63.9 MiB`, `1.00 GiB`.
+    static func bytes(_ count: UInt64) -> String {
+        let value = Double(count)
+        switch count {
+        case ..<(1 << 10): return "\(count) B"
+        case ..<(1 << 20): return String(format: "%.1f KiB", value / 1024)
+        case ..<(1 << 30): return String(format: "%.1f MiB", value / 1_048_576)
+        default: return String(format: "%.2f GiB", value / 1_073_741_824)
+        }
+    }
+
+    static func rate(_ bytesPerSecond: UInt64) -> String {
+        "\(bytes(bytesPerSecond))/s"
+    }
+
+    /// `3.4 s`.
+    static func seconds(_ duration: Duration) -> String {
+        String(format: "%.1f s", Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18)
+    }
+
+    /// `850 ms` below a second, `2.98 s` above.
+    static func milliseconds(_ count: UInt64) -> String {
+        count < 1000 ? "\(count) ms" : String(format: "%.2f s", Double(count) / 1000)
+    }
+}
+
+/// Writes one line to standard output at once (no buffering between the lines of two processes
+/// sharing a terminal).
+func printLine(_ text: String) {
+    FileHandle.standardOutput.write(Data((text + "\n").utf8))
+}
+
+extension Task where Failure == any Error {
+    /// Waits up to `limit` for the task to end, then cancels it.
+    func awaitEnd(cancellingAfter limit: Duration) async {
+        let timer = Task<Void, Never> {
+            try? await Task<Never, Never>.sleep(for: limit)
+            self.cancel()
+        }
+        _ = await result
+        timer.cancel()
+    }
+}

@@ -1,0 +1,271 @@
+import FerryTestSupport
+import API
+import FerryClient
+import Foundation
+import Testing
+import VMM
+
+/// Live migration between two real `ferry` processes on this host, over TCP on loopback and over
+/// a Unix socket: the guest continues on the destination where it stopped on the source, and both
+/// event streams are exactly those of events.md section 4.
+///
+/// Serialized: each test runs two VMMs with guests of up to two busy vCPUs (and a relay), which
+/// is all a two-core machine has; in parallel they would slow each other down for no gain in
+/// what is tested (the whole suite takes about 40 s this way).
+@Suite(.serialized, .enabled(if: Repository.kvmAvailable, needsKVM))
+struct MigrationTests {
+    static let bootedStream = ["vmm.starting", "vm.booting", "vm.booted"]
+
+    /// Migrates the running guest of `pair` with `request`, then checks everything a finished
+    /// migration promises: the source `ferry` exited 0 on its own, both streams, the guest
+    /// continuing on the destination and running there. Shuts the destination down.
+    static func expectLiveMigration(_ pair: MigrationPair, receiveOccurrence: Int = 1, incoming: IncomingMigration? = nil,
+                                    sourceBefore: [String] = bootedStream, destinationBefore: [String] = ["vmm.starting"],
+                                    switchOver: MigrationExpectations.SwitchOver = .converged,
+                                    sourceLocation: SourceLocation = #_sourceLocation,
+                                    _ request: (String) -> SendMigrationData) async throws {
+        var (expected, sourceExit) = try await pair.migrate(receiveOccurrence: receiveOccurrence, incoming: incoming, request,
+                                                            sourceLocation: sourceLocation)
+        expected.switchOver = switchOver
+        #expect(sourceExit == 0, "the source ferry exits with status 0 on its own; stderr: \(pair.source.process.standardError)",
+                sourceLocation: sourceLocation)
+        let finished = MigrationStreams.expectFinished(source: try EventFile.read(pair.source.eventFile),
+                                                       destination: try EventFile.read(pair.destination.eventFile),
+                                                       sourceBefore: sourceBefore, destinationBefore: destinationBefore, expected,
+                                                       sourceLocation: sourceLocation)
+        if let finished {
+            print("migration over \(pair.transport) of \(pair.guest.cpus) vCPU(s), \(pair.guest.memoryMiB) MiB, \(pair.guest.workload): "
+                  + "\(finished.iterations) passes, \(finished.bytesTotal) bytes, total \(finished.totalMs) ms, downtime \(finished.downtimeMs) ms")
+        }
+        try await MigrationHarness.expectGuestContinued(from: pair.source.process, on: pair.destination.process, cpus: pair.guest.cpus,
+                                                        sourceLocation: sourceLocation)
+        #expect(try await pair.destination.info().state == "Running", sourceLocation: sourceLocation)
+        await pair.destination.shutDown(sourceLocation: sourceLocation)
+    }
+
+    // MARK: Migrations that finish
+
+    @Test(arguments: MigrationTransport.allCases)
+    func idleOneGiBGuestMovesAndContinuesOnTheDestination(transport: MigrationTransport) async throws {
+        let pair = try await MigrationPair(transport: transport,
+                                           guest: TestGuestVM(cpus: 1, memoryMiB: 1024, workload: "workset_mib=1 dirty_rate=10"))
+        try await Self.expectLiveMigration(pair) { SendMigrationData(destination_url: $0) }
+    }
+
+    @Test(arguments: MigrationTransport.allCases)
+    func twoVCPUGuestRewriting64MiBConvergesAndContinuesOnTheDestination(transport: MigrationTransport) async throws {
+        let pair = try await MigrationPair(transport: transport,
+                                           guest: TestGuestVM(cpus: 2, memoryMiB: 256, workload: "workset_mib=64 dirty_rate=2000"))
+        try await Self.expectLiveMigration(pair) { SendMigrationData(destination_url: $0, downtime_ms: 300, timeout_s: 600) }
+    }
+
+    @Test(arguments: MigrationTransport.allCases)
+    func guestPausedBeforehandArrivesPausedWithoutPauseEventsAndResumes(transport: MigrationTransport) async throws {
+        let pair = try await MigrationPair(transport: transport,
+                                           guest: TestGuestVM(cpus: 2, memoryMiB: 256, workload: "workset_mib=16 dirty_rate=1000"))
+        try await pair.source.api.send(.vmPause)
+        let (expected0, sourceExit) = try await pair.migrate { SendMigrationData(destination_url: $0) }
+        var expected = expected0
+        expected.guestWasRunning = false
+        #expect(sourceExit == 0, "the source ferry exits with status 0 on its own; stderr: \(pair.source.process.standardError)")
+        MigrationStreams.expectFinished(source: try EventFile.read(pair.source.eventFile),
+                                        destination: try EventFile.read(pair.destination.eventFile),
+                                        sourceBefore: Self.bootedStream + ["vm.pausing", "vm.paused"],
+                                        destinationBefore: ["vmm.starting"], expected)
+        #expect(try await pair.destination.info().state == "Paused", "the guest arrives paused")
+        #expect(pair.destination.process.consoleLines.heartbeats.isEmpty, "the paused guest has not run on the destination")
+
+        try await pair.destination.api.send(.vmResume)
+        try await MigrationHarness.expectGuestContinued(from: pair.source.process, on: pair.destination.process, cpus: pair.guest.cpus)
+        #expect(try await pair.destination.info().state == "Running")
+        #expect(try EventFile.read(pair.destination.eventFile).map(\.name).suffix(3)
+                == ["vm.migration-receive-finished", "vm.resuming", "vm.resumed"], "the API resume, and only it, resumes the guest")
+        await pair.destination.shutDown()
+    }
+
+    // MARK: timeout_strategy
+
+    /// Two vCPUs rewrite 32 MiB as fast as they can, the link carries 40 MB/s and the downtime
+    /// limit is 1 ms: every pass leaves the whole working set dirty (about 0.8 s of sending), so
+    /// pre-copy cannot converge and the 2 s timeout decides.
+    static let fastWriter = TestGuestVM(cpus: 2, memoryMiB: 256, workload: "workset_mib=32 dirty_rate=max")
+    static let linkBytesPerSecond = 40_000_000
+
+    @Test(arguments: MigrationTransport.allCases)
+    func timeoutWithCancelKeepsTheGuestOnTheSourceAndTheDestinationReceivesAgain(transport: MigrationTransport) async throws {
+        let pair = try await MigrationPair(transport: transport, guest: Self.fastWriter)
+        let incoming = try await pair.startReceive()
+        let link = try ThrottledLink(to: incoming.url, transport: transport, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
+        let request = SendMigrationData(destination_url: link.url, downtime_ms: 1, timeout_s: 2, timeout_strategy: "Cancel")
+        try await pair.send(request)
+        let end = try #require(await pair.waitForSourceEnd())
+        try #require(end.name == "vm.migration-cancelled" && end.properties["reason"] == "timeout", "\(end.name) \(end.properties)")
+
+        // The destination gives the receive up, and its call fails.
+        let failure = await incoming.outcome()
+        #expect((failure as? APIError)?.status == 500, "vm.receive-migration fails: \(failure.map { "\($0)" } ?? "it succeeded")")
+        #expect(await pair.waitForDestinationEnd()?.name == "vm.migration-receive-failed")
+
+        // The guest never stopped on the source.
+        await MigrationHarness.expectGuestKeepsRunning(on: pair.source.process, cpus: Self.fastWriter.cpus)
+        #expect(try await pair.source.info().state == "Running")
+        _ = try await pair.source.api.send(.vmmPing)
+
+        let sourceEvents = try EventFile.read(pair.source.eventFile)
+        let destinationEvents = try EventFile.read(pair.destination.eventFile)
+        let cancelledSegment = sourceEvents.dropFirst(Self.bootedStream.count)
+        #expect(sourceEvents.map(\.name).prefix(Self.bootedStream.count).elementsEqual(Self.bootedStream))
+        let expected = MigrationExpectations(request: request, incoming: incoming, guestRAMBytes: Self.fastWriter.memoryBytes)
+        let cancelledID = MigrationStreams.expectCancelledBeforeSwitchOver(cancelledSegment, reason: "timeout", expected)
+        #expect(cancelledSegment.last?.name == "vm.migration-cancelled", "the cancel is the only terminal event, and the last")
+        #expect(destinationEvents.first?.name == "vmm.starting")
+        let receiveFailed = MigrationStreams.expectReceiveFailed(destinationEvents.dropFirst(), expected, migrationID: cancelledID)
+        #expect(receiveFailed?["phase"] == "memory-precopy", "\(receiveFailed ?? [:])")
+        #expect(destinationEvents.count == 4, "\(destinationEvents.map(\.name))")
+
+        // The same destination VMM receives the same guest, directly and with a downtime it can meet.
+        try await Self.expectLiveMigration(pair, receiveOccurrence: 2,
+                                           sourceBefore: sourceEvents.map(\.name), destinationBefore: destinationEvents.map(\.name)) {
+            SendMigrationData(destination_url: $0, downtime_ms: 10_000)
+        }
+        let second = try EventFile.read(pair.source.eventFile).last { $0.name == "vm.migration-started" }
+        #expect(second?.properties["migration_id"] != cancelledID, "each migration has an id of its own")
+    }
+
+    @Test(arguments: MigrationTransport.allCases)
+    func timeoutWithIgnoreSwitchesOverAndFinishesOnTheDestination(transport: MigrationTransport) async throws {
+        let pair = try await MigrationPair(transport: transport, guest: Self.fastWriter)
+        let incoming = try await pair.startReceive()
+        let link = try ThrottledLink(to: incoming.url, transport: transport, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
+        try await Self.expectLiveMigration(pair, incoming: incoming, switchOver: .timeoutIgnored) { _ in
+            SendMigrationData(destination_url: link.url, downtime_ms: 1, timeout_s: 2, timeout_strategy: "Ignore")
+        }
+    }
+
+    // MARK: The API around a migration
+
+    @Test func conflictingRequestsAreRefusedWhileAMigrationRunsAndCancelEndsIt() async throws {
+        let guest = TestGuestVM(cpus: 1, memoryMiB: 256, workload: "workset_mib=32 dirty_rate=max")
+        let pair = try await MigrationPair(transport: .tcp, guest: guest)
+        let source = pair.source
+        let receiveHere = try JSONEncoder().encode(ReceiveMigrationData(receiver_url: "tcp:127.0.0.1:0"))
+        try await Self.expectRefusal(409, containing: "already exists", "a VMM with a VM does not receive") {
+            try await source.api.send(.vmReceiveMigration, body: receiveHere)
+        }
+        try await Self.expectRefusal(409, containing: "no migration is in progress") { try await source.api.send(.vmCancelMigration) }
+
+        let incoming = try await pair.startReceive()
+        try await Self.expectRefusal(409, containing: "migration is already in progress", "one receive at a time") {
+            try await pair.destination.api.send(.vmReceiveMigration,
+                                                body: try JSONEncoder().encode(ReceiveMigrationData(receiver_url: "tcp:127.0.0.1:0")))
+        }
+        try await Self.expectRefusal(400, startingWith: "connections:") {
+            try await pair.send(SendMigrationData(destination_url: incoming.url, connections: 2))
+        }
+        try await Self.expectRefusal(400, startingWith: "local:") {
+            try await pair.send(SendMigrationData(destination_url: incoming.url, local: true))
+        }
+        #expect(source.events().map(\.name) == Self.bootedStream, "refused requests start nothing")
+        #expect(pair.destination.events().map(\.name) == ["vmm.starting", "vm.migration-receive-ready"], "nobody connected")
+
+        // 1 ms cannot be met while the vCPU rewrites 32 MiB as fast as it can over a 40 MB/s link:
+        // this migration runs until it is cancelled.
+        let link = try ThrottledLink(to: incoming.url, transport: .tcp, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
+        let request = SendMigrationData(destination_url: link.url, downtime_ms: 1)
+        try await pair.send(request)
+        #expect(await source.waitForEvent(MigrationStreams.iteration) != nil, "pre-copy is under way")
+        try await Self.expectRefusal(409, containing: "already in progress", "a second vm.send-migration") {
+            try await pair.send(request)
+        }
+        try await Self.expectRefusal(409, containing: "being migrated", "vm.pause during the migration") {
+            try await source.api.send(.vmPause)
+        }
+        #expect(try await source.info().state == "Running", "vm.info answers during the migration")
+        let ongoing = try await source.progress()
+        #expect(ongoing.state.isOngoing && ongoing.direction == .outgoing, "\(ongoing.state)")
+        #expect(!source.events().contains { MigrationStreams.sourceTerminal.contains($0.name) },
+                "the migration was still running while the API was asked")
+
+        try await source.api.send(.vmCancelMigration)
+        let end = try #require(await pair.waitForSourceEnd())
+        #expect(end.name == "vm.migration-cancelled" && end.properties["reason"] == "requested", "\(end.name) \(end.properties)")
+        let failure = await incoming.outcome()
+        #expect((failure as? APIError)?.status == 500, "the receive fails: \(failure.map { "\($0)" } ?? "it succeeded")")
+        #expect(await pair.waitForDestinationEnd()?.name == "vm.migration-receive-failed")
+        try await Self.expectRefusal(409, containing: "no migration is in progress") { try await source.api.send(.vmCancelMigration) }
+
+        // The guest runs on the source as before, and the VM takes operations again.
+        await MigrationHarness.expectGuestKeepsRunning(on: source.process, cpus: guest.cpus)
+        try await source.api.send(.vmPause)
+        try await source.api.send(.vmResume)
+        #expect(try await source.progress().state == .cancelled)
+
+        let sourceEvents = try EventFile.read(source.eventFile)
+        let expected = MigrationExpectations(request: request, incoming: incoming, guestRAMBytes: guest.memoryBytes)
+        let id = MigrationStreams.expectCancelledBeforeSwitchOver(sourceEvents.dropFirst(Self.bootedStream.count), reason: "requested", expected)
+        let migrationEvents = sourceEvents.map(\.name).dropFirst(Self.bootedStream.count).prefix { $0 != "vm.pausing" }
+        #expect(sourceEvents.map(\.name) == Self.bootedStream + migrationEvents + ["vm.pausing", "vm.paused", "vm.resuming", "vm.resumed"])
+        let destinationEvents = try EventFile.read(pair.destination.eventFile)
+        MigrationStreams.expectReceiveFailed(destinationEvents.dropFirst(), expected, migrationID: id)
+        #expect(destinationEvents.map(\.name).count == 4, "\(destinationEvents.map(\.name))")
+        await source.shutDown()
+        await pair.destination.shutDown()
+    }
+
+    @Test(arguments: MigrationTransport.allCases)
+    func progressAfterAFinishedMigrationSaysFinishedOnBothSidesWithTheEventsNumbers(transport: MigrationTransport) async throws {
+        let pair = try await MigrationPair(transport: transport,
+                                           guest: TestGuestVM(cpus: 1, memoryMiB: 256, workload: "workset_mib=16 dirty_rate=500"))
+        // keep_alive: the source stays up, so that its progress can be read afterwards.
+        let (expected, sourceExit) = try await pair.migrate { SendMigrationData(destination_url: $0, keep_alive: true) }
+        #expect(sourceExit == nil)
+        let finished = try #require(MigrationStreams.expectFinished(
+            source: try EventFile.read(pair.source.eventFile), destination: try EventFile.read(pair.destination.eventFile),
+            sourceBefore: Self.bootedStream, destinationBefore: ["vmm.starting"], expected))
+        let mode = transport == .tcp ? "Tcp" : "Unix"
+
+        let outgoing = try await pair.source.progress()
+        #expect(outgoing.state == .finished && outgoing.direction == .outgoing && outgoing.migration_id == finished.id, "\(outgoing)")
+        #expect(outgoing.memory_transmission_info.memory_bytes_transmitted == finished.bytesTotal,
+                "source: \(outgoing.memory_transmission_info.memory_bytes_transmitted) bytes transmitted; events: \(finished.bytesTotal)")
+        #expect(outgoing.total_ms == finished.totalMs && outgoing.downtime_ms == finished.downtimeMs,
+                "source: total_ms \(outgoing.total_ms.map(String.init) ?? "absent"), downtime_ms \(outgoing.downtime_ms.map(String.init) ?? "absent")")
+        #expect(outgoing.transportation_mode == mode && outgoing.connections == 1 && outgoing.downtime_configured_ms == 300)
+
+        let incoming = try await pair.destination.progress()
+        let receiveFinished = try #require(pair.destination.events().last { $0.name == "vm.migration-receive-finished" })
+        #expect(incoming.state == .finished && incoming.direction == .incoming && incoming.migration_id == finished.id, "\(incoming)")
+        #expect(incoming.memory_transmission_info.memory_bytes_transmitted == finished.bytesTotal,
+                "destination: \(incoming.memory_transmission_info.memory_bytes_transmitted) bytes received; events: \(finished.bytesTotal)")
+        #expect(incoming.total_ms.map(String.init) == receiveFinished.properties["total_ms"],
+                "destination: total_ms \(incoming.total_ms.map(String.init) ?? "absent") as in receive-finished")
+        // Downtime runs from the pause on the source to the resume here: only the source measures it.
+        #expect(incoming.downtime_ms == nil, "destination: downtime_ms is the source's measurement")
+        #expect(incoming.transportation_mode == mode && incoming.connections == 1)
+
+        // The source VMM stays up without its VM.
+        try await Self.expectRefusal(404, containing: "no VM", "the source has no VM any more") { try await pair.source.api.send(.vmInfo) }
+        try await MigrationHarness.expectGuestContinued(from: pair.source.process, on: pair.destination.process, cpus: 1)
+        await pair.source.shutDown()
+        #expect(try EventFile.read(pair.source.eventFile).map(\.name).suffix(3) == ["vm.migration-finished", "vm.deleted", "vmm.shutdown"])
+        await pair.destination.shutDown()
+    }
+
+    /// Runs `body` and expects it to fail with `status` and a first message that contains (or starts with) the given text.
+    static func expectRefusal(_ status: Int, containing text: String? = nil, startingWith prefix: String? = nil, _ comment: Comment? = nil,
+                              sourceLocation: SourceLocation = #_sourceLocation, _ body: () async throws -> Void) async throws {
+        do {
+            try await body()
+            Issue.record("expected HTTP \(status), got success\(comment.map { ": \($0)" } ?? "")", sourceLocation: sourceLocation)
+        } catch let error as APIError {
+            let message = error.messages.first ?? ""
+            #expect(error.status == status, "HTTP \(error.status): \(error)\(comment.map { " (\($0))" } ?? "")", sourceLocation: sourceLocation)
+            if let text {
+                #expect(message.contains(text), "'\(message)' says '\(text)'", sourceLocation: sourceLocation)
+            }
+            if let prefix {
+                #expect(message.hasPrefix(prefix), "'\(message)' names the field: '\(prefix)'", sourceLocation: sourceLocation)
+            }
+        }
+    }
+}

@@ -62,6 +62,6 @@ let package = Package(
             name: "APITests",
             dependencies: ["API", "VMM", "Events", "FerryTestSupport", .product(name: "HummingbirdTesting", package: "hummingbird")]
         ),
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["ferry", "ferry-remote", "Events", "API", "FerryClient", "FerryTestSupport"]),
+        .testTarget(name: "FerryIntegrationTests", dependencies: ["ferry", "ferry-remote", "Events", "API", "FerryClient", "FerryTestSupport", "Migration"]),
     ]
 )

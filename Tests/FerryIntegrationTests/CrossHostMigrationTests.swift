@@ -41,7 +41,9 @@ struct CrossHostMigrationTests {
         let source = try hosts.startVMM(on: .source, directory, "source")
         let destination = try hosts.startVMM(on: .destination, directory, "destination")
 
-        let config = #"{"cpus": {"boot_vcpus": 2}, "memory": {"size": 536870912}, "payload": {"kernel": "\#(guest)", "cmdline": "workset_mib=64 dirty_rate=2000 heartbeat_ms=200 verify_ms=500"}, "serial": {"mode": "Tty"}}"#
+        // 256 MiB of working set keep pass 0 busy for a few seconds at 1 Gbit/s, long enough for
+        // the poller to see several memory requests (64 MiB each) complete while it runs.
+        let config = #"{"cpus": {"boot_vcpus": 2}, "memory": {"size": 536870912}, "payload": {"kernel": "\#(guest)", "cmdline": "workset_mib=256 dirty_rate=2000 heartbeat_ms=200 verify_ms=500"}, "serial": {"mode": "Tty"}}"#
         try await source.api.send(.vmCreate, body: Data(config.utf8))
         try await source.api.send(.vmBoot)
         #expect(await waitUntil(.seconds(120)) { source.process.consoleLines.contains("ferry-test-guest: ready") })

@@ -45,7 +45,7 @@ struct MigrationFaultTests {
     func destinationKilledLeavesTheGuestRunningOnTheSource(during moment: Moment) async throws {
         let directory = try TemporaryDirectory()
         let source = try await Node(directory, "source")
-        try await Self.boot(.busy, on: source)
+        try await Self.boot(moment == .firstPass ? .large : .busy, on: source)
         let destination = try await Node(directory, "destination")
         let receive = try await Self.startReceive(on: destination)
         let residentBefore = Self.residentBytes(of: destination)
@@ -433,6 +433,9 @@ extension MigrationFaultTests {
         /// limit goes on pass after pass. It can still converge: a pass during which its vCPUs got
         /// no host CPU finds nothing dirty, and the sender switches over.
         static let busy = Guest(memory: 512 << 20, cmdline: "workset_mib=128 dirty_rate=max heartbeat_ms=100 verify_ms=500")
+        /// The busy workload over 512 MiB: pass 0 carries the whole working set, long enough that a
+        /// fault aimed at it lands in it even when the machine is loaded.
+        static let large = Guest(memory: 1 << 30, cmdline: "workset_mib=512 dirty_rate=max heartbeat_ms=100 verify_ms=1000")
         /// A light workload that converges under the default downtime limit.
         static let calm = Guest(memory: 256 << 20, cmdline: "workset_mib=16 dirty_rate=2000 heartbeat_ms=100 verify_ms=300")
     }

@@ -1,8 +1,18 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-/// Ferry's modules follow the layers of docs/architecture (C shim → KVM → Machine → Events → VMM →
-/// executables); each depends only on the layers below it.
+/// Ferry's modules are layers (docs/architecture.md); each depends only on layers below it.
+///
+///     CKVM, HostOS          C shim for <linux/kvm.h>; descriptors, system calls, sockets, clocks
+///     KVM                   /dev/kvm, VM and vCPU descriptors
+///     Machine               guest memory, boot, devices, vCPU threads, saved state, dirty log
+///     Events                the event catalogue, monitor and reader
+///     MigrationWire         the migration protocol: framing, typed payloads, transport
+///     LiveMigration         sender, receiver, pre-copy policy, progress
+///     VMM                   the VMM core: one VM's lifecycle
+///     APIModels             the REST API's endpoints and JSON bodies (no server, no KVM)
+///     API, FerryClient      the HTTP server over the VMM; the HTTP client over APIModels
+///     ferry, ferry-remote   the executables
 let package = Package(
     name: "Ferry",
     platforms: [.macOS(.v15)],
@@ -19,15 +29,22 @@ let package = Package(
     ],
     targets: [
         .target(name: "CKVM"),
-        .target(name: "KVM", dependencies: ["CKVM"]),
-        .target(name: "Events"),
-        .target(name: "Machine", dependencies: ["KVM", .product(name: "Logging", package: "swift-log")]),
-        .target(name: "VMM", dependencies: ["Machine", "Events", "Migration", .product(name: "Logging", package: "swift-log")]),
-        .target(name: "Migration", dependencies: ["Machine"]),
+        .target(name: "HostOS"),
+        .target(name: "KVM", dependencies: ["CKVM", "HostOS"]),
+        .target(name: "Machine", dependencies: ["KVM", "HostOS"]),
+        .target(name: "Events", dependencies: ["HostOS"]),
+        .target(name: "MigrationWire", dependencies: ["Machine", "HostOS"]),
+        .target(name: "LiveMigration", dependencies: ["MigrationWire", "Machine", "Events", "HostOS"]),
+        .target(
+            name: "VMM",
+            dependencies: ["LiveMigration", "MigrationWire", "Machine", "Events", "HostOS",
+                           .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(name: "APIModels"),
         .target(
             name: "API",
             dependencies: [
-                "VMM", "Events", "Migration",
+                "APIModels", "VMM", "LiveMigration", "MigrationWire", "Machine", "Events", "HostOS",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
@@ -35,12 +52,12 @@ let package = Package(
         ),
         .target(
             name: "FerryClient",
-            dependencies: ["API", .product(name: "AsyncHTTPClient", package: "async-http-client")]
+            dependencies: ["APIModels", .product(name: "AsyncHTTPClient", package: "async-http-client")]
         ),
         .executableTarget(
             name: "ferry",
             dependencies: [
-                "VMM", "API",
+                "VMM", "API", "Events", "Machine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -48,20 +65,34 @@ let package = Package(
         .executableTarget(
             name: "ferry-remote",
             dependencies: [
-                "API", "FerryClient",
+                "APIModels", "FerryClient", "Events", "HostOS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .target(name: "FerryTestSupport", path: "Tests/FerryTestSupport"),
-        .testTarget(name: "KVMTests", dependencies: ["KVM"]),
-        .testTarget(name: "EventsTests", dependencies: ["Events"]),
-        .testTarget(name: "MachineTests", dependencies: ["Machine", "KVM", "FerryTestSupport"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM"]),
-        .testTarget(name: "MigrationTests", dependencies: ["Migration", "Machine"]),
+        .target(
+            name: "FerryTestSupport",
+            dependencies: ["Events", "APIModels", "FerryClient", "HostOS"],
+            path: "Tests/FerryTestSupport"
+        ),
+        .testTarget(name: "HostOSTests", dependencies: ["HostOS", "FerryTestSupport"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "HostOS"]),
+        .testTarget(name: "EventsTests", dependencies: ["Events", "HostOS", "FerryTestSupport"]),
+        .testTarget(name: "MachineTests", dependencies: ["Machine", "KVM", "HostOS", "FerryTestSupport"]),
+        .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire", "Machine", "HostOS", "FerryTestSupport"]),
+        .testTarget(
+            name: "LiveMigrationTests",
+            dependencies: ["LiveMigration", "MigrationWire", "Machine", "Events", "HostOS", "FerryTestSupport"]
+        ),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "Events"]),
         .testTarget(
             name: "APITests",
-            dependencies: ["API", "VMM", "Events", "FerryTestSupport", .product(name: "HummingbirdTesting", package: "hummingbird")]
+            dependencies: ["API", "APIModels", "VMM", "Events", "FerryTestSupport",
+                           .product(name: "HummingbirdTesting", package: "hummingbird")]
         ),
-        .testTarget(name: "FerryIntegrationTests", dependencies: ["ferry", "ferry-remote", "Events", "API", "FerryClient", "FerryTestSupport", "Migration"]),
+        .testTarget(
+            name: "FerryIntegrationTests",
+            dependencies: ["ferry", "ferry-remote", "Events", "APIModels", "FerryClient", "FerryTestSupport",
+                           "MigrationWire", "HostOS"]
+        ),
     ]
 )

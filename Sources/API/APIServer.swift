@@ -1,3 +1,4 @@
+import APIModels
 import Events
 import Foundation
 import Hummingbird
@@ -12,7 +13,7 @@ public struct APIServer: Sendable {
     /// Largest request body accepted (a `VmConfig` is a few hundred bytes).
     static let maximumBodySize = 1 << 20
     /// How long shutdown waits for relayed answers on an inherited socket to reach their clients.
-    static let relayDrainSeconds: TimeInterval = 2
+    static let relayDrainTimeout: Duration = .seconds(2)
     /// Events a `vmm.events` subscriber may fall behind by before it is disconnected.
     static let subscriberBufferLimit = 1024
 
@@ -90,7 +91,7 @@ public struct APIServer: Sendable {
         } onCancel: {
             Task { await group.triggerGracefulShutdown() }
         }
-        forwarder?.drain(timeout: Self.relayDrainSeconds)
+        forwarder?.drain(timeout: Self.relayDrainTimeout)
     }
 
     static func router(vmm: VirtualMachineMonitor) -> Router<BasicRequestContext> {
@@ -139,8 +140,8 @@ public struct APIServer: Sendable {
             return Response(status: .noContent)
         }
         router.put(.init(Endpoint.vmReceiveMigration.path)) { request, _ in
-            let url = try await decode(ReceiveMigrationData.self, from: request).url()
-            try await vmm.receiveMigration(at: url)
+            let options = try await decode(ReceiveMigrationData.self, from: request).options()
+            try await vmm.receiveMigration(options)
             return Response(status: .noContent)
         }
         router.put(.init(Endpoint.vmCancelMigration.path)) { _, _ in
@@ -148,7 +149,7 @@ public struct APIServer: Sendable {
             return Response(status: .noContent)
         }
         router.get(.init(Endpoint.vmMigrationProgress.path)) { _, _ in
-            try json(vmm.migrationProgress())
+            try json(MigrationProgressReport(vmm.migrationProgress()))
         }
         router.get(.init(Endpoint.vmInfo.path)) { _, _ in
             let info = try vmm.info()
@@ -234,7 +235,7 @@ struct EndpointCheck: RouterMiddleware {
         guard let endpoint = Endpoint.allCases.first(where: { $0.path == request.uri.path }) else {
             return Self.error(.notFound, "unknown endpoint \(request.uri.path); the API lives under \(Endpoint.basePath)")
         }
-        guard request.method == endpoint.method else {
+        guard request.method.rawValue == endpoint.method.rawValue else {
             var response = Self.error(.methodNotAllowed, "\(endpoint.rawValue) takes \(endpoint.method.rawValue), not \(request.method.rawValue)")
             response.headers[.allow] = endpoint.method.rawValue
             return response

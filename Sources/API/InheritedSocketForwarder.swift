@@ -1,4 +1,5 @@
 import Foundation
+import HostOS
 
 /// Serves an inherited listening socket (`--api-socket fd=N`, how libvirt hands Cloud Hypervisor
 /// its API socket) by relaying each connection it accepts to the API server's own Unix socket.
@@ -6,16 +7,20 @@ import Foundation
 final class InheritedSocketForwarder: Sendable {
     /// Bytes moved per read.
     static let bufferSize = 64 << 10
+    /// How long connecting to the server's own socket may take.
+    static let connectTimeout: Duration = .seconds(5)
 
     let listeningDescriptor: Int32
     let serverPath: String
     /// Relays still moving bytes, so that shutdown can let the last answers reach their clients.
-    private let activeRelays = NSCondition()
-    private nonisolated(unsafe) var relayCount = 0   // guarded by activeRelays
+    private let relays = ConditionLock()
+    private let relayEnded: ConditionLock.Condition
+    private nonisolated(unsafe) var relayCount = 0   // guarded by relays
 
     init(listeningDescriptor: Int32, serverPath: String) {
         self.listeningDescriptor = listeningDescriptor
         self.serverPath = serverPath
+        relayEnded = ConditionLock.Condition(relays)
     }
 
     /// Checks that the descriptor is a listening stream socket, so a wrong `fd=` fails at start.
@@ -41,25 +46,23 @@ final class InheritedSocketForwarder: Sendable {
 
     private func acceptLoop() {
         while true {
-            let client = accept(listeningDescriptor, nil, nil)
-            if client < 0 {
-                if errno == EINTR || errno == ECONNABORTED { continue }
+            let accepted: Int32
+            do {
+                accepted = try systemCall("accept") { accept(listeningDescriptor, nil, nil) }
+            } catch where error.errno == ECONNABORTED {
+                continue
+            } catch {
                 return
             }
-            let server = Self.connect(to: serverPath)
-            guard server >= 0 else {
-                close(client)
-                continue
-            }
-            activeRelays.lock()
-            relayCount += 1
-            activeRelays.unlock()
+            let client = FileDescriptor(accepted)
+            guard let server = try? Socket.connect(to: .unix(path: serverPath), timeout: Self.connectTimeout) else { continue }
+            relays.withLock { relayCount += 1 }
             let relay = Thread { [self] in
                 Self.relay(client, server)
-                activeRelays.lock()
-                relayCount -= 1
-                activeRelays.broadcast()
-                activeRelays.unlock()
+                relays.withLock {
+                    relayCount -= 1
+                    relayEnded.broadcast()
+                }
             }
             relay.name = "api-fd-relay"
             relay.start()
@@ -67,62 +70,31 @@ final class InheritedSocketForwarder: Sendable {
     }
 
     /// Waits until every relay has delivered its last bytes (the server has closed its side), at
-    /// most `timeout` seconds.
-    func drain(timeout: TimeInterval) {
-        let deadline = Date().addingTimeInterval(timeout)
-        activeRelays.lock()
-        defer { activeRelays.unlock() }
-        while relayCount > 0, activeRelays.wait(until: deadline) {}
+    /// most `timeout`.
+    func drain(timeout: Duration) {
+        let deadline = ContinuousClock.now + timeout
+        relays.withLock {
+            while relayCount > 0, relayEnded.wait(until: deadline) {}
+        }
     }
 
-    static func connect(to path: String) -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return -1 }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let fits = withUnsafeMutableBytes(of: &address.sun_path) { buffer -> Bool in
-            let bytes = Array(path.utf8)
-            guard bytes.count < buffer.count else { return false }
-            buffer.copyBytes(from: bytes)
-            return true
-        }
-        let connected = fits && withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0
-            }
-        }
-        if !connected {
-            close(fd)
-            return -1
-        }
-        return fd
-    }
-
-    /// Moves bytes both ways until either side closes, then closes both.
-    static func relay(_ first: Int32, _ second: Int32) {
-        defer {
-            close(first)
-            close(second)
-        }
-        var descriptors = [pollfd(fd: first, events: Int16(POLLIN), revents: 0),
-                           pollfd(fd: second, events: Int16(POLLIN), revents: 0)]
+    /// Moves bytes both ways until either side closes; both close when the relay ends.
+    static func relay(_ first: FileDescriptor, _ second: FileDescriptor) {
+        var descriptors = [pollfd(fd: first.rawValue, events: Int16(POLLIN), revents: 0),
+                           pollfd(fd: second.rawValue, events: Int16(POLLIN), revents: 0)]
         var buffer = [UInt8](repeating: 0, count: bufferSize)
         while true {
-            guard poll(&descriptors, 2, -1) > 0 else {
-                if errno == EINTR { continue }
-                return
-            }
+            guard (try? systemCall("poll") { poll(&descriptors, 2, -1) }) != nil else { return }
             for (index, descriptor) in descriptors.enumerated() where descriptor.revents != 0 {
-                let source = descriptor.fd
                 let destination = index == 0 ? second : first
-                let count = buffer.withUnsafeMutableBytes { read(source, $0.baseAddress, $0.count) }
-                guard count > 0 else { return }
-                var offset = 0
-                while offset < count {
-                    let written = buffer[offset..<count].withUnsafeBytes { write(destination, $0.baseAddress, $0.count) }
-                    guard written > 0 else { return }
-                    offset += written
+                let count = buffer.withUnsafeMutableBytes { bytes in
+                    (try? systemCall("read") { read(descriptor.fd, bytes.baseAddress, bytes.count) }) ?? 0
                 }
+                guard count > 0 else { return }
+                let written = buffer.withUnsafeBytes { bytes in
+                    Result { () throws(SystemError) in try destination.writeAll(UnsafeRawBufferPointer(rebasing: bytes[0..<count])) }
+                }
+                guard case .success = written else { return }
             }
         }
     }

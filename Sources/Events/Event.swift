@@ -25,3 +25,20 @@ public struct Event: Sendable, Equatable {
         self.properties = properties
     }
 }
+
+extension Event {
+    /// `source.name`, e.g. `vm.migration-started`.
+    public var qualifiedName: String { "\(source.rawValue).\(name)" }
+
+    /// Whether this is an event of kind `type`.
+    public func `is`<P: EventPayload>(_ type: P.Type) -> Bool {
+        source == P.source && name == P.name
+    }
+
+    /// The event as a `type` payload; nil if it is another kind of event. Throws if it is of that
+    /// kind but its properties do not fit it.
+    public func decode<P: EventPayload>(_ type: P.Type) throws(EventsError) -> P? {
+        guard `is`(type) else { return nil }
+        return try P(properties: properties)
+    }
+}

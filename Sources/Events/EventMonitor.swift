@@ -1,17 +1,16 @@
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
 #endif
+import HostOS
 
-/// The event monitor (events.md sections 2, 3 and 6): timestamps events, queues them for the sink's
+/// The event monitor (docs/events.md §2, §3 and §6): timestamps events, queues them for the sink's
 /// writer thread, keeps a bounded history and feeds any number of subscribers.
 ///
 /// Thread-safe: every method may be called from any thread, vCPU threads included. `emit` never
 /// waits for I/O; a sink that cannot keep up loses its oldest queued events, and a subscriber that
 /// cannot keep up is finished, never the other way round.
 public final class EventMonitor: Sendable {
-    /// The smallest sink queue events.md guarantee 3 allows.
+    /// The smallest sink queue docs/events.md §2, guarantee 3 allows.
     public static let minimumQueueCapacity = 1024
     /// How long `close` waits beyond its timeout for the writer to notice it and close the sink.
     static let closeGracePeriod: Duration = .milliseconds(200)
@@ -65,7 +64,13 @@ public final class EventMonitor: Sendable {
 
     /// Records an event now. Its timestamp is taken under the lock that orders the queue, so the
     /// order of events is the order of their timestamps. Does nothing after `close`.
-    public func emit(_ source: EventSource, _ name: String, _ properties: [String: String]? = nil) {
+    public func emit<Payload: EventPayload>(_ payload: Payload) {
+        emit(Payload.source, Payload.name, payload.properties)
+    }
+
+    /// Records an event of any name: for the monitor's own tests. Everything Ferry emits goes
+    /// through `emit(_:)` and the catalogue.
+    func emit(_ source: EventSource, _ name: String, _ properties: [String: String]? = nil) {
         let finishedSubscribers = core.lock.withLock { () -> [AsyncStream<Event>.Continuation] in
             guard core.state.accepting else { return [] }
             let event = Event(
@@ -86,14 +91,10 @@ public final class EventMonitor: Sendable {
     /// Emits `vmm.starting` with `version`, `pid` and `wall_clock` (RFC 3339 UTC, with microseconds:
     /// the wall-clock time at timestamp 0). Call it first, so it is the first event of the stream.
     public func emitStarting(version: String) {
-        emit(.vmm, "starting", [
-            "version": version,
-            "pid": String(getpid()),
-            "wall_clock": core.wallClockAtStart.rfc3339,
-        ])
+        emit(VMMEvent.Starting(version: version, pid: getpid(), wallClock: core.wallClockAtStart.rfc3339))
     }
 
-    /// A subscriber (events.md section 6): the events from now on, or with `sinceStart`, every event
+    /// A subscriber (docs/events.md §6): the events from now on, or with `sinceStart`, every event
     /// still in the history first. A subscriber that falls more than `bufferLimit` events behind
     /// (not counting the replayed history) is finished: its stream ends rather than slowing the VMM.
     /// After `close`, the stream replays the history if asked and then ends.
@@ -126,9 +127,7 @@ public final class EventMonitor: Sendable {
             guard let deadline = core.state.closeDeadline else { return }
             let giveUp = deadline + Self.closeGracePeriod
             while core.state.writerRunning {
-                let timeLeft = ContinuousClock.now.duration(to: giveUp)
-                if timeLeft <= .zero { return }
-                core.writerStopped.wait(timeout: timeLeft)
+                if !core.writerStopped.wait(until: giveUp) { return }
             }
         }
     }

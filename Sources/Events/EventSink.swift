@@ -1,8 +1,7 @@
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
 #endif
+import HostOS
 
 /// The open event sink. Owned by the writer thread, which alone writes to and closes it.
 final class EventSink {
@@ -11,7 +10,7 @@ final class EventSink {
     static let pollSlice: Duration = .milliseconds(100)
     /// How often the writer tries again to open a FIFO that has no reader yet.
     static let fifoOpenRetryInterval: Duration = .milliseconds(20)
-    /// Permissions of an event file that `path=` creates (events.md section 1).
+    /// Permissions of an event file that `path=` creates (docs/events.md §1).
     static let createdFileMode: mode_t = 0o644
     /// The highest descriptor number a process inherits as stdin, stdout and stderr; never closed.
     static let highestStandardDescriptor: Int32 = 2
@@ -20,70 +19,53 @@ final class EventSink {
     /// monitor, otherwise the time left until `close` gives up (zero or less: give up now).
     typealias PatienceCheck = () -> Duration?
 
-    let descriptor: Int32
+    let descriptor: FileDescriptor
     private let isRegularFile: Bool
-    private let ownsDescriptor: Bool
-    private var isClosed = false
 
-    private init(descriptor: Int32, isRegularFile: Bool, ownsDescriptor: Bool) {
+    private init(descriptor: FileDescriptor, isRegularFile: Bool) {
         self.descriptor = descriptor
         self.isRegularFile = isRegularFile
-        self.ownsDescriptor = ownsDescriptor
-    }
-
-    deinit {
-        close()
     }
 
     /// Opens `target`. A FIFO without a reader is opened as soon as a reader comes; returns `nil` if
     /// `patience` runs out first.
     static func open(_ target: EventSinkTarget, patience: PatienceCheck) throws(EventsError) -> EventSink? {
         switch target {
-        case .fileDescriptor(let descriptor):
-            let isRegularFile = try regularFile(descriptor, describedAs: "fd=\(descriptor)")
-            return EventSink(
-                descriptor: descriptor,
-                isRegularFile: isRegularFile,
-                ownsDescriptor: descriptor > highestStandardDescriptor
-            )
+        case .fileDescriptor(let number):
+            let descriptor = number > highestStandardDescriptor ? FileDescriptor(number) : FileDescriptor(borrowing: number)
+            return EventSink(descriptor: descriptor, isRegularFile: try regularFile(descriptor, describedAs: "fd=\(number)"))
         case .path(let path):
             guard let descriptor = try openPath(path, patience: patience) else { return nil }
-            do throws(EventsError) {
-                let isRegularFile = try regularFile(descriptor, describedAs: path)
-                return EventSink(descriptor: descriptor, isRegularFile: isRegularFile, ownsDescriptor: true)
-            } catch {
-                closeDescriptor(descriptor)
-                throw error
-            }
+            return EventSink(descriptor: descriptor, isRegularFile: try regularFile(descriptor, describedAs: path))
         }
     }
 
     /// Creates or truncates a regular file, or opens an existing FIFO for writing. `O_NONBLOCK` keeps
     /// the open from waiting for a FIFO reader (it fails with `ENXIO` instead, and is retried), and
     /// afterwards keeps every write from waiting for one.
-    private static func openPath(_ path: String, patience: PatienceCheck) throws(EventsError) -> Int32? {
+    private static func openPath(_ path: String, patience: PatienceCheck) throws(EventsError) -> FileDescriptor? {
         let flags = O_WRONLY | O_CREAT | O_TRUNC | O_NONBLOCK | O_CLOEXEC
         while true {
-            let descriptor = openFile(path, flags, createdFileMode)
-            if descriptor >= 0 { return descriptor }
-            let error = errno
-            switch error {
-            case EINTR:
-                continue
-            case ENXIO:
+            do throws(SystemError) {
+                return FileDescriptor(try systemCall("open(\(path))") { Glibc.open(path, flags, createdFileMode) })
+            } catch where error.errno == ENXIO {
                 // A FIFO that no one reads yet.
                 let timeLeft = patience()
                 if let timeLeft, timeLeft <= .zero { return nil }
-                sleep(for: min(fifoOpenRetryInterval, timeLeft ?? fifoOpenRetryInterval))
-            default:
-                throw EventsError(code: .sinkFailed, message: "open(\(path)) for the event monitor failed", errno: error)
+                Poll.sleep(for: min(fifoOpenRetryInterval, timeLeft ?? fifoOpenRetryInterval))
+            } catch {
+                throw EventsError(.sinkFailed, "open(\(path)) for the event monitor failed", cause: error)
             }
         }
     }
 
-    private static func regularFile(_ descriptor: Int32, describedAs name: String) throws(EventsError) -> Bool {
+    private static func regularFile(_ descriptor: FileDescriptor, describedAs name: String) throws(EventsError) -> Bool {
         var status = stat()
-        try systemCall("fstat(\(name)) of the event monitor") { fstat(descriptor, &status) }
+        do throws(SystemError) {
+            try systemCall("fstat(\(name))") { fstat(descriptor.rawValue, &status) }
+        } catch {
+            throw EventsError(.sinkFailed, "fstat(\(name)) of the event monitor failed", cause: error)
+        }
         return status.st_mode & S_IFMT == S_IFREG
     }
 
@@ -107,22 +89,16 @@ final class EventSink {
                 if mustWaitForSpace {
                     guard waitUntilWritable(patience: patience) else { return .abandoned }
                 }
-                let written = writeBytes(descriptor, base + offset, buffer.count - offset)
-                if written > 0 {
+                do throws(SystemError) {
+                    let written = try systemCall("write") { Glibc.write(descriptor.rawValue, base + offset, buffer.count - offset) }
+                    guard written > 0 else {
+                        return .failed(EventsError(.sinkFailed, "write to the event monitor wrote nothing"))
+                    }
                     offset += written
-                    continue
-                }
-                if written == 0 {
-                    return .failed(EventsError(code: .sinkFailed, message: "write to the event monitor wrote nothing"))
-                }
-                let error = errno
-                switch error {
-                case EINTR:
-                    continue
-                case EAGAIN, EWOULDBLOCK:
+                } catch where error.errno == EAGAIN || error.errno == EWOULDBLOCK {
                     mustWaitForSpace = true
-                default:
-                    return .failed(EventsError(code: .sinkFailed, message: "write to the event monitor failed", errno: error))
+                } catch {
+                    return .failed(EventsError(.sinkFailed, "write to the event monitor failed", cause: error))
                 }
             }
             return .written
@@ -136,43 +112,14 @@ final class EventSink {
             let timeLeft = patience()
             if let timeLeft, timeLeft <= .zero { return false }
             let slice = min(Self.pollSlice, timeLeft ?? Self.pollSlice)
-            var request = pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)
-            let ready = poll(&request, 1, Int32(milliseconds(roundingUp: slice)))
-            if ready > 0 { return true }
-            if ready < 0 && errno != EINTR { return true }
+            // A failed poll leaves the error for the write to report.
+            guard let ready = try? Poll.wait(descriptor.rawValue, for: Int16(POLLOUT), until: .now + slice) else { return true }
+            if ready { return true }
         }
     }
 
     /// Closes the descriptor unless it is one of 0–2 inherited through `fd=`. Idempotent.
     func close() {
-        guard !isClosed else { return }
-        isClosed = true
-        guard ownsDescriptor else { return }
-        closeDescriptor(descriptor)
+        descriptor.close()
     }
-}
-
-private func milliseconds(roundingUp duration: Duration) -> Int64 {
-    let (seconds, attoseconds) = duration.components
-    let attosecondsPerMillisecond: Int64 = 1_000_000_000_000_000
-    return seconds * 1_000 + (attoseconds + attosecondsPerMillisecond - 1) / attosecondsPerMillisecond
-}
-
-private func sleep(for duration: Duration) {
-    _ = poll(nil, 0, Int32(milliseconds(roundingUp: duration)))
-}
-
-// The C calls under names that `EventSink`'s own `open`, `write` and `close` do not shadow.
-
-private func openFile(_ path: String, _ flags: Int32, _ mode: mode_t) -> Int32 {
-    open(path, flags, mode)
-}
-
-private func writeBytes(_ descriptor: Int32, _ bytes: UnsafeRawPointer, _ count: Int) -> Int {
-    write(descriptor, bytes, count)
-}
-
-/// Linux releases the descriptor even when `close(2)` reports an error (`EINTR` included): never retry.
-private func closeDescriptor(_ descriptor: Int32) {
-    _ = close(descriptor)
 }

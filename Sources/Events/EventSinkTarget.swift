@@ -57,6 +57,6 @@ public enum EventSinkTarget: Sendable, Equatable, CustomStringConvertible {
     }
 
     private static func invalid(_ message: String) -> EventsError {
-        EventsError(code: .invalidSinkTarget, message: "invalid --event-monitor: \(message)")
+        EventsError(.invalidSinkTarget, "invalid --event-monitor: \(message)")
     }
 }

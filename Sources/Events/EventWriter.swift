@@ -1,8 +1,7 @@
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
 #endif
+import HostOS
 
 /// The dedicated OS thread that opens the sink and writes queued events to it, so that no caller of
 /// `EventMonitor.emit` ever waits for I/O (events.md guarantee 3). It never holds the monitor's lock
@@ -27,7 +26,7 @@ final class EventWriter {
         }, context)
         guard result == 0 else {
             Unmanaged<EventWriter>.fromOpaque(context).release()
-            throw EventsError(code: .sinkFailed, message: "pthread_create for the event writer failed", errno: result)
+            throw EventsError(.sinkFailed, "the event writer thread cannot start", cause: SystemError("pthread_create", errno: result))
         }
         pthread_detach(thread)
     }
@@ -38,10 +37,7 @@ final class EventWriter {
         let sink: EventSink
         do {
             guard let opened = try EventSink.open(target, patience: core.timeLeftBeforeGivingUp) else {
-                report.lastError = EventsError(
-                    code: .sinkFailed,
-                    message: "event monitor \(target): no reader opened the FIFO before the monitor closed"
-                )
+                report.lastError = EventsError(.sinkFailed, "event monitor \(target): no reader opened the FIFO before the monitor closed")
                 core.writerDidStop(after: report)
                 return
             }

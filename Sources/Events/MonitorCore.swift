@@ -1,3 +1,5 @@
+import HostOS
+
 /// The state an `EventMonitor` shares with its writer thread, all of it guarded by `lock`.
 final class MonitorCore: @unchecked Sendable {
     let lock = ConditionLock()
@@ -71,8 +73,8 @@ final class MonitorCore: @unchecked Sendable {
                 batch.append(Event(
                     timestamp: state.newestDroppedTimestamp,
                     source: .vmm,
-                    name: "events-dropped",
-                    properties: ["count": String(state.droppedSinceLastBatch)]
+                    name: VMMEvent.EventsDropped.name,
+                    properties: VMMEvent.EventsDropped(count: state.droppedSinceLastBatch).properties
                 ))
                 state.droppedSinceLastBatch = 0
             }

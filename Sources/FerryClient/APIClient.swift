@@ -1,4 +1,4 @@
-import API
+import APIModels
 import AsyncHTTPClient
 import Foundation
 import NIOCore
@@ -52,7 +52,7 @@ public struct APIClient: Sendable {
         }
         let response = try await Self.http.execute(request, timeout: timeout)
         let bytes = try await response.body.collect(upTo: 16 << 20)
-        let data = Data(buffer: bytes)
+        let data = Data(bytes.readableBytesView)
         guard (200..<300).contains(Int(response.status.code)) else {
             let messages = (try? JSONDecoder().decode([String].self, from: data))
                 ?? [String(decoding: data, as: UTF8.self)].filter { !$0.isEmpty }

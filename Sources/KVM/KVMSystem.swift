@@ -1,4 +1,5 @@
 import CKVM
+import HostOS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -14,7 +15,7 @@ public final class KVMSystem: Sendable {
 
     public static let devicePath = "/dev/kvm"
 
-    let descriptor: OwnedFileDescriptor
+    let descriptor: FileDescriptor
 
     /// Whether this machine has a usable `/dev/kvm` (tests use this to skip with a reason).
     public static var isAvailable: Bool {
@@ -23,10 +24,10 @@ public final class KVMSystem: Sendable {
 
     public init(path: String = KVMSystem.devicePath) throws {
         let fd = try systemCall("open(\(path))") { open(path, O_RDWR | O_CLOEXEC) }
-        descriptor = OwnedFileDescriptor(fd)
+        descriptor = FileDescriptor(fd)
         let version = try systemCall("KVM_GET_API_VERSION") { ckvm_ioctl_value(fd, CKVM_GET_API_VERSION, 0) }
         guard version == Self.expectedAPIVersion else {
-            throw KVMError(operation: "KVM_GET_API_VERSION", errno: 0,
+            throw SystemError("KVM_GET_API_VERSION", errno: 0,
                            detail: "API version \(version), Ferry needs \(Self.expectedAPIVersion)")
         }
     }
@@ -39,7 +40,7 @@ public final class KVMSystem: Sendable {
     /// Fails with an error naming the capability unless KVM offers it.
     public func require(_ capability: Int32, named name: String) throws {
         if checkExtension(capability) == 0 {
-            throw KVMError(operation: "KVM_CHECK_EXTENSION", errno: 0, detail: "KVM lacks \(name)")
+            throw SystemError("KVM_CHECK_EXTENSION", errno: 0, detail: "KVM lacks \(name)")
         }
     }
 
@@ -76,7 +77,7 @@ public final class KVMSystem: Sendable {
     /// Creates a VM (`KVM_CREATE_VM`, default machine type).
     public func createVM() throws -> KVMVirtualMachine {
         let fd = try systemCall("KVM_CREATE_VM") { ckvm_ioctl_value(descriptor.rawValue, CKVM_CREATE_VM, 0) }
-        return KVMVirtualMachine(descriptor: OwnedFileDescriptor(fd), vcpuMmapSize: try vcpuMmapSize)
+        return KVMVirtualMachine(descriptor: FileDescriptor(fd), vcpuMmapSize: try vcpuMmapSize)
     }
 }
 

@@ -1,4 +1,5 @@
 import CKVM
+import HostOS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -32,7 +33,7 @@ public enum VCPUExit: Equatable, Sendable {
 /// threads at any time.
 public final class KVMVCPU: @unchecked Sendable {
     public let id: UInt32
-    let descriptor: OwnedFileDescriptor
+    let descriptor: FileDescriptor
     private let run: UnsafeMutablePointer<kvm_run>
     private let mmapSize: Int
 
@@ -40,14 +41,14 @@ public final class KVMVCPU: @unchecked Sendable {
     /// (`MAX_IO_MSRS` in arch/x86/kvm/x86.c).
     static let msrsPerCall = 255
 
-    init(id: UInt32, descriptor: OwnedFileDescriptor, mmapSize: Int) throws {
+    init(id: UInt32, descriptor: FileDescriptor, mmapSize: Int) throws {
         self.id = id
         self.descriptor = descriptor
         self.mmapSize = mmapSize
         guard let mapping = mmap(nil, mmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, descriptor.rawValue, 0),
               mapping != MAP_FAILED
         else {
-            throw KVMError(operation: "mmap(kvm_run of vCPU \(id))", errno: errno)
+            throw SystemError("mmap(kvm_run of vCPU \(id))", errno: errno)
         }
         run = mapping.assumingMemoryBound(to: kvm_run.self)
     }
@@ -66,7 +67,7 @@ public final class KVMVCPU: @unchecked Sendable {
             let code = errno
             // KVM finishes the previous exit's work before it looks at signals or immediate_exit.
             if code == EINTR || code == EAGAIN { exitPendingInKernel = false; return .interrupted }
-            throw KVMError(operation: "KVM_RUN(vCPU \(id))", errno: code)
+            throw SystemError("KVM_RUN(vCPU \(id))", errno: code)
         }
         exitPendingInKernel = run.pointee.exit_reason != UInt32(KVM_EXIT_INTR)
         let raw = UnsafeMutableRawPointer(run)
@@ -269,7 +270,7 @@ public final class KVMVCPU: @unchecked Sendable {
             let written = try systemCall("KVM_SET_MSRS(vCPU \(id))") { ckvm_ioctl_ptr(fd, CKVM_SET_MSRS, list.pointer) }
             if Int(written) < chunk.count {
                 let refused = chunk[chunk.startIndex + Int(written)]
-                throw KVMError(operation: "KVM_SET_MSRS(vCPU \(id))", errno: 0,
+                throw SystemError("KVM_SET_MSRS(vCPU \(id))", errno: 0,
                                detail: "KVM refused MSR 0x\(String(refused.index, radix: 16)) = 0x\(String(refused.data, radix: 16))")
             }
             start += chunk.count

@@ -1,14 +1,15 @@
 import CKVM
+import HostOS
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// A KVM virtual machine file descriptor: memory slots, interrupt controllers, vCPUs.
 public final class KVMVirtualMachine: Sendable {
-    let descriptor: OwnedFileDescriptor
+    let descriptor: FileDescriptor
     let vcpuMmapSize: Int
 
-    init(descriptor: OwnedFileDescriptor, vcpuMmapSize: Int) {
+    init(descriptor: FileDescriptor, vcpuMmapSize: Int) {
         self.descriptor = descriptor
         self.vcpuMmapSize = vcpuMmapSize
     }
@@ -76,7 +77,7 @@ public final class KVMVirtualMachine: Sendable {
     /// Creates vCPU `id` and maps its `kvm_run` page.
     public func createVCPU(id: UInt32) throws -> KVMVCPU {
         let vcpuFD = try systemCall("KVM_CREATE_VCPU(\(id))") { ckvm_ioctl_value(fd, CKVM_CREATE_VCPU, UInt(id)) }
-        return try KVMVCPU(id: id, descriptor: OwnedFileDescriptor(vcpuFD), mmapSize: vcpuMmapSize)
+        return try KVMVCPU(id: id, descriptor: FileDescriptor(vcpuFD), mmapSize: vcpuMmapSize)
     }
 
     // MARK: VM-level state
@@ -101,7 +102,7 @@ public final class KVMVirtualMachine: Sendable {
     public func setInterruptChipState(_ bytes: [UInt8], chip: InterruptChip) throws {
         var state = try value(kvm_irqchip(), from: bytes, operation: "KVM_SET_IRQCHIP(\(chip))")
         guard state.chip_id == chip.rawValue else {
-            throw KVMError(operation: "KVM_SET_IRQCHIP(\(chip))", errno: 0,
+            throw SystemError("KVM_SET_IRQCHIP(\(chip))", errno: 0,
                            detail: "the state is of interrupt controller \(state.chip_id), not \(chip.rawValue)")
         }
         try systemCall("KVM_SET_IRQCHIP(\(chip))") { ckvm_ioctl_ptr(fd, CKVM_SET_IRQCHIP, &state) }
@@ -141,7 +142,7 @@ func rawBytes<T>(of value: T) -> [UInt8] {
 /// Rebuilds a plain C value from bytes produced by `rawBytes(of:)`, refusing a blob of the wrong size.
 func value<T>(_ empty: T, from bytes: [UInt8], operation: String) throws -> T {
     guard bytes.count == MemoryLayout<T>.size else {
-        throw KVMError(operation: operation, errno: 0,
+        throw SystemError(operation, errno: 0,
                        detail: "state blob has \(bytes.count) bytes, expected \(MemoryLayout<T>.size)")
     }
     var result = empty

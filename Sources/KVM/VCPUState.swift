@@ -1,4 +1,5 @@
 import CKVM
+import HostOS
 
 /// A vCPU's x87/SSE (and, where the guest has them, AVX and later) registers, in the form this
 /// host's KVM hands them out.
@@ -169,13 +170,13 @@ extension KVMVCPU {
     /// when the LAPIC is already in that mode; TSC before TSC deadline; the events last.
     public func restoreState(_ state: VCPUState, support: VCPUStateSupport) throws {
         guard state.id == id else {
-            throw KVMError(operation: "restoring vCPU \(id)", errno: 0, detail: "the state is vCPU \(state.id)'s")
+            throw SystemError("restoring vCPU \(id)", errno: 0, detail: "the state is vCPU \(state.id)'s")
         }
         if !state.cpuid.isEmpty { try setCPUID(state.cpuid) }
         if let saved = state.tscKHz, support.tscFrequency, let current = try? tscKHz(),
            abs(Double(current) - Double(saved)) > Double(saved) * tscFrequencyTolerance {
             guard support.tscScaling else {
-                throw KVMError(operation: "restoring vCPU \(id)", errno: 0,
+                throw SystemError("restoring vCPU \(id)", errno: 0,
                                detail: "the guest's TSC ran at \(saved) kHz, this host's at \(current) kHz, and KVM cannot scale it (no KVM_CAP_TSC_CONTROL)")
             }
             try setTSCKHz(saved)
@@ -186,7 +187,7 @@ extension KVMVCPU {
         switch state.floatingPoint {
         case let .xsave(area):
             guard support.xsave else {
-                throw KVMError(operation: "restoring vCPU \(id)", errno: 0,
+                throw SystemError("restoring vCPU \(id)", errno: 0,
                                detail: "the state holds an XSAVE area but this host's KVM lacks KVM_CAP_XSAVE")
             }
             try setXSave(area)
@@ -195,7 +196,7 @@ extension KVMVCPU {
         }
         if let xcrs = state.extendedControlRegisters {
             guard support.xcrs else {
-                throw KVMError(operation: "restoring vCPU \(id)", errno: 0,
+                throw SystemError("restoring vCPU \(id)", errno: 0,
                                detail: "the state holds XCRs but this host's KVM lacks KVM_CAP_XCRS")
             }
             try setXCRs(xcrs)

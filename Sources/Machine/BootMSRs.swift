@@ -1,3 +1,4 @@
+import HostOS
 import KVM
 
 /// Model-specific registers set on every vCPU before it first runs.
@@ -40,16 +41,11 @@ enum LocalAPICSetup {
     static let deliveryModeNMI: UInt32 = 0x400
 
     static func configure(_ apic: [UInt8]) -> [UInt8] {
-        var apic = apic
-        func update(_ offset: Int, mode: UInt32) {
-            guard var value = apic.littleEndian(UInt32.self, at: offset) else { return }
-            value = (value & ~deliveryModeMask) | mode
-            withUnsafeBytes(of: value.littleEndian) { bytes in
-                for index in 0..<4 { apic[offset + index] = bytes[index] }
-            }
+        var page = LittleEndianBytes(apic)
+        for (offset, mode) in [(lvtLINT0Offset, deliveryModeExtINT), (lvtLINT1Offset, deliveryModeNMI)] {
+            guard let value = apic.littleEndian(UInt32.self, at: offset) else { continue }
+            page.set((value & ~deliveryModeMask) | mode, at: offset)
         }
-        update(lvtLINT0Offset, mode: deliveryModeExtINT)
-        update(lvtLINT1Offset, mode: deliveryModeNMI)
-        return apic
+        return page.bytes
     }
 }

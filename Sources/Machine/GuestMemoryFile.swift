@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import HostOS
 
 /// What a memory file holds, as `GuestMemory.saveToFile(_:)` wrote it or `loadFromFile(_:)` read it.
 public struct MemoryFileSummary: Equatable, Sendable {
@@ -68,12 +69,8 @@ extension GuestMemory {
     /// Writes guest RAM to a new file at `path` (replacing any file there) in the memory file format
     /// above, straight from the guest's mapping. The guest must not run meanwhile.
     @discardableResult
-    public func saveToFile(_ path: String) throws -> MemoryFileSummary {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw MachineError("cannot create memory file \(path): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        let file = MemoryFileIO(fd: fd, path: path)
-
+    public func saveToFile(_ path: String) throws(MachineError) -> MemoryFileSummary {
+        let file = try MemoryFileIO(creating: path)
         var header = LittleEndianBytes()
         header.append(MemoryFileFormat.magic)
         header.append(MemoryFileFormat.version)
@@ -90,38 +87,24 @@ extension GuestMemory {
         var checksum = MemoryFileChecksum()
         var records = 0
         var pages = 0
-        let pageSize = MemoryFileFormat.pageSize
-        let zeroPage = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize)
-        defer { zeroPage.deallocate() }
-        zeroPage.initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
-
-        for region in regions {
-            let pageCount = Int(region.range.size) / pageSize
-            var page = 0
-            while page < pageCount {
-                if memcmp(region.host + page * pageSize, zeroPage, pageSize) == 0 {
-                    page += 1
-                    continue
-                }
-                var end = page + 1
-                while end < pageCount, end - page < MemoryFileFormat.maximumPagesPerRecord,
-                      memcmp(region.host + end * pageSize, zeroPage, pageSize) != 0 {
-                    end += 1
-                }
-                let address = region.range.start + UInt64(page * pageSize)
-                let count = UInt64(end - page)
+        let recordPages = UInt64(MemoryFileFormat.maximumPagesPerRecord)
+        for run in nonZeroPages().runs {
+            // Long runs are split so that one write stays bounded.
+            var address = run.start
+            while address < run.end {
+                let count = min((run.end - address) / PageRuns.pageSize, recordPages)
+                let bytes = UnsafeRawBufferPointer(try buffer(at: address, count: Int(count * PageRuns.pageSize)))
                 var recordHeader = LittleEndianBytes()
                 recordHeader.append(address)
                 recordHeader.append(count)
                 try file.write(recordHeader.bytes)
-                let bytes = UnsafeRawBufferPointer(start: region.host + page * pageSize, count: (end - page) * pageSize)
                 try file.write(bytes)
                 checksum.add(address)
                 checksum.add(count)
                 checksum.add(bytes)
                 records += 1
-                pages += end - page
-                page = end
+                pages += Int(count)
+                address += count * PageRuns.pageSize
             }
         }
 
@@ -132,9 +115,7 @@ extension GuestMemory {
         trailer.append(UInt64(pages))
         trailer.append(checksum.value)
         try file.write(trailer.bytes)
-        guard fsync(fd) == 0 || errno == EINVAL else {
-            throw MachineError("cannot write memory file \(path): \(String(cString: strerror(errno)))")
-        }
+        try file.sync()
         return MemoryFileSummary(records: records, pages: pages, fileSize: file.offset)
     }
 
@@ -145,38 +126,35 @@ extension GuestMemory {
     /// its checksum. Nothing is ever written outside guest RAM; after an error guest RAM holds a
     /// mix of old and new pages, and the machine must not run.
     @discardableResult
-    public func loadFromFile(_ path: String) throws -> MemoryFileSummary {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw MachineError("cannot open memory file \(path): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        let file = MemoryFileIO(fd: fd, path: path)
+    public func loadFromFile(_ path: String) throws(MachineError) -> MemoryFileSummary {
+        let file = try MemoryFileIO(reading: path)
 
         let fixed = try file.read(MemoryFileFormat.fixedHeaderSize, what: "header")
         guard Array(fixed[0..<8]) == MemoryFileFormat.magic else {
-            throw MachineError("\(path) is not a Ferry memory file (its first bytes are not \"FERRYMEM\")")
+            throw MachineError(.invalidState, "\(path) is not a Ferry memory file (its first bytes are not \"FERRYMEM\")")
         }
         let version = fixed.littleEndian(UInt32.self, at: 8) ?? 0
         guard version == MemoryFileFormat.version else {
-            throw MachineError("memory file \(path) has format version \(version); this Ferry reads version \(MemoryFileFormat.version)")
+            throw MachineError(.invalidState, "memory file \(path) has format version \(version); this Ferry reads version \(MemoryFileFormat.version)")
         }
         let pageSize = fixed.littleEndian(UInt32.self, at: 12) ?? 0
         guard pageSize == MemoryFileFormat.pageSize else {
-            throw MachineError("memory file \(path) has \(pageSize)-byte pages; Ferry uses \(MemoryFileFormat.pageSize)")
+            throw MachineError(.invalidState, "memory file \(path) has \(pageSize)-byte pages; Ferry uses \(MemoryFileFormat.pageSize)")
         }
         let ramSize = fixed.littleEndian(UInt64.self, at: 16) ?? 0
         guard ramSize == size else {
-            throw MachineError("memory file \(path) holds \(ramSize >> 20) MiB of guest RAM (\(ramSize) bytes); this machine has \(size >> 20) MiB (\(size) bytes)")
+            throw MachineError(.invalidState, "memory file \(path) holds \(ramSize >> 20) MiB of guest RAM (\(ramSize) bytes); this machine has \(size >> 20) MiB (\(size) bytes)")
         }
         let rangeCount = Int(fixed.littleEndian(UInt32.self, at: 24) ?? 0)
         guard rangeCount == regions.count else {
-            throw MachineError("memory file \(path) describes \(rangeCount) RAM ranges; this machine has \(regions.count)")
+            throw MachineError(.invalidState, "memory file \(path) describes \(rangeCount) RAM ranges; this machine has \(regions.count)")
         }
         let rangeBytes = try file.read(rangeCount * MemoryFileFormat.rangeEntrySize, what: "RAM ranges")
         for (index, region) in regions.enumerated() {
             let start = rangeBytes.littleEndian(UInt64.self, at: index * 16) ?? 0
             let length = rangeBytes.littleEndian(UInt64.self, at: index * 16 + 8) ?? 0
             guard start == region.range.start, length == region.range.size else {
-                throw MachineError("memory file \(path) RAM range \(index) is 0x\(String(start, radix: 16))+0x\(String(length, radix: 16)); this machine's is 0x\(String(region.range.start, radix: 16))+0x\(String(region.range.size, radix: 16))")
+                throw MachineError(.invalidState, "memory file \(path) RAM range \(index) is 0x\(String(start, radix: 16))+0x\(String(length, radix: 16)); this machine's is 0x\(String(region.range.start, radix: 16))+0x\(String(region.range.size, radix: 16))")
             }
         }
 
@@ -194,7 +172,7 @@ extension GuestMemory {
                   address >= nextFree,
                   let host = try? buffer(at: address, count: Int(count) * MemoryFileFormat.pageSize)
             else {
-                throw MachineError("memory file \(path) record \(records) (0x\(String(address, radix: 16)), \(count) pages) is not a page-aligned range of guest RAM above the previous record")
+                throw MachineError(.invalidState, "memory file \(path) record \(records) (0x\(String(address, radix: 16)), \(count) pages) is not a page-aligned range of guest RAM above the previous record")
             }
             try zero(from: nextFree, to: address)
             try file.read(into: host, what: "record \(records)'s \(count) pages")
@@ -210,13 +188,13 @@ extension GuestMemory {
         let savedPages = trailer.littleEndian(UInt64.self, at: 8) ?? 0
         let savedChecksum = trailer.littleEndian(UInt64.self, at: 16) ?? 0
         guard savedRecords == records, savedPages == pages else {
-            throw MachineError("memory file \(path) says it holds \(savedRecords) records of \(savedPages) pages, but holds \(records) records of \(pages) pages")
+            throw MachineError(.invalidState, "memory file \(path) says it holds \(savedRecords) records of \(savedPages) pages, but holds \(records) records of \(pages) pages")
         }
         guard savedChecksum == checksum.value else {
-            throw MachineError("memory file \(path) is corrupt: checksum 0x\(String(checksum.value, radix: 16)) where the file says 0x\(String(savedChecksum, radix: 16))")
+            throw MachineError(.invalidState, "memory file \(path) is corrupt: checksum 0x\(String(checksum.value, radix: 16)) where the file says 0x\(String(savedChecksum, radix: 16))")
         }
         guard try file.atEnd() else {
-            throw MachineError("memory file \(path) has bytes after its trailer")
+            throw MachineError(.invalidState, "memory file \(path) has bytes after its trailer")
         }
         try zero(from: nextFree, to: UInt64.max)
         return MemoryFileSummary(records: records, pages: pages, fileSize: file.offset)
@@ -224,79 +202,96 @@ extension GuestMemory {
 
     /// Makes the guest RAM in [start, end) read as zero by handing its pages back to the kernel
     /// (`MADV_DONTNEED` on a private anonymous mapping), which also frees them.
-    private func zero(from start: UInt64, to end: UInt64) throws {
+    private func zero(from start: UInt64, to end: UInt64) throws(MachineError) {
         for region in regions {
             let lower = max(start, region.range.start)
             let upper = min(end, region.range.end)
             guard lower < upper else { continue }
             let host = region.host + Int(lower - region.range.start)
             guard madvise(host, Int(upper - lower), MADV_DONTNEED) == 0 else {
-                throw MachineError("cannot clear guest RAM 0x\(String(lower, radix: 16))+0x\(String(upper - lower, radix: 16)): \(String(cString: strerror(errno)))")
+                throw MachineError(.hostFailure, "cannot clear guest RAM 0x\(String(lower, radix: 16))+0x\(String(upper - lower, radix: 16))",
+                                   cause: SystemError("madvise(MADV_DONTNEED)", errno: errno))
             }
         }
     }
 }
 
-/// Whole reads and writes on a memory file's descriptor, retrying short transfers and `EINTR`.
+/// A memory file's descriptor, with whole reads and writes whose errors name the file.
 private final class MemoryFileIO {
-    let fd: Int32
+    let descriptor: FileDescriptor
     let path: String
     private(set) var offset: UInt64 = 0
 
-    init(fd: Int32, path: String) {
-        self.fd = fd
+    init(creating path: String) throws(MachineError) {
         self.path = path
+        do {
+            descriptor = FileDescriptor(try systemCall("open") { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) })
+        } catch {
+            throw MachineError(.hostFailure, "cannot create memory file \(path): \(errnoDescription(error.errno))", cause: error)
+        }
     }
 
-    func write(_ bytes: [UInt8]) throws {
-        try bytes.withUnsafeBytes { try write($0) }
+    init(reading path: String) throws(MachineError) {
+        self.path = path
+        do {
+            descriptor = FileDescriptor(try systemCall("open") { open(path, O_RDONLY | O_CLOEXEC) })
+        } catch {
+            throw MachineError(.invalidState, "cannot open memory file \(path): \(errnoDescription(error.errno))", cause: error)
+        }
     }
 
-    func write(_ bytes: UnsafeRawBufferPointer) throws {
-        guard let base = bytes.baseAddress else { return }
-        var done = 0
-        while done < bytes.count {
-            let written = Glibc.write(fd, base + done, bytes.count - done)
-            if written < 0 {
-                if errno == EINTR { continue }
-                throw MachineError("cannot write memory file \(path): \(String(cString: strerror(errno)))")
-            }
-            done += written
+    func write(_ bytes: [UInt8]) throws(MachineError) {
+        let result = bytes.withUnsafeBytes { buffer in Result { () throws(MachineError) in try write(buffer) } }
+        try result.get()
+    }
+
+    func write(_ bytes: UnsafeRawBufferPointer) throws(MachineError) {
+        do {
+            try descriptor.writeAll(bytes)
+        } catch {
+            throw MachineError(.hostFailure, "cannot write memory file \(path): \(errnoDescription(error.errno))", cause: error)
         }
         offset += UInt64(bytes.count)
     }
 
-    func read(_ count: Int, what: String) throws -> [UInt8] {
+    /// Writes what the kernel still buffers to the disk (a file system that cannot, e.g. a pipe, is fine).
+    func sync() throws(MachineError) {
+        guard fsync(descriptor.rawValue) == 0 || errno == EINVAL else {
+            throw MachineError(.hostFailure, "cannot write memory file \(path): \(errnoDescription(errno))",
+                               cause: SystemError("fsync", errno: errno))
+        }
+    }
+
+    func read(_ count: Int, what: String) throws(MachineError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
-        try bytes.withUnsafeMutableBytes { try read(into: $0, what: what) }
+        let result = bytes.withUnsafeMutableBytes { buffer in
+            Result { () throws(MachineError) in try read(into: buffer, what: what) }
+        }
+        try result.get()
         return bytes
     }
 
     /// Fills `buffer` from the file, or fails saying the file ends inside `what`.
-    func read(into buffer: UnsafeMutableRawBufferPointer, what: String) throws {
-        guard let base = buffer.baseAddress else { return }
-        var done = 0
-        while done < buffer.count {
-            let got = Glibc.read(fd, base + done, buffer.count - done)
-            if got < 0 {
-                if errno == EINTR { continue }
-                throw MachineError("cannot read memory file \(path): \(String(cString: strerror(errno)))")
-            }
-            if got == 0 {
-                throw MachineError("memory file \(path) is truncated: it ends inside the \(what) at byte \(offset + UInt64(done))")
-            }
-            done += got
+    func read(into buffer: UnsafeMutableRawBufferPointer, what: String) throws(MachineError) {
+        let got: Int
+        do {
+            got = try descriptor.read(into: buffer)
+        } catch {
+            throw MachineError(.invalidState, "cannot read memory file \(path): \(errnoDescription(error.errno))", cause: error)
+        }
+        guard got == buffer.count else {
+            throw MachineError(.invalidState, "memory file \(path) is truncated: it ends inside the \(what) at byte \(offset + UInt64(got))")
         }
         offset += UInt64(buffer.count)
     }
 
-    func atEnd() throws -> Bool {
+    func atEnd() throws(MachineError) -> Bool {
         var byte: UInt8 = 0
-        while true {
-            let got = Glibc.read(fd, &byte, 1)
-            if got < 0, errno == EINTR { continue }
-            if got < 0 { throw MachineError("cannot read memory file \(path): \(String(cString: strerror(errno)))") }
-            return got == 0
+        let got = withUnsafeMutableBytes(of: &byte) { buffer in Result { () throws(SystemError) in try descriptor.read(into: buffer) } }
+        do {
+            return try got.get() == 0
+        } catch {
+            throw MachineError(.invalidState, "cannot read memory file \(path): \(errnoDescription(error.errno))", cause: error)
         }
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import HostOS
 import KVM
 import Synchronization
 
@@ -12,15 +13,40 @@ public enum MachineStop: Equatable, Sendable {
     case failed(String)
 }
 
-/// One running x86-64 VM on KVM: guest memory, vCPUs on dedicated threads, devices.
+/// One x86-64 VM on KVM: guest memory, vCPUs on dedicated threads, devices.
 ///
-/// States: created → running ⇄ paused → stopped. `start`, `pause`, `resume` and `stop` are
-/// transitions; each refuses to run from a state it does not start from.
+/// Two builders: `forBoot` loads a kernel and sets up every vCPU to boot it; `forRestore` leaves
+/// RAM zero and the vCPUs blank, waiting for a saved state. Phases:
+///
+///     forRestore: awaitingState ─restore─▶ ready
+///     forBoot:                             ready ─start─▶ running ─pause─▶ pausing ─▶ paused
+///                                                          ▲                           │
+///                                                          └──────────resume───────────┘
+///     any phase ─stop (or the guest powers off or fails)─▶ stopped
+///
+/// Each transition refuses to run from a phase it does not start from.
 public final class Machine: Sendable {
-    public enum State: String, Sendable { case created, running, paused, stopped }
+    public enum Phase: String, Sendable {
+        /// Built by `forRestore`: the vCPUs hold no state yet and cannot run.
+        case awaitingState = "awaiting a saved state"
+        /// Can start: booted vCPUs at their entry point, or restored ones where they were saved.
+        case ready
+        case running
+        /// The vCPUs are being taken out of the guest; `pause()` has not returned yet.
+        case pausing
+        /// Every vCPU is parked with its last exit finished: its state is complete.
+        case paused
+        case stopped
+    }
 
+    /// Tells machines apart in stop reports (a VMM may be handed a report from a machine it has
+    /// already replaced).
+    public typealias ID = UUID
+
+    public let id: ID
     public let configuration: MachineConfiguration
     public let memory: GuestMemory
+    let kvm: KVMSystem
     let vm: KVMVirtualMachine
     let vcpus: [KVMVCPU]
     let serial: Serial8250
@@ -31,9 +57,7 @@ public final class Machine: Sendable {
     /// What KVM on this host saves of a vCPU.
     let vcpuStateSupport: VCPUStateSupport
     let control: VCPUControl
-    private let onStop: @Sendable (MachineStop) -> Void
-    /// True from `forRestore` until `restore(_:)` has succeeded: the vCPUs hold no state yet.
-    let awaitingState: Mutex<Bool>
+    private let stopLatch: StopLatch
 
     /// Device ids in a `MachineState`.
     enum DeviceID {
@@ -41,122 +65,131 @@ public final class Machine: Sendable {
         static let i8042 = "i8042"
     }
 
-    /// Creates the VM, loads the kernel and prepares every vCPU to boot.
+    /// Builds the VM, loads the kernel and prepares every vCPU to boot; the machine is `ready`.
     /// - Parameters:
-    ///   - serialOutput: receives the bytes the guest writes to its console UART; nil leaves the UART out.
-    ///   - onStop: called once, from a vCPU thread, when the guest stops by itself or fails.
-    public convenience init(configuration: MachineConfiguration, serialOutput: (@Sendable ([UInt8]) -> Void)?,
-                            onStop: @escaping @Sendable (MachineStop) -> Void) throws {
-        try self.init(configuration: configuration, serialOutput: serialOutput, onStop: onStop, bootsKernel: true)
+    ///   - serialOutput: receives the bytes the guest writes to its UART (if it has one).
+    ///   - onStop: called once, from a vCPU thread, with this machine's `id`, when the guest stops
+    ///     by itself or fails (not when `stop()` stops it).
+    public static func forBoot(configuration: MachineConfiguration, serialOutput: @escaping @Sendable ([UInt8]) -> Void,
+                               onStop: @escaping @Sendable (ID, MachineStop) -> Void) throws(MachineError) -> Machine {
+        let machine = try Machine(configuration: configuration, serialOutput: serialOutput, onStop: onStop, phase: .ready)
+        try machine.prepareToBoot()
+        return machine
     }
 
-    /// Creates the VM, guest memory, vCPUs and devices of `configuration` without loading a kernel
-    /// or setting any vCPU up: the machine is `created` and waits for a saved state. Fill its RAM
-    /// with `loadMemory(fromFile:)` (or by writing `memory` directly), apply the state with
-    /// `restore(_:)`, then `start()` it; it refuses to start before `restore(_:)` succeeded.
-    public static func forRestore(configuration: MachineConfiguration, serialOutput: (@Sendable ([UInt8]) -> Void)?,
-                                  onStop: @escaping @Sendable (MachineStop) -> Void) throws -> Machine {
-        try Machine(configuration: configuration, serialOutput: serialOutput, onStop: onStop, bootsKernel: false)
+    /// Builds the VM, guest memory (zero), vCPUs and devices of `configuration` without loading a
+    /// kernel or setting up any vCPU: the machine is `awaitingState`. Fill its RAM with
+    /// `loadMemory(fromFile:)` (or by writing `memory` directly), apply a state with `restore(_:)`,
+    /// then `start()` it.
+    public static func forRestore(configuration: MachineConfiguration, serialOutput: @escaping @Sendable ([UInt8]) -> Void,
+                                  onStop: @escaping @Sendable (ID, MachineStop) -> Void) throws(MachineError) -> Machine {
+        try Machine(configuration: configuration, serialOutput: serialOutput, onStop: onStop, phase: .awaitingState)
     }
 
-    private init(configuration: MachineConfiguration, serialOutput: (@Sendable ([UInt8]) -> Void)?,
-                 onStop: @escaping @Sendable (MachineStop) -> Void, bootsKernel: Bool) throws {
+    /// What both builders share: KVM, RAM, interrupt controllers, vCPUs and devices.
+    private init(configuration: MachineConfiguration, serialOutput: @escaping @Sendable ([UInt8]) -> Void,
+                 onStop: @escaping @Sendable (ID, MachineStop) -> Void, phase: Phase) throws(MachineError) {
         try configuration.validate()
         self.configuration = configuration
-        self.onStop = onStop
-        awaitingState = Mutex(!bootsKernel)
-        let kvm = try KVMSystem()
-        try kvm.require(KVMCapability.irqchip, named: "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)")
-        try kvm.require(KVMCapability.immediateExit, named: "KVM_CAP_IMMEDIATE_EXIT")
+        do {
+            kvm = try KVMSystem()
+            try kvm.require(KVMCapability.irqchip, named: "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)")
+            try kvm.require(KVMCapability.immediateExit, named: "KVM_CAP_IMMEDIATE_EXIT")
+        } catch {
+            throw MachineError.host("opening KVM", error)
+        }
         let maxVCPUs = Int(kvm.checkExtension(KVMCapability.maxVCPUs))
         if maxVCPUs > 0, configuration.cpus > maxVCPUs {
-            throw MachineError("cpus: this host's KVM runs at most \(maxVCPUs) vCPUs per VM")
+            throw MachineError(.invalidConfiguration, "cpus: this host's KVM runs at most \(maxVCPUs) vCPUs per VM")
         }
-        vcpuStateSupport = try kvm.vcpuStateSupport()
-        vm = try kvm.createVM()
         memory = try GuestMemory(ranges: GuestRAMLayout.ranges(size: configuration.memorySize))
-        for (slot, region) in memory.regions.enumerated() {
-            try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.range.start, size: region.range.size,
-                                   hostAddress: region.host)
+        do {
+            vcpuStateSupport = try kvm.vcpuStateSupport()
+            vm = try kvm.createVM()
+            for (slot, region) in memory.regions.enumerated() {
+                try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.range.start, size: region.range.size,
+                                       hostAddress: region.host)
+            }
+            try vm.setIdentityMapAddress(BootLayout.kvmIdentityMapAddress)
+            try vm.setTSSAddress(BootLayout.kvmTSSAddress)
+            try vm.createInterruptController()
+            try vm.createPIT()
+            var vcpus: [KVMVCPU] = []
+            for id in 0..<configuration.cpus { vcpus.append(try vm.createVCPU(id: UInt32(id))) }
+            self.vcpus = vcpus
+        } catch {
+            throw MachineError.host("creating the VM", error)
         }
-        try vm.setIdentityMapAddress(BootLayout.kvmIdentityMapAddress)
-        try vm.setTSSAddress(BootLayout.kvmTSSAddress)
-        try vm.createInterruptController()
-        try vm.createPIT()
-
-        let control = VCPUControl(count: configuration.cpus)
+        let control = VCPUControl(vcpus: vcpus, phase: phase)
         self.control = control
         let vmForIRQ = vm
-        serial = Serial8250(output: serialOutput ?? { _ in }, setInterrupt: { high in
+        serial = Serial8250(output: serialOutput, setInterrupt: { high in
             try? vmForIRQ.setInterruptLine(Serial8250.interruptLine, high: high)
         })
-        let stopOnce = StopLatch(onStop)
+        let id = ID()
+        self.id = id
+        let stopOnce = StopLatch { onStop(id, $0) }
+        stopLatch = stopOnce
         i8042 = I8042(onReset: { [control] in
             if stopOnce.fire(.guest) { control.requestExit() }
         })
         var devices: [(ports: ClosedRange<UInt16>, device: any PortIODevice)] = [(I8042.ports, i8042)]
-        if serialOutput != nil { devices.append((Serial8250.ports, serial)) }
+        if configuration.serialPort { devices.append((Serial8250.ports, serial)) }
         bus = PortIOBus(devices)
         statefulDevices = [(DeviceID.serial, serial), (DeviceID.i8042, i8042)]
-        stopLatch = stopOnce
+    }
 
-        let entry = try bootsKernel ? BootLoader.load(kernelPath: configuration.kernel, initramfsPath: configuration.initramfs,
-                                                     commandLine: configuration.commandLine, cpuCount: configuration.cpus,
-                                                     memory: memory) : nil
-        let supportedCPUID = bootsKernel ? try kvm.supportedCPUID() : []
-        var vcpus: [KVMVCPU] = []
-        for index in 0..<configuration.cpus {
-            let vcpu = try vm.createVCPU(id: UInt32(index))
-            if let entry {
+    /// Loads the kernel and boot tables and sets every vCPU to its power-on state, the first one
+    /// at the kernel's entry point.
+    private func prepareToBoot() throws(MachineError) {
+        let entry = try BootLoader.load(kernelPath: configuration.kernel, initramfsPath: configuration.initramfs,
+                                        commandLine: configuration.commandLine, cpuCount: configuration.cpus, memory: memory)
+        do {
+            let supportedCPUID = try kvm.supportedCPUID()
+            for vcpu in vcpus {
+                let index = Int(vcpu.id)
                 try vcpu.setCPUID(CPUIDTemplate.entries(supported: supportedCPUID, vcpu: index, count: configuration.cpus,
                                                         hostEmulatesGuestKernel: CPUIDTemplate.hostEmulatesGuestKernel))
                 try vcpu.setMSRs(BootMSRs.entries)
                 try vcpu.resetFPU()
                 try vcpu.setLocalAPIC(LocalAPICSetup.configure(try vcpu.localAPIC()))
-                if index == 0 {
-                    let base = try vcpu.specialRegisters()
-                    let (regs, sregs) = switch entry {
-                    case let .pvh(entry, startInfo): BootCPUState.pvh(entry: entry, startInfo: startInfo, base: base)
-                    case let .linux64(entry, zeroPage): BootCPUState.linux64(entry: entry, zeroPage: zeroPage, base: base)
-                    }
-                    try vcpu.setSpecialRegisters(sregs)
-                    try vcpu.setRegisters(regs)
+                guard index == 0 else { continue }
+                let base = try vcpu.specialRegisters()
+                let (regs, sregs) = switch entry {
+                case let .pvh(entry, startInfo): BootCPUState.pvh(entry: entry, startInfo: startInfo, base: base)
+                case let .linux64(entry, zeroPage): BootCPUState.linux64(entry: entry, zeroPage: zeroPage, base: base)
                 }
+                try vcpu.setSpecialRegisters(sregs)
+                try vcpu.setRegisters(regs)
             }
-            vcpus.append(vcpu)
-        }
-        self.vcpus = vcpus
-        control.attach(vcpus)
-    }
-
-    private let stopLatch: StopLatch
-
-    public var state: State { control.machineState }
-
-    /// Starts every vCPU on its own thread.
-    public func start() throws {
-        if awaitingState.withLock({ $0 }) {
-            throw MachineError("the VM was created to receive a saved state; restore one before starting it")
-        }
-        try control.transition(from: [.created], to: .running)
-        VCPUControl.installKickSignalHandler()
-        for vcpu in vcpus {
-            let thread = Thread { [self] in runLoop(vcpu) }
-            thread.name = "vcpu\(vcpu.id)"
-            thread.stackSize = 1 << 20
-            thread.start()
+        } catch {
+            throw MachineError.host("setting up the vCPUs to boot", error)
         }
     }
 
-    /// Stops all vCPUs at their next exit and waits until they are parked.
-    public func pause() throws {
-        try control.transition(from: [.running], to: .paused)
-        control.pauseAll()
+    public var phase: Phase { control.currentPhase }
+
+    /// `ready` → `running`: starts every vCPU on its own thread.
+    public func start() throws(MachineError) {
+        try control.start {
+            VCPUControl.installKickSignalHandler()
+            for vcpu in vcpus {
+                let thread = Thread { [self] in runLoop(vcpu) }
+                thread.name = "vcpu\(vcpu.id)"
+                thread.stackSize = 1 << 20
+                thread.start()
+            }
+        }
     }
 
-    public func resume() throws {
-        try control.transition(from: [.paused], to: .running)
-        control.resumeAll()
+    /// `running` → `paused`: stops every vCPU at its next exit and returns once all are parked.
+    public func pause() throws(MachineError) {
+        try control.pause()
+    }
+
+    /// `paused` → `running`.
+    public func resume() throws(MachineError) {
+        try control.resume()
     }
 
     /// Ends every vCPU thread and waits for them, at most `timeout`; returns whether all ended.
@@ -164,8 +197,7 @@ public final class Machine: Sendable {
     @discardableResult
     public func stop(timeout: Duration = .seconds(5)) -> Bool {
         stopLatch.fire(.requested)
-        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
-        return control.exitAll(timeout: seconds)
+        return control.exitAll(timeout: timeout)
     }
 
     /// Feeds host input to the guest's console.
@@ -177,7 +209,7 @@ public final class Machine: Sendable {
 
     private func runLoop(_ vcpu: KVMVCPU) {
         control.threadStarted(vcpu)
-        while control.waitUntilRunnable(vcpu, beforeParking: { settle(vcpu) }) {
+        while control.waitUntilRunnable(vcpu, settle: { settle(vcpu) }) {
             let exit: VCPUExit
             do {
                 exit = try vcpu.runOnce()

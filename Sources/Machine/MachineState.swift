@@ -7,27 +7,28 @@ import KVM
 public struct MachineState: Codable, Equatable, Sendable {
     /// The format this Ferry writes and reads. Any change to this type or to a type inside it that
     /// an older Ferry could not read raises it; a state of another version is refused.
-    public static let currentFormatVersion = 1
+    public static let currentFormatVersion = 2
 
     public var formatVersion: Int
     public var configuration: MachineConfiguration
     /// One per vCPU, in vCPU id order.
     public var vcpus: [VCPUState]
-    public var vm: VMState
+    /// The in-kernel interrupt controllers, PIT and clock.
+    public var platform: PlatformState
     /// One per stateful device, in the machine's registration order.
     public var devices: [DeviceState]
 
     public init(formatVersion: Int = MachineState.currentFormatVersion, configuration: MachineConfiguration,
-                vcpus: [VCPUState], vm: VMState, devices: [DeviceState]) {
+                vcpus: [VCPUState], platform: PlatformState, devices: [DeviceState]) {
         self.formatVersion = formatVersion
         self.configuration = configuration
         self.vcpus = vcpus
-        self.vm = vm
+        self.platform = platform
         self.devices = devices
     }
 
     private enum CodingKeys: String, CodingKey {
-        case formatVersion, configuration, vcpus, vm, devices
+        case formatVersion, configuration, vcpus, platform, devices
     }
 
     /// Decodes the version first and refuses another version before reading anything else, so the
@@ -38,13 +39,13 @@ public struct MachineState: Codable, Equatable, Sendable {
         try Self.checkVersion(formatVersion)
         configuration = try container.decode(MachineConfiguration.self, forKey: .configuration)
         vcpus = try container.decode([VCPUState].self, forKey: .vcpus)
-        vm = try container.decode(VMState.self, forKey: .vm)
+        platform = try container.decode(PlatformState.self, forKey: .platform)
         devices = try container.decode([DeviceState].self, forKey: .devices)
     }
 
-    static func checkVersion(_ version: Int) throws {
+    static func checkVersion(_ version: Int) throws(MachineError) {
         guard version == currentFormatVersion else {
-            throw MachineError("the saved machine state has format version \(version); this Ferry reads version \(currentFormatVersion)")
+            throw MachineError(.invalidState, "the saved machine state has format version \(version); this Ferry reads version \(currentFormatVersion)")
         }
     }
 }

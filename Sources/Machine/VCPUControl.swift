@@ -1,37 +1,33 @@
 import Foundation
+import HostOS
 import KVM
 
-/// Coordinates the vCPU threads: run, park (pause) and exit, with every command acknowledged.
+/// The machine's phase and the vCPU threads that follow it: one lock guards both, so every change
+/// of phase and what the threads do about it happen in one critical section.
 ///
-/// A vCPU thread only enters `KVM_RUN` while the command is `run`. To take a vCPU out of a run in
+/// A vCPU thread only enters `KVM_RUN` while the phase is `running`. To take a vCPU out of a run in
 /// progress, the controller sets the vCPU's `immediate_exit` flag and sends its thread a signal
-/// (`kickSignal`); both happen under the same lock the thread checks before entering, so a
-/// command is never missed.
+/// (`kickSignal`); both happen under the lock the thread checks before entering, so no change of
+/// phase is ever missed.
 final class VCPUControl: @unchecked Sendable {
-    enum Command { case run, pause, exit }
-
     /// The signal that interrupts `KVM_RUN`; its handler does nothing, the interruption is the point.
     static let kickSignal = SIGUSR1
 
-    private let condition = NSCondition()
-    private let count: Int
-    // Guarded by `condition`:
-    private var command: Command = .run
-    private var state: Machine.State = .created
-    private var parked = 0
+    private let lock = ConditionLock()
+    private let changed: ConditionLock.Condition
+    // Guarded by `lock`:
+    private var phase: Machine.Phase
+    /// vCPU threads started and not yet exited.
     private var running = 0
+    /// vCPU threads parked in a pause, their last exit finished.
+    private var parked = 0
     private var threads: [UInt32: pthread_t] = [:]
-    private var vcpus: [KVMVCPU] = []
+    private let vcpus: [KVMVCPU]
 
-    init(count: Int) {
-        self.count = count
-    }
-
-    /// Hands over the vCPUs to control; called once, before any thread starts.
-    func attach(_ vcpus: [KVMVCPU]) {
-        condition.lock()
+    init(vcpus: [KVMVCPU], phase: Machine.Phase) {
         self.vcpus = vcpus
-        condition.unlock()
+        self.phase = phase
+        changed = ConditionLock.Condition(lock)
     }
 
     static func installKickSignalHandler() {
@@ -42,21 +38,64 @@ final class VCPUControl: @unchecked Sendable {
         sigaction(kickSignal, &action, nil)
     }
 
-    var machineState: Machine.State {
-        condition.lock()
-        defer { condition.unlock() }
-        return state
+    var currentPhase: Machine.Phase {
+        lock.withLock { phase }
     }
 
-    /// Moves the machine's state, refusing transitions that do not start from one of `allowed`.
-    func transition(from allowed: Set<Machine.State>, to next: Machine.State) throws {
-        condition.lock()
-        defer { condition.unlock() }
-        guard allowed.contains(state) else {
-            throw MachineError("the VM is \(state.rawValue); it must be \(allowed.map(\.rawValue).sorted().joined(separator: " or ")) to become \(next.rawValue)")
+    /// `ready` → `running`: counts every vCPU as running, then `launch` starts their threads.
+    func start(_ launch: () -> Void) throws(MachineError) {
+        try lock.withLock { () throws(MachineError) in
+            try require(.ready, toBecome: .running)
+            phase = .running
+            running = vcpus.count
         }
-        state = next
+        launch()
     }
+
+    /// `running` → `paused`, once every vCPU thread has finished its last exit and parked.
+    func pause() throws(MachineError) {
+        try lock.withLock { () throws(MachineError) in
+            try require(.running, toBecome: .paused)
+            phase = .pausing
+            kickAll()
+            while phase == .pausing && parked < running {
+                changed.wait()
+            }
+            guard phase == .pausing else {
+                throw MachineError(.wrongPhase, "the VM became \(phase.rawValue) while it was pausing")
+            }
+            phase = .paused
+        }
+    }
+
+    /// `paused` → `running`.
+    func resume() throws(MachineError) {
+        try lock.withLock { () throws(MachineError) in
+            try require(.paused, toBecome: .running)
+            phase = .running
+            changed.broadcast()
+        }
+    }
+
+    /// Runs `body` while the machine is in `required` phase, holding the lock so that nothing else
+    /// changes the phase meanwhile; `body` may move it on. Refuses, naming the phase, otherwise.
+    func whileIn<T>(_ required: Machine.Phase, to operation: String,
+                    _ body: (inout Machine.Phase) throws(MachineError) -> T) throws(MachineError) -> T {
+        try lock.withLock { () throws(MachineError) -> T in
+            guard phase == required else {
+                throw MachineError(.wrongPhase, "the VM is \(phase.rawValue); it must be \(required.rawValue) to \(operation)")
+            }
+            return try body(&phase)
+        }
+    }
+
+    private func require(_ required: Machine.Phase, toBecome next: Machine.Phase) throws(MachineError) {
+        guard phase == required else {
+            throw MachineError(.wrongPhase, "the VM is \(phase.rawValue); it must be \(required.rawValue) to become \(next.rawValue)")
+        }
+    }
+
+    // MARK: The vCPU threads' side
 
     /// Registers the calling thread as `vcpu`'s, so that kicks reach it. Threads inherit their
     /// creator's signal mask, and the creator may be a pool thread that blocks signals, so the
@@ -66,55 +105,39 @@ final class VCPUControl: @unchecked Sendable {
         sigemptyset(&kickOnly)
         sigaddset(&kickOnly, Self.kickSignal)
         pthread_sigmask(SIG_UNBLOCK, &kickOnly, nil)
-        condition.lock()
-        running += 1
-        threads[vcpu.id] = pthread_self()
-        condition.unlock()
+        lock.withLock { threads[vcpu.id] = pthread_self() }
     }
 
     /// Unregisters the calling vCPU thread: a thread that has ended must never be signalled.
     func threadExited(_ vcpu: KVMVCPU) {
-        condition.lock()
-        running -= 1
-        threads[vcpu.id] = nil
-        condition.broadcast()
-        condition.unlock()
+        lock.withLock {
+            running -= 1
+            threads[vcpu.id] = nil
+            changed.broadcast()
+        }
     }
 
-    /// Called by a vCPU thread before each `KVM_RUN`: parks while paused, returns false on exit.
-    /// On a pause, `beforeParking` runs first, without the lock, so that the vCPU counts as parked
-    /// (and its state may be saved) only once it is done.
-    func waitUntilRunnable(_ vcpu: KVMVCPU, beforeParking: () -> Void) -> Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        var isParked = false
-        while command == .pause {
-            if !isParked {
-                condition.unlock()
-                beforeParking()
-                condition.lock()
-                guard command == .pause else { break }
-                isParked = true
-                parked += 1
-                condition.broadcast()
+    /// Called by a vCPU thread before each `KVM_RUN`: parks while the machine is pausing or
+    /// paused; returns false once it is stopped. Before parking, `settle` runs without the lock,
+    /// so that the vCPU counts as parked (and its state may be saved) only once it is done.
+    func waitUntilRunnable(_ vcpu: KVMVCPU, settle: () -> Void) -> Bool {
+        lock.withLock {
+            var isParked = false
+            while phase == .pausing || phase == .paused {
+                if !isParked {
+                    lock.withoutLock(settle)
+                    guard phase == .pausing || phase == .paused else { break }
+                    isParked = true
+                    parked += 1
+                    changed.broadcast()
+                }
+                changed.wait()
             }
-            condition.wait()
+            if isParked { parked -= 1 }
+            guard phase == .running else { return false }
+            vcpu.setImmediateExit(false)
+            return true
         }
-        if isParked { parked -= 1 }
-        guard command == .run else { return false }
-        vcpu.setImmediateExit(false)
-        return true
-    }
-
-    /// Runs `body` while the machine is in `required` state, holding the lock so that no
-    /// transition can happen meanwhile; refuses, naming the current state, otherwise.
-    func whileIn<T>(_ required: Machine.State, to operation: String, _ body: () throws -> T) throws -> T {
-        condition.lock()
-        defer { condition.unlock() }
-        guard state == required else {
-            throw MachineError("the VM is \(state.rawValue); it must be \(required.rawValue) to \(operation)")
-        }
-        return try body()
     }
 
     /// Takes every vCPU out of `KVM_RUN`; called with the lock held.
@@ -125,49 +148,31 @@ final class VCPUControl: @unchecked Sendable {
         }
     }
 
-    func pauseAll() {
-        condition.lock()
-        defer { condition.unlock() }
-        guard command == .run else { return }
-        command = .pause
-        kickAll()
-        while parked < running {
-            condition.wait()
-        }
-    }
+    // MARK: Stopping
 
-    func resumeAll() {
-        condition.lock()
-        if command == .pause { command = .run }
-        condition.broadcast()
-        condition.unlock()
-    }
-
-    /// Asks every vCPU thread to exit without waiting (safe from a vCPU thread itself).
+    /// Moves the machine to `stopped` and asks every vCPU thread to exit, without waiting (safe
+    /// from a vCPU thread itself).
     func requestExit() {
-        condition.lock()
-        command = .exit
-        state = .stopped
-        condition.broadcast()
-        kickAll()
-        condition.unlock()
+        lock.withLock {
+            phase = .stopped
+            changed.broadcast()
+            kickAll()
+        }
     }
 
-    /// Ends every vCPU thread and waits until all have exited or `timeout` has passed; returns
-    /// whether all exited. (A vCPU inside a long emulated instruction on a nested host can take
-    /// a while to notice the signal.)
-    @discardableResult
-    func exitAll(timeout: TimeInterval) -> Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        command = .exit
-        state = .stopped
-        condition.broadcast()
-        kickAll()
-        let deadline = Date().addingTimeInterval(timeout)
-        while running > 0 {
-            if !condition.wait(until: deadline) { return running == 0 }
+    /// Moves the machine to `stopped`, ends every vCPU thread and waits until all have exited or
+    /// `timeout` has passed; returns whether all exited. (A vCPU inside a long emulated
+    /// instruction on a nested host can take a while to notice the signal.)
+    func exitAll(timeout: Duration) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        return lock.withLock {
+            phase = .stopped
+            changed.broadcast()
+            kickAll()
+            while running > 0 {
+                if !changed.wait(until: deadline) { return running == 0 }
+            }
+            return true
         }
-        return true
     }
 }

@@ -5,7 +5,7 @@ public struct OptionList: Equatable, Sendable {
     public private(set) var words: [String] = []
 
     /// Parses `text` for `flag`, accepting only `allowedKeys`; the error names the flag and what is allowed.
-    public init(parsing text: String, flag: String, allowedKeys: Set<String>) throws {
+    public init(parsing text: String, flag: String, allowedKeys: Set<String>) throws(ConfigurationError) {
         for item in text.split(separator: ",", omittingEmptySubsequences: false) {
             guard !item.isEmpty else { throw ConfigurationError(flag: flag, "empty item in '\(text)'") }
             if let equals = item.firstIndex(of: "=") {
@@ -40,7 +40,7 @@ public struct ConfigurationError: Error, CustomStringConvertible, Equatable, Sen
 
 /// Sizes as Cloud Hypervisor writes them: a number of bytes with an optional binary suffix K, M, G or T.
 public enum ByteSize {
-    public static func parse(_ text: String, flag: String) throws -> UInt64 {
+    public static func parse(_ text: String, flag: String) throws(ConfigurationError) -> UInt64 {
         let multipliers: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
         var digits = Substring(text)
         var multiplier: UInt64 = 1

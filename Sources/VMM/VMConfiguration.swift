@@ -1,7 +1,7 @@
 import Events
 import Machine
 
-/// Where the guest's serial console goes: `--serial` in Cloud Hypervisor's spelling.
+/// Where the guest's serial console goes on this host: `--serial` in Cloud Hypervisor's spelling.
 public enum SerialMode: Codable, Equatable, Sendable {
     /// The VMM's standard output (and, on a terminal, its standard input).
     case tty
@@ -12,7 +12,7 @@ public enum SerialMode: Codable, Equatable, Sendable {
     /// No UART at all.
     case off
 
-    public init(parsing text: String) throws {
+    public init(parsing text: String) throws(ConfigurationError) {
         let options = try OptionList(parsing: text, flag: "--serial", allowedKeys: ["file"])
         switch (options.words, options["file"]) {
         case (["tty"], nil): self = .tty
@@ -25,21 +25,39 @@ public enum SerialMode: Codable, Equatable, Sendable {
     }
 }
 
-/// Everything `ferry` needs to create and boot one VM, parsed from Cloud Hypervisor-style flags.
+/// Everything `ferry` needs to create and boot one VM: what the guest sees (`machine`) and where
+/// this host puts its console (`serial`). The two agree by construction: the guest has a UART
+/// unless `serial` is `off`.
 public struct VMConfiguration: Codable, Equatable, Sendable {
-    public var machine: MachineConfiguration
-    public var serial: SerialMode
+    public private(set) var machine: MachineConfiguration
+    public private(set) var serial: SerialMode
 
     /// Ferry's default kernel command line when `--cmdline` is not given: console on the UART.
     public static let defaultCommandLine = "console=ttyS0"
 
     public init(machine: MachineConfiguration, serial: SerialMode = .tty) {
+        var machine = machine
+        machine.serialPort = serial != .off
         self.machine = machine
         self.serial = serial
     }
 
+    /// The configuration of a guest that arrives with `machine` and whose console this host puts
+    /// where `serial` says (nowhere, if the guest has no UART).
+    public init(arriving machine: MachineConfiguration, serial: SerialMode) {
+        self.init(machine: machine, serial: machine.serialPort ? serial : .off)
+    }
+
+    private enum CodingKeys: String, CodingKey { case machine, serial }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(machine: try container.decode(MachineConfiguration.self, forKey: .machine),
+                  serial: try container.decode(SerialMode.self, forKey: .serial))
+    }
+
     /// `--cpus boot=N`.
-    public static func parseCPUs(_ text: String) throws -> Int {
+    public static func parseCPUs(_ text: String) throws(ConfigurationError) -> Int {
         let options = try OptionList(parsing: text, flag: "--cpus", allowedKeys: ["boot"])
         guard options.words.isEmpty, let boot = options["boot"] else {
             throw ConfigurationError(flag: "--cpus", "write boot=N, e.g. --cpus boot=2")
@@ -51,7 +69,7 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
     }
 
     /// `--memory size=SIZE`.
-    public static func parseMemory(_ text: String) throws -> UInt64 {
+    public static func parseMemory(_ text: String) throws(ConfigurationError) -> UInt64 {
         let options = try OptionList(parsing: text, flag: "--memory", allowedKeys: ["size"])
         guard options.words.isEmpty, let size = options["size"] else {
             throw ConfigurationError(flag: "--memory", "write size=SIZE, e.g. --memory size=1G")
@@ -65,14 +83,14 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
     }
 
     /// `--console`: Ferry has no virtio console, so only `off` (and `null`) are accepted.
-    public static func parseConsole(_ text: String) throws {
+    public static func parseConsole(_ text: String) throws(ConfigurationError) {
         guard text == "off" || text == "null" else {
             throw ConfigurationError(flag: "--console", "'\(text)' is not available: Ferry has no virtio console; use --console off and --serial for the guest console")
         }
     }
 
     /// `--event-monitor path=PATH|fd=N`.
-    public static func parseEventMonitor(_ text: String) throws -> EventSinkTarget {
+    public static func parseEventMonitor(_ text: String) throws(ConfigurationError) -> EventSinkTarget {
         do {
             return try EventSinkTarget(parsing: text)
         } catch {

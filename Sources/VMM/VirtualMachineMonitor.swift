@@ -1,22 +1,21 @@
-import Dispatch
 import Events
 import Foundation
+import LiveMigration
 import Logging
 import Machine
 import Synchronization
 
 /// The VMM core: owns the one VM, serialises every operation on it, and reports every lifecycle
-/// edge as an event (events.md section 3).
+/// edge as an event (docs/events.md §3 and §4).
 ///
-/// VM states follow Cloud Hypervisor: no VM → `Created` (vm.create) → `Running` (vm.boot) ⇄
-/// `Paused` → `Shutdown` (vm.shutdown, or the guest powers off) → `Running` again (vm.boot), and
-/// vm.delete from any state back to no VM. An operation in the wrong state changes nothing and
-/// emits nothing.
+/// The VM's lifecycle is one value, `Lifecycle` (docs/architecture.md draws it): an operation
+/// checks the case it may start from, refuses any other without changing anything or emitting
+/// anything, and moves to the next case.
 public actor VirtualMachineMonitor {
     /// Ferry's version, as `vmm.starting` and `vmm.ping` report it.
     public static let version = "0.1.0"
 
-    /// The VM's lifecycle state, spelled as Cloud Hypervisor's `vm.info` spells it.
+    /// The VM's state, spelled as Cloud Hypervisor's `vm.info` spells it.
     public enum VMState: String, Sendable, Codable {
         case created = "Created"
         case running = "Running"
@@ -24,8 +23,8 @@ public actor VirtualMachineMonitor {
         case shutdown = "Shutdown"
     }
 
-    /// How the VMM process ends, and the exit status that goes with it.
-    public enum Outcome: Equatable, Sendable {
+    /// Why the VMM process ends, and the exit status that goes with it.
+    public enum ExitReason: Equatable, Sendable {
         /// The guest stopped and the VMM runs without an API (boot-at-once mode).
         case guestShutdown
         case signalled(Int32)
@@ -43,19 +42,98 @@ public actor VirtualMachineMonitor {
         }
     }
 
+    /// A VM whose machine exists: booted, restored or received.
+    struct LiveVM: Sendable {
+        var configuration: VMConfiguration
+        var machine: Machine
+        /// Where its console output goes; closed when the VM is gone.
+        var console: ConsoleOutput
+    }
+
+    /// What the guest of a VM that is migrating does meanwhile.
+    enum GuestActivity: Sendable {
+        case running
+        case paused
+        /// It powered off or failed; the migration is ending.
+        case stopped
+
+        var vmState: VMState {
+            switch self {
+            case .running: .running
+            case .paused: .paused
+            case .stopped: .shutdown
+            }
+        }
+    }
+
+    /// An incoming migration, and the VM it brought once the guest is here (until the receive has
+    /// emitted its last event, the lifecycle stays here, so that no other operation's events come
+    /// between the guest's arrival and `vm.migration-receive-finished`).
+    struct IncomingMigration: Sendable {
+        var receiver: MigrationReceiver
+        var arrived: (vm: LiveVM, guest: GuestActivity)?
+    }
+
+    /// An outgoing migration.
+    enum OutgoingMigration: Sendable {
+        /// `vm.send-migration` is connecting to the destination; `cancelRequested` once
+        /// `vm.cancel-migration` came meanwhile.
+        case connecting(cancelRequested: Bool)
+        case sending(MigrationSender)
+    }
+
+    /// One VMM's VM, from no VM to deleted. While a migration runs in either direction, only
+    /// queries are answered.
+    enum Lifecycle: Sendable {
+        case noVM
+        case created(VMConfiguration)
+        case running(LiveVM)
+        case paused(LiveVM)
+        /// Stopped (guest power-off, `vm.shutdown`, a failure); it can boot again.
+        case shutDown(VMConfiguration)
+        case migratingOut(LiveVM, GuestActivity, OutgoingMigration)
+        /// `vm.receive-migration` waits for a sender or receives.
+        case migratingIn(IncomingMigration)
+
+        /// The state `vm.info` reports; nil without a VM.
+        var vmState: VMState? {
+            switch self {
+            case .noVM: nil
+            case .created: .created
+            case .running: .running
+            case .paused: .paused
+            case .shutDown: .shutdown
+            case .migratingOut(_, let guest, _): guest.vmState
+            case .migratingIn(let incoming): incoming.arrived?.guest.vmState
+            }
+        }
+
+        var configuration: VMConfiguration? {
+            switch self {
+            case .noVM: nil
+            case let .created(configuration), let .shutDown(configuration): configuration
+            case let .running(vm), let .paused(vm), let .migratingOut(vm, _, _): vm.configuration
+            case .migratingIn(let incoming): incoming.arrived?.vm.configuration
+            }
+        }
+
+        var liveVM: LiveVM? {
+            switch self {
+            case let .running(vm), let .paused(vm), let .migratingOut(vm, _, _): vm
+            case .migratingIn(let incoming): incoming.arrived?.vm
+            default: nil
+            }
+        }
+    }
+
     public nonisolated let events: EventMonitor
     let logger: Logger
     /// Without an API, the process ends with its VM; with one, the VMM outlives the guest.
     private let exitsWithVM: Bool
+    /// The process's terminal, for the VM whose console is `tty`.
+    let terminal = TerminalInput()
 
-    var configuration: VMConfiguration? { didSet { publishInfo() } }
-    var machine: Machine?
-    var console: HostConsole?
-    var state: VMState? { didSet { publishInfo() } }
-    /// The migration under way, if any: while there is one, only queries are answered.
-    var migration: MigrationActivity?
-    /// `vm.cancel-migration` came while `vm.send-migration` was connecting.
-    var cancelWhileConnecting = false
+    var lifecycle = Lifecycle.noVM { didSet { publishInfo() } }
     /// The current or last migration's progress, readable without waiting for the actor.
     nonisolated let publishedProgress = Mutex<MigrationProgressTracker?>(nil)
     /// Waiting for the migration under way to end (`finish()`).
@@ -63,8 +141,8 @@ public actor VirtualMachineMonitor {
     /// What `info()` answers, readable without waiting for the actor, so that `vm.info` stays
     /// responsive while a long operation (a snapshot of a large guest) runs.
     private nonisolated let publishedInfo = Mutex<Info?>(nil)
-    var outcome: Outcome?
-    private var exitWaiters: [CheckedContinuation<Outcome, Never>] = []
+    var exitReason: ExitReason?
+    private var exitWaiters: [CheckedContinuation<ExitReason, Never>] = []
 
     public init(events: EventMonitor, logger: Logger, exitsWithVM: Bool) {
         self.events = events
@@ -87,182 +165,198 @@ public actor VirtualMachineMonitor {
     }
 
     private func publishInfo() {
-        let info = configuration.flatMap { configuration in
-            state.map { Info(configuration: configuration, state: $0, memoryActualSize: configuration.machine.memorySize) }
+        let info = lifecycle.configuration.flatMap { configuration in
+            lifecycle.vmState.map { Info(configuration: configuration, state: $0, memoryActualSize: configuration.machine.memorySize) }
         }
         publishedInfo.withLock { $0 = info }
+    }
+
+    /// The error for an operation the lifecycle's current case does not allow: no VM, a
+    /// migration under way, or `requirement` (e.g. "only a Running VM can pause").
+    func refusal(_ requirement: String) -> VMMError {
+        switch lifecycle {
+        case .noVM:
+            VMMError(.noVM, "no VM has been created")
+        case .migratingOut:
+            VMMError(.wrongState, "the VM is being migrated; only vm.info is answered until the migration ends")
+        case .migratingIn:
+            VMMError(.wrongState, "this VMM is receiving a migration; only vm.info is answered until it ends")
+        default:
+            VMMError(.wrongState, "the VM is \(lifecycle.vmState?.rawValue ?? "gone"); \(requirement)")
+        }
     }
 
     // MARK: Operations
 
     public func create(_ configuration: VMConfiguration) throws(VMMError) {
-        try refuseDuringMigration()
-        guard state == nil else { throw VMMError(.wrongState, "a VM already exists; delete it first") }
-        do {
-            try configuration.machine.validate()
-        } catch {
-            throw VMMError(.invalidRequest, "\(error)")
+        guard case .noVM = lifecycle else {
+            if case .migratingOut = lifecycle { throw refusal("") }
+            if case .migratingIn = lifecycle { throw refusal("") }
+            throw VMMError(.wrongState, "a VM already exists; delete it first")
         }
-        for (field, path) in [("payload.kernel", configuration.machine.kernel), ("payload.initramfs", configuration.machine.initramfs)] {
+        let machine = configuration.machine
+        do {
+            try machine.validate()
+        } catch {
+            throw VMMError(.invalidRequest, error.message, cause: error)
+        }
+        for (field, path) in [("payload.kernel", machine.kernel), ("payload.initramfs", machine.initramfs)] {
             if let path, !FileManager.default.isReadableFile(atPath: path) {
                 throw VMMError(.invalidRequest, "\(field): \(path) does not exist or is not readable")
             }
         }
-        self.configuration = configuration
-        state = .created
+        do {
+            try BootLoader.check(kernelPath: machine.kernel, initramfsPath: machine.initramfs,
+                                 commandLine: machine.commandLine, memorySize: machine.memorySize)
+        } catch {
+            throw VMMError(.invalidRequest, "payload: \(error.message)", cause: error)
+        }
+        lifecycle = .created(configuration)
     }
 
     public func boot() throws(VMMError) {
-        try refuseDuringMigration()
-        guard let configuration, let state else { throw VMMError(.noVM, "no VM has been created") }
-        guard state == .created || state == .shutdown else {
-            throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Created or Shutdown VM can boot")
+        let configuration: VMConfiguration
+        switch lifecycle {
+        case let .created(created), let .shutDown(created): configuration = created
+        default: throw refusal("only a Created or Shutdown VM can boot")
         }
-        events.emit(.vm, "booting")
+        events.emit(VMEvent.Booting())
         do {
-            try startMachine(configuration)
+            lifecycle = .running(try startMachine(configuration))
         } catch {
-            events.emit(.vm, "shutdown", ["reason": "guest", "error": "\(error)"])
-            self.state = .shutdown
-            throw VMMError(.internalFailure, "booting failed: \(error)")
+            events.emit(VMEvent.Shutdown(reason: .guest, error: "\(error)"))
+            lifecycle = .shutDown(configuration)
+            throw VMMError("booting failed", error)
         }
-        self.state = .running
-        events.emit(.vm, "booted")
+        events.emit(VMEvent.Booted())
     }
 
     public func pause() throws(VMMError) {
-        try refuseDuringMigration()
-        try pauseMachine()
+        guard case .running(let vm) = lifecycle else { throw refusal("it must be Running to pause") }
+        try pause(vm)
+        lifecycle = .paused(vm)
     }
 
-    func pauseMachine() throws(VMMError) {
-        let machine = try requireMachine(in: .running, for: "pause")
-        events.emit(.vm, "pausing")
+    /// Pauses the guest of `vm` with its events; the caller moves the lifecycle on.
+    func pause(_ vm: LiveVM) throws(VMMError) {
+        events.emit(VMEvent.Pausing())
         do {
-            try machine.pause()
+            try vm.machine.pause()
         } catch {
-            throw VMMError(.internalFailure, "pausing failed: \(error)")
+            throw VMMError("pausing failed", error)
         }
-        state = .paused
-        events.emit(.vm, "paused")
+        events.emit(VMEvent.Paused())
     }
 
     public func resume() throws(VMMError) {
-        try refuseDuringMigration()
-        try resumeMachine()
+        guard case .paused(let vm) = lifecycle else { throw refusal("it must be Paused to resume") }
+        try resume(vm)
+        lifecycle = .running(vm)
     }
 
-    func resumeMachine() throws(VMMError) {
-        let machine = try requireMachine(in: .paused, for: "resume")
-        events.emit(.vm, "resuming")
+    /// Runs the paused guest of `vm` with its events; the caller moves the lifecycle on.
+    func resume(_ vm: LiveVM) throws(VMMError) {
+        events.emit(VMEvent.Resuming())
         do {
-            // A VM restored without `resume` has never run on this host: it starts rather than resumes.
-            if machine.state == .created { try machine.start() } else { try machine.resume() }
+            // A VM restored or received paused has never run on this host: it starts rather than resumes.
+            if vm.machine.phase == .ready { try vm.machine.start() } else { try vm.machine.resume() }
         } catch {
-            throw VMMError(.internalFailure, "resuming failed: \(error)")
+            throw VMMError("resuming failed", error)
         }
-        state = .running
-        events.emit(.vm, "resumed")
+        events.emit(VMEvent.Resumed())
     }
 
     /// Stops the guest (API `vm.shutdown`); the VM's configuration stays, and it can boot again.
     public func shutdown() throws(VMMError) {
-        try refuseDuringMigration()
-        guard let state else { throw VMMError(.noVM, "no VM has been created") }
-        guard state == .running || state == .paused else {
-            throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Running or Paused VM can shut down")
-        }
-        stopMachine()
-        self.state = .shutdown
-        events.emit(.vm, "shutdown", ["reason": "api"])
+        guard let vm = stoppableVM() else { throw refusal("only a Running or Paused VM can shut down") }
+        stop(vm)
+        lifecycle = .shutDown(vm.configuration)
+        events.emit(VMEvent.Shutdown(reason: .api))
     }
 
     /// Restarts the guest from its kernel with the same configuration.
     public func reboot() throws(VMMError) {
-        try refuseDuringMigration()
-        guard let configuration, let state else { throw VMMError(.noVM, "no VM has been created") }
-        guard state == .running || state == .paused else {
-            throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Running or Paused VM can reboot")
-        }
-        events.emit(.vm, "rebooting")
-        stopMachine()
+        guard let vm = stoppableVM() else { throw refusal("only a Running or Paused VM can reboot") }
+        events.emit(VMEvent.Rebooting())
+        stop(vm)
         do {
-            try startMachine(configuration)
+            lifecycle = .running(try startMachine(vm.configuration))
         } catch {
-            self.state = .shutdown
-            events.emit(.vm, "shutdown", ["reason": "guest", "error": "\(error)"])
-            throw VMMError(.internalFailure, "rebooting failed: \(error)")
+            lifecycle = .shutDown(vm.configuration)
+            events.emit(VMEvent.Shutdown(reason: .guest, error: "\(error)"))
+            throw VMMError("rebooting failed", error)
         }
-        self.state = .running
-        events.emit(.vm, "rebooted")
+        events.emit(VMEvent.Rebooted())
     }
 
     /// Removes the VM, stopping it first if it runs.
     public func delete() throws(VMMError) {
-        try refuseDuringMigration()
-        guard let state else { throw VMMError(.noVM, "no VM has been created") }
-        if state == .running || state == .paused {
-            stopMachine()
-            events.emit(.vm, "shutdown", ["reason": "api"])
+        switch lifecycle {
+        case .created, .shutDown:
+            break
+        case .running(let vm), .paused(let vm):
+            stop(vm)
+            events.emit(VMEvent.Shutdown(reason: .api))
+        case .noVM, .migratingOut, .migratingIn:
+            throw refusal("")
         }
-        self.state = nil
-        configuration = nil
-        events.emit(.vm, "deleted")
+        lifecycle = .noVM
+        events.emit(VMEvent.Deleted())
+    }
+
+    /// The VM of a Running or Paused lifecycle.
+    private func stoppableVM() -> LiveVM? {
+        switch lifecycle {
+        case .running(let vm), .paused(let vm): vm
+        default: nil
+        }
     }
 
     // MARK: Snapshot and restore
 
     /// Writes the paused VM's complete state and memory into `directory` (created if needed).
     public func snapshot(to directory: String) throws(VMMError) {
-        try refuseDuringMigration()
-        let machine = try requireMachine(in: .paused, for: "snapshot")
-        guard let configuration else { throw VMMError(.noVM, "no VM has been created") }
-        events.emit(.vm, "snapshotting")
+        guard case .paused(let vm) = lifecycle else { throw refusal("it must be Paused to snapshot") }
+        events.emit(VMEvent.Snapshotting())
         do {
-            let state = try machine.saveState()
+            let state = try vm.machine.saveState()
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-            try machine.saveMemory(toFile: (directory as NSString).appendingPathComponent(Snapshot.memoryFile))
-            try Snapshot(formatVersion: Snapshot.currentFormatVersion, configuration: configuration, machine: state)
+            try vm.machine.saveMemory(toFile: (directory as NSString).appendingPathComponent(Snapshot.memoryFile))
+            try Snapshot(formatVersion: Snapshot.currentFormatVersion, configuration: vm.configuration, machine: state)
                 .write(to: directory)
         } catch {
-            events.emit(.vm, "snapshot-failed", ["error": "\(error)"])
-            throw VMMError(.internalFailure, "snapshot failed: \(error)")
+            events.emit(VMEvent.SnapshotFailed(error: "\(error)"))
+            throw VMMError(.internalFailure, "snapshot failed: \(error)", cause: error)
         }
-        events.emit(.vm, "snapshotted", ["destination": directory])
+        events.emit(VMEvent.Snapshotted(destination: directory))
     }
 
     /// Creates the VM from a snapshot directory; it runs if `resume`, and is Paused otherwise.
     public func restore(from directory: String, resume: Bool) throws(VMMError) {
-        try refuseDuringMigration()
-        guard state == nil else { throw VMMError(.wrongState, "a VM already exists; restore needs a VMM without one") }
+        guard case .noVM = lifecycle else {
+            if case .migratingOut = lifecycle { throw refusal("") }
+            if case .migratingIn = lifecycle { throw refusal("") }
+            throw VMMError(.wrongState, "a VM already exists; restore needs a VMM without one")
+        }
         let snapshot = try Snapshot.read(from: directory)
         do {
             try snapshot.configuration.machine.validate()
         } catch {
-            throw VMMError(.invalidRequest, "the snapshot's VM does not fit this host: \(error)")
+            throw VMMError(.invalidRequest, "the snapshot's VM does not fit this host: \(error)", cause: error)
         }
-        events.emit(.vm, "restoring", ["source": directory])
+        events.emit(VMEvent.Restoring(source: directory))
+        let vm: LiveVM
         do {
-            let console = try HostConsole(mode: snapshot.configuration.serial)
-            let generation = UUID()
-            let machine = try Machine.forRestore(configuration: snapshot.configuration.machine,
-                                                 serialOutput: console.output,
-                                                 onStop: { [weak self] stop in
-                                                     Task { await self?.machineStopped(stop, generation: generation) }
-                                                 })
-            try machine.loadMemory(fromFile: (directory as NSString).appendingPathComponent(Snapshot.memoryFile))
-            try machine.restore(snapshot.machine)
-            self.machine = machine
-            self.console = console
-            machineGeneration = generation
-            configuration = snapshot.configuration
-            state = .paused
+            vm = try prepareMachine(snapshot.configuration, appendingToConsole: true)
+            try vm.machine.loadMemory(fromFile: (directory as NSString).appendingPathComponent(Snapshot.memoryFile))
+            try vm.machine.restore(snapshot.machine)
         } catch {
-            stopMachine()
-            events.emit(.vm, "restore-failed", ["error": "\(error)"])
-            throw VMMError(.invalidRequest, "restore from \(directory) failed: \(error)")
+            events.emit(VMEvent.RestoreFailed(error: "\(error)"))
+            throw VMMError("restore from \(directory) failed", error)
         }
-        events.emit(.vm, "restored")
+        install(vm)
+        lifecycle = .paused(vm)
+        events.emit(VMEvent.Restored())
         if resume {
             try self.resume()
         }
@@ -270,16 +364,16 @@ public actor VirtualMachineMonitor {
 
     // MARK: Process lifetime
 
-    /// Ends the VMM: `waitForExit` returns `outcome` (the first one asked for wins).
-    public func requestExit(_ outcome: Outcome) {
-        guard self.outcome == nil else { return }
-        self.outcome = outcome
-        for waiter in exitWaiters { waiter.resume(returning: outcome) }
+    /// Ends the VMM: `waitForExit` returns `reason` (the first one asked for wins).
+    public func requestExit(_ reason: ExitReason) {
+        guard exitReason == nil else { return }
+        exitReason = reason
+        for waiter in exitWaiters { waiter.resume(returning: reason) }
         exitWaiters.removeAll()
     }
 
-    public func waitForExit() async -> Outcome {
-        if let outcome { return outcome }
+    public func waitForExit() async -> ExitReason {
+        if let exitReason { return exitReason }
         return await withCheckedContinuation { exitWaiters.append($0) }
     }
 
@@ -288,68 +382,80 @@ public actor VirtualMachineMonitor {
     /// `vmm.shutdown` and closes the event monitor.
     public func finish() async {
         await endMigration()
-        if state == .running || state == .paused {
-            stopMachine()
-            state = .shutdown
-            events.emit(.vm, "shutdown", ["reason": "api"])
+        if let vm = stoppableVM() {
+            stop(vm)
+            lifecycle = .shutDown(vm.configuration)
+            events.emit(VMEvent.Shutdown(reason: .api))
         }
-        events.emit(.vmm, "shutdown")
+        events.emit(VMMEvent.Shutdown())
         events.close()
     }
 
     // MARK: The machine
 
-    func requireMachine(in required: VMState, for operation: String) throws(VMMError) -> Machine {
-        guard let state else { throw VMMError(.noVM, "no VM has been created") }
-        guard state == required, let machine else {
-            throw VMMError(.wrongState, "the VM is \(state.rawValue); it must be \(required.rawValue) to \(operation)")
-        }
-        return machine
-    }
-
-    private func startMachine(_ configuration: VMConfiguration) throws {
-        let console = try HostConsole(mode: configuration.serial)
-        let generation = UUID()
-        let machine = try Machine(configuration: configuration.machine, serialOutput: console.output,
-                                  onStop: { [weak self] stop in
-                                      Task { await self?.machineStopped(stop, generation: generation) }
-                                  })
+    /// Builds and starts a machine that boots `configuration`'s kernel.
+    private func startMachine(_ configuration: VMConfiguration) throws -> LiveVM {
+        let console = try ConsoleOutput(mode: configuration.serial)
+        let machine = try Machine.forBoot(configuration: configuration.machine, serialOutput: console.write,
+                                          onStop: stopHandler())
+        let vm = LiveVM(configuration: configuration, machine: machine, console: console)
         try machine.start()
-        console.forwardInput(to: machine)
-        self.machine = machine
-        self.console = console
-        machineGeneration = generation
+        install(vm)
         logger.info("VM booted", metadata: ["cpus": "\(configuration.machine.cpus)",
                                             "memory": "\(configuration.machine.memorySize >> 20) MiB"])
+        return vm
     }
 
-    /// Identifies the machine a stop report belongs to, so that a late report from a machine that
-    /// was already replaced (reboot) or stopped changes nothing.
-    var machineGeneration: UUID?
+    /// A machine that waits for a saved state (restore, or an incoming migration), with its console.
+    nonisolated func prepareMachine(_ configuration: VMConfiguration, appendingToConsole: Bool) throws -> LiveVM {
+        let console = try ConsoleOutput(mode: configuration.serial, appending: appendingToConsole)
+        let machine = try Machine.forRestore(configuration: configuration.machine, serialOutput: console.write,
+                                             onStop: stopHandler())
+        return LiveVM(configuration: configuration, machine: machine, console: console)
+    }
 
-    func stopMachine() {
-        if let machine, !machine.stop() {
+    /// What a machine calls when its guest stops by itself: a report to this VMM, naming the machine.
+    private nonisolated func stopHandler() -> @Sendable (Machine.ID, MachineStop) -> Void {
+        { [weak self] machine, stop in
+            Task { await self?.machineStopped(stop, machine: machine) }
+        }
+    }
+
+    /// `vm` has become this VMM's VM: its console takes the terminal's keystrokes if it is `tty`.
+    func install(_ vm: LiveVM) {
+        if vm.configuration.serial == .tty { terminal.attach(vm.machine) }
+    }
+
+    /// Stops `vm`'s machine and lets go of its console and the terminal.
+    func stop(_ vm: LiveVM) {
+        if vm.configuration.serial == .tty { terminal.detach() }
+        if !vm.machine.stop() {
             logger.warning("a vCPU did not stop within the grace period; continuing without it")
         }
-        console?.restore()
-        machine = nil
-        console = nil
-        machineGeneration = nil
     }
 
-    /// The guest powered off, or the VM failed.
-    func machineStopped(_ stop: MachineStop, generation: UUID) {
-        guard generation == machineGeneration else { return }
-        if case .sending(let sender) = migration { sender.requestStop(.guestStopped) }
-        stopMachine()
-        state = .shutdown
+    /// The guest powered off, or the VM failed. A report from a machine that is no longer this
+    /// VMM's (already stopped, or replaced by a reboot) changes nothing.
+    func machineStopped(_ stop: MachineStop, machine: Machine.ID) {
+        guard let vm = lifecycle.liveVM, vm.machine.id == machine else { return }
+        self.stop(vm)
+        switch lifecycle {
+        case let .migratingOut(_, _, outgoing):
+            if case .sending(let sender) = outgoing { sender.requestStop(.guestStopped) }
+            lifecycle = .migratingOut(vm, .stopped, outgoing)
+        case var .migratingIn(incoming):
+            incoming.arrived?.guest = .stopped
+            lifecycle = .migratingIn(incoming)
+        default:
+            lifecycle = .shutDown(vm.configuration)
+        }
         switch stop {
         case .guest, .requested:
-            events.emit(.vm, "shutdown", ["reason": "guest"])
+            events.emit(VMEvent.Shutdown(reason: .guest))
             if exitsWithVM { requestExit(.guestShutdown) }
         case let .failed(message):
             if !exitsWithVM { logger.error("the VM stopped: \(message)") }
-            events.emit(.vm, "shutdown", ["reason": "guest", "error": message])
+            events.emit(VMEvent.Shutdown(reason: .guest, error: message))
             if exitsWithVM { requestExit(.failed(message)) }
         }
     }

@@ -1,4 +1,5 @@
-import API
+import APIModels
+import Events
 import FerryClient
 import ArgumentParser
 import Foundation
@@ -205,16 +206,14 @@ struct Events: AsyncParsableCommand {
 
     /// `[   12.345] vm.migration-started  id=0 bytes=1024` from one NDJSON event.
     static func readable(_ line: Data) -> String {
-        guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any] else {
+        guard let event = try? EventReader.event(json: line) else {
             return String(decoding: line, as: UTF8.self)
         }
-        let timestamp = object["timestamp"] as? [String: Any]
-        let seconds = timestamp?["secs"] as? Int ?? 0
-        let milliseconds = (timestamp?["nanos"] as? Int ?? 0) / 1_000_000
-        let name = "\(object["source"] as? String ?? "?").\(object["event"] as? String ?? "?")"
-        let properties = (object["properties"] as? [String: String] ?? [:]).sorted { $0.key < $1.key }
+        let (seconds, attoseconds) = event.timestamp.components
+        let name = event.qualifiedName
+        let properties = (event.properties ?? [:]).sorted { $0.key < $1.key }
             .map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let stamp = String(format: "[%6d.%03d]", seconds, milliseconds)
+        let stamp = String(format: "[%6lld.%03lld]", seconds, attoseconds / 1_000_000_000_000_000)
         return "\(stamp) \(name.padding(toLength: max(name.count, 30), withPad: " ", startingAt: 0)) \(properties)"
     }
 }

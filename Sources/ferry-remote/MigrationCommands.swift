@@ -1,8 +1,9 @@
-import API
+import APIModels
 import ArgumentParser
+import Events
 import FerryClient
 import Foundation
-import VMM
+import HostOS
 
 /// `--timeout-strategy`: what happens when pre-copy outlasts `--timeout-s`.
 enum TimeoutStrategyArgument: String, ExpressibleByArgument, CaseIterable {
@@ -83,11 +84,33 @@ struct ReceiveMigration: AsyncParsableCommand {
             printing where it listens, who connected and what arrived. Port 0 listens on any free \
             port, which the first line names. Exit status 1 if the receive failed; the VMM can \
             receive again afterwards.
+
+            Where the guest's serial console goes here is this host's choice (--serial), never the \
+            source's: by default its output is discarded.
             """)
 
     @OptionGroup var connection: Connection
     @Argument(help: ArgumentHelp("Where to listen for the source.", valueName: "tcp:HOST:PORT|unix:PATH"))
     var receiver: String
+    @Option(help: ArgumentHelp("Where the arriving guest's serial console goes on this host: null (the default), tty (the VMM's standard output) or file=PATH.",
+                               valueName: "null|tty|file=PATH"))
+    var serial: String = "null"
+
+    func validate() throws {
+        _ = try serialConsole()
+    }
+
+    /// `--serial` in `VmConfig`'s shape.
+    func serialConsole() throws -> VmConfig.Console {
+        switch serial {
+        case "null": return VmConfig.Console(mode: "Null")
+        case "tty": return VmConfig.Console(mode: "Tty")
+        case let text where text.hasPrefix("file=") && text.count > "file=".count:
+            return VmConfig.Console(mode: "File", file: String(text.dropFirst("file=".count)))
+        default:
+            throw ValidationError("--serial: '\(serial)' is not a console; use null, tty or file=PATH")
+        }
+    }
 
     func run() async throws {
         try await perform {
@@ -97,21 +120,21 @@ struct ReceiveMigration: AsyncParsableCommand {
             // Says where it listens and who connected while the request waits; ends with the receive.
             let narrator = Task {
                 for try await line in events {
-                    guard let event = MigrationEvent(line) else { continue }
+                    guard let event = try? EventReader.event(json: line) else { continue }
                     if json {
-                        if event.name.hasPrefix("vm.migration-receive") { printLine(String(decoding: line, as: UTF8.self)) }
-                    } else if event.name == "vm.migration-receive-ready" {
-                        printLine("listening on \(event["receiver_url"])")
-                    } else if event.name == "vm.migration-receive-started" {
-                        printLine("receiving migration \(event["migration_id"]) from \(event["peer"])")
+                        if event.name.hasPrefix("migration-receive") { printLine(String(decoding: line, as: UTF8.self)) }
+                    } else if let ready = try? event.decode(VMEvent.MigrationReceiveReady.self) {
+                        printLine("listening on \(ready.receiverURL)")
+                    } else if let started = try? event.decode(VMEvent.MigrationReceiveStarted.self) {
+                        printLine("receiving migration \(started.migrationID) from \(started.peer)")
                     }
-                    if event.name == "vm.migration-receive-finished" || event.name == "vm.migration-receive-failed" { return }
+                    if event.is(VMEvent.MigrationReceiveFinished.self) || event.is(VMEvent.MigrationReceiveFailed.self) { return }
                 }
             }
             defer { narrator.cancel() }
             do {
-                try await client.send(.vmReceiveMigration, body: try body(ReceiveMigrationData(receiver_url: receiver)),
-                                      timeout: APIClient.unlimited)
+                let request = ReceiveMigrationData(receiver_url: receiver, serial: try serialConsole())
+                try await client.send(.vmReceiveMigration, body: try body(request), timeout: APIClient.unlimited)
             } catch {
                 // A receive that failed after it began (500) has events still on their way.
                 if (error as? APIError)?.status == 500 { await narrator.awaitEnd(cancellingAfter: .seconds(2)) }
@@ -119,7 +142,7 @@ struct ReceiveMigration: AsyncParsableCommand {
             }
             await narrator.awaitEnd(cancellingAfter: .seconds(5))
             if json { return }
-            let progress = try JSONDecoder().decode(MigrationProgress.self, from: try await client.send(.vmMigrationProgress))
+            let progress = try JSONDecoder().decode(MigrationProgressReport.self, from: try await client.send(.vmMigrationProgress))
             let state = try JSONDecoder().decode(VmInfo.self, from: try await client.send(.vmInfo)).state
             let info = progress.memory_transmission_info
             printLine("received \(Human.bytes(info.memory_bytes_transmitted)) of guest memory in "
@@ -146,14 +169,14 @@ struct MigrationProgressCommand: AsyncParsableCommand {
         try await perform {
             let data = try await connection.client.send(.vmMigrationProgress)
             if connection.json { return printLine(String(decoding: data, as: UTF8.self)) }
-            let progress = try JSONDecoder().decode(MigrationProgress.self, from: data)
+            let progress = try JSONDecoder().decode(MigrationProgressReport.self, from: data)
             for line in Self.summary(progress) { printLine(line) }
         }
     }
 
     /// The readable form of a progress report, one labelled fact per line. A destination knows
     /// what it received, not the passes, rates and limits the source worked with.
-    static func summary(_ progress: MigrationProgress) -> [String] {
+    static func summary(_ progress: MigrationProgressReport) -> [String] {
         let info = progress.memory_transmission_info
         let connections = progress.connections == 1 ? "1 connection" : "\(progress.connections) connections"
         let outgoing = progress.direction == .outgoing
@@ -188,7 +211,7 @@ struct MigrationProgressCommand: AsyncParsableCommand {
         return lines
     }
 
-    static func describe(_ state: MigrationProgress.State) -> String {
+    static func describe(_ state: MigrationProgressReport.State) -> String {
         switch state {
         case let .ongoing(phase, throttle):
             "ongoing (\(phase.rawValue)\(throttle > 0 ? ", vCPUs throttled \(throttle)%" : ""))"
@@ -218,7 +241,7 @@ enum Human {
 
     /// `3.4 s`.
     static func seconds(_ duration: Duration) -> String {
-        String(format: "%.1f s", Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18)
+        String(format: "%.1f s", duration.inSeconds)
     }
 
     /// `850 ms` below a second, `2.98 s` above.

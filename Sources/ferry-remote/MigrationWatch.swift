@@ -1,65 +1,40 @@
-import API
+import APIModels
+import Events
 import FerryClient
 import Foundation
-import VMM
-
-/// One event from `vmm.events`, as the migration commands read it.
-struct MigrationEvent: Sendable {
-    /// `source.event`, e.g. `vm.migration-started`.
-    let name: String
-    let properties: [String: String]
-
-    init?(_ line: Data) {
-        guard let object = try? JSONSerialization.jsonObject(with: line) as? [String: Any],
-              let source = object["source"] as? String, let event = object["event"] as? String else { return nil }
-        name = "\(source).\(event)"
-        properties = object["properties"] as? [String: String] ?? [:]
-    }
-
-    subscript(key: String) -> String { properties[key] ?? "?" }
-
-    func number(_ key: String) -> UInt64 { properties[key].flatMap { UInt64($0) } ?? 0 }
-}
+import HostOS
 
 /// How a followed migration ended, from its terminal event (docs/events.md §4).
 enum MigrationEnding: Sendable {
-    /// What `vm.migration-finished` reports.
-    struct Totals: Sendable {
-        var migrationID: String
-        var totalMilliseconds: UInt64
-        var downtimeMilliseconds: UInt64
-        var bytes: UInt64
-        var passes: UInt64
-    }
-
-    case finished(Totals)
+    case finished(VMEvent.MigrationFinished)
     case failed(error: String, phase: String)
     case cancelled(reason: String)
     /// The source VMM went away before saying how the migration ended.
     case unknown(String)
 
-    init?(_ event: MigrationEvent) {
-        switch event.name {
-        case "vm.migration-finished":
-            self = .finished(Totals(migrationID: event["migration_id"], totalMilliseconds: event.number("total_ms"),
-                                    downtimeMilliseconds: event.number("downtime_ms"), bytes: event.number("bytes_total"),
-                                    passes: event.number("iterations")))
-        case "vm.migration-failed": self = .failed(error: event["error"], phase: event["phase"])
-        case "vm.migration-cancelled": self = .cancelled(reason: event["reason"])
-        default: return nil
+    init?(_ event: Event) {
+        if let finished = try? event.decode(VMEvent.MigrationFinished.self) {
+            self = .finished(finished)
+        } else if let failed = try? event.decode(VMEvent.MigrationFailed.self) {
+            self = .failed(error: failed.error, phase: failed.phase.rawValue)
+        } else if let cancelled = try? event.decode(VMEvent.MigrationCancelled.self) {
+            self = .cancelled(reason: cancelled.reason.rawValue)
+        } else {
+            return nil
         }
     }
 
     /// The ending a progress report shows, if the migration has ended: for when the events are
     /// lost. Its byte count is page data only, without the state.
-    init?(_ progress: MigrationProgress) {
+    init?(_ progress: MigrationProgressReport) {
         switch progress.state {
         case .ongoing: return nil
         case .finished:
             let info = progress.memory_transmission_info
-            self = .finished(Totals(migrationID: progress.migration_id ?? "?", totalMilliseconds: progress.total_ms ?? 0,
-                                    downtimeMilliseconds: progress.downtime_ms ?? 0, bytes: info.memory_bytes_transmitted,
-                                    passes: UInt64(info.memory_iteration + 1)))
+            self = .finished(VMEvent.MigrationFinished(
+                migrationID: progress.migration_id ?? "?", totalMs: Int64(progress.total_ms ?? 0),
+                downtimeMs: Int64(progress.downtime_ms ?? 0), bytesTotal: info.memory_bytes_transmitted,
+                iterations: info.memory_iteration + 1))
         case let .failed(message): self = .failed(error: message, phase: "see vm.migration-progress")
         case .cancelled: self = .cancelled(reason: "see vm.migration-progress")
         }
@@ -116,9 +91,9 @@ struct MigrationWatch {
         return ending
     }
 
-    static func progress(_ client: APIClient) async -> MigrationProgress? {
+    static func progress(_ client: APIClient) async -> MigrationProgressReport? {
         guard let data = try? await client.send(.vmMigrationProgress) else { return nil }
-        return try? JSONDecoder().decode(MigrationProgress.self, from: data)
+        return try? JSONDecoder().decode(MigrationProgressReport.self, from: data)
     }
 
     /// Without events (a subscriber that fell behind is disconnected), the outcome can still be
@@ -138,10 +113,10 @@ struct MigrationWatch {
         var migrationID: String?
         do {
             for try await line in events {
-                guard let event = MigrationEvent(line) else { continue }
-                if migrationID == nil, event.name == "vm.migration-started" { migrationID = event["migration_id"] }
+                guard let event = try? EventReader.event(json: line) else { continue }
+                if migrationID == nil, let started = try? event.decode(VMEvent.MigrationStarted.self) { migrationID = started.migrationID }
                 guard migrationID != nil else { continue }
-                if let id = event.properties["migration_id"], id != migrationID { continue }
+                if let id = event.properties?["migration_id"], id != migrationID { continue }
                 if json { printLine(String(decoding: line, as: UTF8.self)) }
                 if let ending = MigrationEnding(event) { return ending }
                 await display.note(event)
@@ -156,9 +131,9 @@ struct MigrationWatch {
         switch ending {
         case let .finished(totals):
             if json { return }
-            let passes = totals.passes
-            printLine("migration \(totals.migrationID) finished in \(Human.milliseconds(totals.totalMilliseconds)): "
-                      + "downtime \(Human.milliseconds(totals.downtimeMilliseconds)), \(Human.bytes(totals.bytes)) sent "
+            let passes = totals.iterations
+            printLine("migration \(totals.migrationID) finished in \(Human.milliseconds(UInt64(totals.totalMs))): "
+                      + "downtime \(Human.milliseconds(UInt64(totals.downtimeMs))), \(Human.bytes(totals.bytesTotal)) sent "
                       + "in \(passes) pre-copy pass\(passes == 1 ? "" : "es") and the final copy")
         case let .failed(error, phase):
             printError("migration failed (\(phase)): \(error); the guest runs on the source")
@@ -187,7 +162,7 @@ actor ProgressDisplay {
     }
 
     /// A progress report: rewrites the live line.
-    func show(_ progress: MigrationProgress) {
+    func show(_ progress: MigrationProgressReport) {
         guard live, !quiet, !ended, case let .ongoing(phase, _) = progress.state else { return }
         let info = progress.memory_transmission_info
         let elapsed = Human.seconds(ContinuousClock.now - began)
@@ -209,24 +184,21 @@ actor ProgressDisplay {
 
     /// An event of the migration: its start gets a line; without a live line, so do pass ends
     /// and the switch-over.
-    func note(_ event: MigrationEvent) {
+    func note(_ event: Event) {
         guard !quiet, !ended else { return }
         let elapsed = Human.seconds(ContinuousClock.now - began)
-        switch event.name {
-        case "vm.migration-started":
+        if let started = try? event.decode(VMEvent.MigrationStarted.self) {
             clear()
-            printLine("[\(elapsed)] migration \(event["migration_id"]) to \(event["destination_url"]) started "
-                      + "(downtime limit \(event["downtime_ms"]) ms)")
-        case "vm.migration-memory-iteration" where !live:
-            printLine("[\(elapsed)] pass \(event["id"]): sent \(Human.bytes(event.number("bytes"))) in "
-                      + "\(Human.milliseconds(event.number("duration_ms"))) at \(Human.rate(event.number("bandwidth_bytes_per_s"))), "
-                      + "\(Human.bytes(event.number("remaining_bytes"))) dirtied meanwhile, "
-                      + "expected downtime \(event["estimated_downtime_ms"]) ms")
-        case "vm.migration-downtime" where !live:
-            printLine("[\(elapsed)] switch-over: pausing the guest to send the last \(Human.bytes(event.number("remaining_bytes"))) "
-                      + "(expected downtime \(event["estimated_downtime_ms"]) ms)")
-        default:
-            break
+            printLine("[\(elapsed)] migration \(started.migrationID) to \(started.destinationURL) started "
+                      + "(downtime limit \(started.downtimeMs) ms)")
+        } else if !live, let pass = try? event.decode(VMEvent.MigrationMemoryIteration.self) {
+            printLine("[\(elapsed)] pass \(pass.id): sent \(Human.bytes(pass.bytes)) in "
+                      + "\(Human.milliseconds(UInt64(pass.durationMs))) at \(Human.rate(pass.bandwidthBytesPerS)), "
+                      + "\(Human.bytes(pass.remainingBytes)) dirtied meanwhile, "
+                      + "expected downtime \(pass.estimatedDowntimeMs) ms")
+        } else if !live, let downtime = try? event.decode(VMEvent.MigrationDowntime.self) {
+            printLine("[\(elapsed)] switch-over: pausing the guest to send the last \(Human.bytes(downtime.remainingBytes)) "
+                      + "(expected downtime \(downtime.estimatedDowntimeMs) ms)")
         }
     }
 

@@ -146,14 +146,14 @@ struct Ferry: AsyncParsableCommand {
                 await vmm.requestExit(.failed("\(error)"))
             }
         }
-        let outcome = await vmm.waitForExit()
+        let exitReason = await vmm.waitForExit()
         await vmm.finish()
         server?.cancel()
         _ = await server?.result
-        if case let .failed(message) = outcome {
+        if case let .failed(message) = exitReason {
             FileHandle.standardError.write(Data("ferry: \(message)\n".utf8))
         }
-        throw ExitCode(outcome.exitStatus)
+        throw ExitCode(exitReason.exitStatus)
     }
 }
 

@@ -1,4 +1,5 @@
-import Events
+import APIModels
+@testable import Events
 import FerryTestSupport
 import Foundation
 import Hummingbird
@@ -44,7 +45,7 @@ import VMM
         #expect(documented == served)
         try await withRouter { client, _ in
             for endpoint in Endpoint.allCases where endpoint != .vmmShutdown && endpoint != .vmmEvents {
-                try await client.execute(uri: endpoint.path, method: endpoint.method) { response in
+                try await client.execute(uri: endpoint.path, method: endpoint.httpMethod) { response in
                     let body = String(buffer: response.body)
                     #expect(response.status != .methodNotAllowed && !body.contains("unknown endpoint"),
                             "\(endpoint.path) is routed")
@@ -80,7 +81,10 @@ import VMM
         }
     }
 
-    static let kernel = "/proc/self/exe"   // exists and is readable: create only checks that
+    /// A kernel for requests that fail before create looks at it.
+    static let kernel = "/proc/self/exe"
+    /// A kernel `vm.create` accepts: the test guest (create parses the kernel, so only a bootable one will do).
+    static var bootableKernel: String { (try? TestGuest.path.get()) ?? "/nonexistent/test-guest" }
 
     @Test(arguments: [
         ("{bad json", "request body is not valid JSON"),
@@ -181,7 +185,7 @@ import VMM
     @Test func progressStateEncodesLikeCloudHypervisor() throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        let cases: [(MigrationProgress.State, String)] = [
+        let cases: [(MigrationProgressReport.State, String)] = [
             (.ongoing(phase: .memoryPrecopy, vcpuThrottlePercent: 0), #"{"Ongoing":{"phase":"MemoryPrecopy","vcpu_throttle_percent":0}}"#),
             (.finished, #""Finished""#),
             (.failed(errorMessage: "the destination went away"), #"{"Failed":{"error_msg":"the destination went away"}}"#),
@@ -189,13 +193,13 @@ import VMM
         ]
         for (state, json) in cases {
             #expect(String(decoding: try encoder.encode(state), as: UTF8.self) == json)
-            #expect(try JSONDecoder().decode(MigrationProgress.State.self, from: Data(json.utf8)) == state)
+            #expect(try JSONDecoder().decode(MigrationProgressReport.State.self, from: Data(json.utf8)) == state)
         }
     }
 
     @Test func unknownFieldsAreIgnoredAsCloudHypervisorDoes() async throws {
         try await withRouter { client, _ in
-            let body = #"{"payload": {"kernel": "\#(Self.kernel)", "firmware": null}, "disks": [{"path": "/x"}], "rng": {"src": "/dev/urandom"}}"#
+            let body = #"{"payload": {"kernel": "\#(Self.bootableKernel)", "firmware": null}, "disks": [{"path": "/x"}], "rng": {"src": "/dev/urandom"}}"#
             try await client.execute(uri: "/api/v1/vm.create", method: .put, body: ByteBuffer(string: body)) { response in
                 #expect(response.status == .noContent)
             }
@@ -214,16 +218,16 @@ import VMM
                 #expect(response.status == .notFound, "snapshot without a VM")
             }
             for endpoint in [Endpoint.vmBoot, .vmPause, .vmResume, .vmShutdown, .vmReboot, .vmDelete, .vmInfo] {
-                try await client.execute(uri: endpoint.path, method: endpoint.method) { response in
+                try await client.execute(uri: endpoint.path, method: endpoint.httpMethod) { response in
                     #expect(response.status == .notFound, "\(endpoint) without a VM")
                     #expect(String(buffer: response.body) == #"["no VM has been created"]"#)
                 }
             }
-            let create = ByteBuffer(string: #"{"payload": {"kernel": "\#(Self.kernel)"}}"#)
+            let create = ByteBuffer(string: #"{"payload": {"kernel": "\#(Self.bootableKernel)"}}"#)
             try await client.execute(uri: "/api/v1/vm.create", method: .put, body: create) { #expect($0.status == .noContent) }
             try await client.execute(uri: "/api/v1/vm.create", method: .put, body: create) { #expect($0.status == .conflict) }
             for endpoint in [Endpoint.vmPause, .vmResume, .vmShutdown, .vmReboot] {
-                try await client.execute(uri: endpoint.path, method: endpoint.method) { response in
+                try await client.execute(uri: endpoint.path, method: endpoint.httpMethod) { response in
                     #expect(response.status == .conflict, "\(endpoint) on a Created VM")
                     #expect(String(buffer: response.body).contains("the VM is Created"))
                 }
@@ -290,5 +294,12 @@ import VMM
             #expect(names == ["vmm.starting", "vm.booting", "vm.booted", "vm.pausing", "vm.paused", "vm.shutdown",
                               "vm.deleted", "vmm.test-marker"])
         }
+    }
+}
+
+extension Endpoint {
+    /// The endpoint's method as Hummingbird's test client takes it.
+    var httpMethod: HTTPRequest.Method {
+        method == .get ? .get : .put
     }
 }

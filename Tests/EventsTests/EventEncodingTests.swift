@@ -1,4 +1,5 @@
-import Events
+@testable import Events
+import FerryTestSupport
 import Foundation
 import Testing
 
@@ -139,7 +140,7 @@ struct EventEncodingTests {
         // Cut by the excess, not more: at most one escape sequence short of the limit.
         #expect(encoded.count > EventEncoding.maximumEventSize - 6)
         #expect(encoded.suffix(2) == [0x0A, 0x0A])
-        let parsed = try ParsedEvent(json: Array(encoded.dropLast(2)))
+        let parsed = try EventReader.event(json: Array(encoded.dropLast(2)))
         let truncated = try #require(parsed.properties?["error"])
         #expect(truncated.hasSuffix("…"))
         #expect(long.value.unicodeScalars.starts(with: truncated.unicodeScalars.dropLast()))
@@ -152,7 +153,7 @@ struct EventEncodingTests {
         let event = Event(timestamp: .zero, source: .vm, name: "e", properties: ["long": long, "shorter": shorter])
         let encoded = EventEncoding.cloudHypervisor(event)
         #expect(encoded.count <= EventEncoding.maximumEventSize)
-        let parsed = try ParsedEvent(json: Array(encoded.dropLast(2)))
+        let parsed = try EventReader.event(json: Array(encoded.dropLast(2)))
         #expect(parsed.properties?["shorter"] == shorter)
         #expect(parsed.properties?["long"]?.hasSuffix("…") == true)
     }
@@ -162,14 +163,14 @@ struct EventEncodingTests {
         let event = Event(timestamp: .zero, source: .vm, name: "e", properties: properties)
         let encoded = EventEncoding.cloudHypervisor(event)
         #expect(encoded.count <= EventEncoding.maximumEventSize)
-        let parsed = try ParsedEvent(json: Array(encoded.dropLast(2)))
+        let parsed = try EventReader.event(json: Array(encoded.dropLast(2)))
         #expect(parsed.properties?.count == 8)
     }
 
     @Test func anEventThatFitsIsNotTruncated() throws {
         let value = String(repeating: "x", count: 3_500)
         let encoded = EventEncoding.cloudHypervisor(Event(timestamp: .zero, source: .vm, name: "e", properties: ["k": value]))
-        let parsed = try ParsedEvent(json: Array(encoded.dropLast(2)))
+        let parsed = try EventReader.event(json: Array(encoded.dropLast(2)))
         #expect(parsed.properties?["k"] == value)
     }
 }

@@ -1,11 +1,10 @@
-import Events
+@testable import Events
+import FerryTestSupport
 import Foundation
 import Testing
 
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
 #endif
 
 @Suite("Event monitor sinks", .timeLimit(.minutes(2)))
@@ -77,7 +76,7 @@ struct EventMonitorSinkTests {
         // End of file proves the monitor closed its (only) write end.
         let events = try parseEventStream(await BackgroundReader { readToEnd(readEnd) }.bytes())
         #expect(events.map(\.name) == ["booting", "booted"])
-        #expect(events.allSatisfy { $0.source == "vm" && $0.properties == nil })
+        #expect(events.allSatisfy { $0.source == .vm && $0.properties == nil })
     }
 
     @Test func aFIFOReaderThatOpensAfterTheEventsStillGetsThem() async throws {
@@ -145,7 +144,7 @@ struct EventMonitorSinkTests {
             let notices = events.filter { $0.name == "events-dropped" }
             let delivered = events.filter { $0.name == "tick" }
             #expect(!notices.isEmpty)
-            #expect(notices.allSatisfy { $0.source == "vmm" && $0.properties?.keys.sorted() == ["count"] })
+            #expect(notices.allSatisfy { $0.source == .vmm && $0.properties?.keys.sorted() == ["count"] })
             let droppedCount = notices.compactMap { $0.properties?["count"].flatMap { Int($0) } }.reduce(0, +)
             #expect(droppedCount + delivered.count == total)
             #expect(isNonDecreasing(events.map(\.timestamp)))
@@ -190,7 +189,7 @@ struct EventMonitorSinkTests {
             let statistics = monitor.statistics
             #expect(statistics.written == 0)
             #expect(statistics.discarded == 5)
-            #expect(statistics.lastSinkError?.code == .sinkFailed)
+            #expect(statistics.lastSinkError?.kind == .sinkFailed)
         }
     }
 

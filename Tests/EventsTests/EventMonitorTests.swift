@@ -1,11 +1,10 @@
-import Events
+@testable import Events
+import FerryTestSupport
 import Foundation
 import Testing
 
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
 #endif
 
 @Suite("Event monitor", .timeLimit(.minutes(1)))

@@ -1,4 +1,5 @@
-import Events
+@testable import Events
+import FerryTestSupport
 import Testing
 
 @Suite("--event-monitor parsing")
@@ -36,7 +37,7 @@ struct EventSinkTargetTests {
             try EventSinkTarget(parsing: text)
         } throws: { error in
             guard let error = error as? EventsError else { return false }
-            return error.code == .invalidSinkTarget
+            return error.kind == .invalidSinkTarget
                 && error.description.hasPrefix("invalid --event-monitor: ")
                 && error.description.contains(advice)
         }

@@ -1,36 +1,17 @@
-import Events
+@testable import Events
+import FerryTestSupport
+import HostOS
 import Foundation
 import Synchronization
 import Testing
 
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
 #endif
-
-/// A directory under the system's temporary directory, removed with everything in it when `body`
-/// returns or throws.
-func withTemporaryDirectory<Result>(_ body: (String) async throws -> Result) async throws -> Result {
-    var template = Array((NSTemporaryDirectory() + "/ferry-events-tests.XXXXXX").utf8CString)
-    let created = template.withUnsafeMutableBufferPointer { buffer in
-        buffer.baseAddress.flatMap { mkdtemp($0) }.map { String(cString: $0) }
-    }
-    guard let path = created else { throw TestFailure("mkdtemp failed: errno \(errno)") }
-    defer { try? FileManager.default.removeItem(atPath: path) }
-    return try await body(path)
-}
-
-struct TestFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}
 
 /// Runs blocking `body` on its own OS thread, keeping the Swift concurrency pool free.
 func onThread<Result: Sendable>(_ body: @escaping @Sendable () -> Result) async -> Result {
-    await withCheckedContinuation { continuation in
-        Thread { continuation.resume(returning: body()) }.start()
-    }
+    await onOwnThread(named: "test", body)
 }
 
 /// Collects bytes on its own OS thread, started at once (not on the Swift concurrency pool, which a
@@ -72,63 +53,16 @@ func readToEnd(_ descriptor: Int32) -> [UInt8] {
 
 /// Polls `condition` until it holds or `timeout` passes.
 func waitUntil(timeout: Duration = .seconds(10), _ condition: () -> Bool) async throws {
-    let deadline = ContinuousClock.now + timeout
-    while !condition() {
-        guard ContinuousClock.now < deadline else { throw TestFailure("condition not met within \(timeout)") }
-        try await Task.sleep(for: .milliseconds(5))
+    guard await FerryTestSupport.waitUntil(timeout, interval: .milliseconds(5), condition) else {
+        throw TestFailure("condition not met within \(timeout)")
     }
 }
 
-/// One event as a reader parses it back.
-struct ParsedEvent: Equatable {
-    var seconds: Int
-    var nanoseconds: Int
-    var source: String
-    var name: String
-    var properties: [String: String]?
-
-    var timestamp: Duration { .seconds(seconds) + .nanoseconds(nanoseconds) }
-
-    init(json: [UInt8]) throws {
-        guard let object = try JSONSerialization.jsonObject(with: Data(json)) as? [String: Any],
-              let timestamp = object["timestamp"] as? [String: Any],
-              let seconds = timestamp["secs"] as? Int,
-              let nanoseconds = timestamp["nanos"] as? Int,
-              let source = object["source"] as? String,
-              let name = object["event"] as? String,
-              let properties = object["properties"]
-        else { throw TestFailure("not an event: \(String(decoding: json, as: UTF8.self))") }
-        self.seconds = seconds
-        self.nanoseconds = nanoseconds
-        self.source = source
-        self.name = name
-        if properties is NSNull {
-            self.properties = nil
-        } else if let properties = properties as? [String: String] {
-            self.properties = properties
-        } else {
-            throw TestFailure("properties are neither null nor strings: \(properties)")
-        }
-    }
-}
-
-/// Splits a Cloud Hypervisor event stream at its blank lines and parses every event; throws unless
-/// the stream consists of whole events only.
-func parseEventStream(_ bytes: [UInt8]) throws -> [ParsedEvent] {
-    guard !bytes.isEmpty else { return [] }
-    guard bytes.suffix(2) == [0x0A, 0x0A] else { throw TestFailure("stream does not end with a blank line") }
-    var events: [ParsedEvent] = []
-    var start = 0
-    var index = 0
-    while index + 1 < bytes.count {
-        if bytes[index] == 0x0A && bytes[index + 1] == 0x0A {
-            events.append(try ParsedEvent(json: Array(bytes[start..<index])))
-            index += 2
-            start = index
-        } else {
-            index += 1
-        }
-    }
+/// Every event of a Cloud Hypervisor event stream, read with the event reader; throws unless the
+/// stream consists of whole events only.
+func parseEventStream(_ bytes: [UInt8]) throws -> [Event] {
+    let (events, rest) = try EventReader.events(cloudHypervisorStream: bytes)
+    guard rest.isEmpty else { throw TestFailure("the stream ends inside an event: \(String(decoding: rest, as: UTF8.self))") }
     return events
 }
 

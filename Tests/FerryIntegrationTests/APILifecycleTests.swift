@@ -1,5 +1,5 @@
 import FerryTestSupport
-import API
+import APIModels
 import FerryClient
 import Foundation
 import Testing
@@ -104,7 +104,7 @@ struct APILifecycleTests {
         #expect(ferry.waitForExit(timeout: .seconds(30)) == 0, "stderr: \(ferry.standardError)")
         #expect(!FileManager.default.fileExists(atPath: socket), "the socket is removed on exit")
 
-        let recorded = try EventFile.read(events)
+        let recorded = recordedEvents(inFile: events)
         #expect(recorded.map(\.name) == [
             "vmm.starting",
             "vm.booting", "vm.booted",

@@ -48,7 +48,7 @@ struct TestGuestBootTests {
         // guest ticks, which must not have run ahead of wall time.
         #expect(elapsed >= .seconds(Self.poweroffSeconds), "guest timer ran \(elapsed) for \(Self.poweroffSeconds) s of ticks")
 
-        let recorded = try EventFile.read(events)
+        let recorded = recordedEvents(inFile: events)
         #expect(recorded.map(\.name) == ["vmm.starting", "vm.booting", "vm.booted", "vm.shutdown", "vmm.shutdown"])
         #expect(recorded.first { $0.name == "vm.shutdown" }?.properties == ["reason": "guest"])
         #expect(zip(recorded, recorded.dropFirst()).allSatisfy { $0.seconds <= $1.seconds }, "timestamps never go backwards")
@@ -87,7 +87,7 @@ struct TestGuestBootTests {
         #expect(ferry.waitForConsoleLine(timeout: .seconds(60)) { $0.hasPrefix("HEARTBEAT cpu=0 seq=2 ") } != nil)
         ferry.signal(SIGTERM)
         #expect(ferry.waitForExit(timeout: .seconds(20)) == 0)
-        let recorded = try EventFile.read(events)
+        let recorded = recordedEvents(inFile: events)
         #expect(recorded.map(\.name) == ["vmm.starting", "vm.booting", "vm.booted", "vm.shutdown", "vmm.shutdown"])
         #expect(recorded.first { $0.name == "vm.shutdown" }?.properties["reason"] == "api")
     }
@@ -158,7 +158,7 @@ struct TestGuestBootTests {
         let ferry = try FerryProcess(arguments: ["--kernel", kernel, "--memory", "size=64M", "--event-monitor", "path=\(events)"])
         #expect(ferry.waitForExit(timeout: .seconds(30)) == 1)
         #expect(ferry.standardError.contains("vCPU 0 at RIP 0x"), "stderr: \(ferry.standardError)")
-        let recorded = try EventFile.read(events)
+        let recorded = recordedEvents(inFile: events)
         #expect(recorded.map(\.name).suffix(2) == ["vm.shutdown", "vmm.shutdown"])
         #expect(recorded.first { $0.name == "vm.shutdown" }?.properties["error"]?.isEmpty == false)
     }

@@ -44,7 +44,7 @@ struct LinuxBootTests {
                 "Linux counts both vCPUs in Ferry's MP table")
         ferry.signal(SIGTERM)
         #expect(ferry.waitForExit(timeout: .seconds(60)) == 0)
-        let recorded = try EventFile.read(events)
+        let recorded = recordedEvents(inFile: events)
         #expect(recorded.map(\.name) == ["vmm.starting", "vm.booting", "vm.booted", "vm.shutdown", "vmm.shutdown"])
     }
 }

@@ -1,8 +1,9 @@
-import API
+import APIModels
 import FerryClient
 import FerryTestSupport
 import Foundation
-import Migration
+import HostOS
+import MigrationWire
 import Synchronization
 import Testing
 #if canImport(Glibc)
@@ -24,8 +25,8 @@ struct MigrationFaultTests {
     /// Streams the random-stream test feeds one destination.
     static let randomStreams = 200
 
-    static let sourceTerminals: Set = ["vm.migration-finished", "vm.migration-failed", "vm.migration-cancelled"]
-    static let destinationTerminals: Set = ["vm.migration-receive-finished", "vm.migration-receive-failed"]
+    static let sourceTerminals = MigrationStreams.sourceTerminal
+    static let destinationTerminals = MigrationStreams.destinationTerminal
 
     // MARK: 1. The destination is killed
 
@@ -44,14 +45,14 @@ struct MigrationFaultTests {
     @Test(arguments: Moment.allCases)
     func destinationKilledLeavesTheGuestRunningOnTheSource(during moment: Moment) async throws {
         let directory = try TemporaryDirectory()
-        let source = try await Node(directory, "source")
-        try await Self.boot(moment == .firstPass ? .large : .busy, on: source)
-        let destination = try await Node(directory, "destination")
-        let receive = try await Self.startReceive(on: destination)
+        let source = try await TestVMM("source", in: directory)
+        try await source.boot(moment == .firstPass ? .large : .busy)
+        let destination = try await TestVMM("destination", in: directory)
+        let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0")
         let residentBefore = Self.residentBytes(of: destination)
         // The busy guest seldom converges under a 1 ms limit; for the switch-over the 2 s timeout with
         // the Ignore strategy forces one, with what the last pass dirtied still to send.
-        let id = try await Self.startSend(from: source, to: receive.url, downtimeMs: 1,
+        let id = try await source.startSend(to: receive.url, downtimeMs: 1,
                                           timeoutS: moment == .switchOver ? 2 : 60,
                                           strategy: moment == .switchOver ? "Ignore" : "Cancel")
         try await Self.reach(moment, of: id, on: source, to: destination, residentBefore: residentBefore)
@@ -68,23 +69,23 @@ struct MigrationFaultTests {
         let switchedOver = Self.expectFaultHit(moment, at: fault, of: id, on: source)
         #expect(end.properties["phase"] == (switchedOver ? "completing" : "memory-precopy"), "\(end.properties)")
         Self.expectSourceStream(source, id: id, endsWith: "vm.migration-failed", switchedOver: switchedOver)
-        _ = await receive.task.value  // the killed VMM's call ends with its connection
+        _ = await receive.outcome()  // the killed VMM's call ends with its connection
 
-        try await Self.expectGuestRuns(on: source, after: mark, cpus: Guest.busy.cpus, "after the destination was killed")
+        try await Self.expectGuestRuns(on: source, after: mark, cpus: TestGuestVM.busy.cpus, "after the destination was killed")
         #expect(try await Self.progressState(of: source) == "Failed")
         // The source is not wedged: the same guest migrates to a new destination all the way.
-        try await Self.migrateSuccessfully(from: source, to: try await Node(directory, "destination-2"), cpus: Guest.busy.cpus)
+        try await Self.migrateSuccessfully(from: source, to: try await TestVMM("destination-2", in: directory), cpus: TestGuestVM.busy.cpus)
     }
 
     // MARK: 2. The source is killed
 
     @Test func sourceKilledEndsTheReceiveAndTheDestinationReceivesAgain() async throws {
         let directory = try TemporaryDirectory()
-        let source = try await Node(directory, "source")
-        try await Self.boot(.busy, on: source)
-        let destination = try await Node(directory, "destination")
-        let receive = try await Self.startReceive(on: destination)
-        let id = try await Self.startSend(from: source, to: receive.url, downtimeMs: 1, timeoutS: 60, strategy: "Cancel")
+        let source = try await TestVMM("source", in: directory)
+        try await source.boot(.busy)
+        let destination = try await TestVMM("destination", in: directory)
+        let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0")
+        let id = try await source.startSend(to: receive.url, downtimeMs: 1, timeoutS: 60, strategy: "Cancel")
         // Pass 0 has ended: pass 1 is streaming.
         _ = try await source.waitForEvent(["vm.migration-memory-iteration"], id: id) { $0.properties["id"] == "0" }
         let fault = Date()
@@ -98,12 +99,12 @@ struct MigrationFaultTests {
         Self.expectDestinationStream(destination)
         try await Self.expectReceiveFailed(receive, containing: "the sender went away")
         try await Self.expectReadyToReceive(destination, "after the source was killed")
-        #expect(try await source.waitForExit(timeout: .seconds(10)) != nil)
+        #expect(await source.waitForExit(timeout: .seconds(10)) != nil)
 
         // A fresh guest from a new source arrives and runs.
-        let second = try await Node(directory, "source-2")
-        try await Self.boot(.calm, on: second)
-        try await Self.migrateSuccessfully(from: second, to: destination, cpus: Guest.calm.cpus)
+        let second = try await TestVMM("source-2", in: directory)
+        try await second.boot(.calm)
+        try await Self.migrateSuccessfully(from: second, to: destination, cpus: TestGuestVM.calm.cpus)
     }
 
     // MARK: 3. Cancelled on the source
@@ -120,16 +121,16 @@ struct MigrationFaultTests {
     @Test(arguments: CancelMoment.allCases)
     func cancelLeavesTheGuestOnTheSourceAndTheDestinationReceivesAgain(at moment: CancelMoment) async throws {
         let directory = try TemporaryDirectory()
-        let source = try await Node(directory, "source")
-        try await Self.boot(.busy, on: source)
-        let destination = try await Node(directory, "destination")
-        var generator = SplitMix64(state: Self.seed)
+        let source = try await TestVMM("source", in: directory)
+        try await source.boot(.busy)
+        let destination = try await TestVMM("destination", in: directory)
+        var generator = SplitMix64(seed: Self.seed)
         let rounds = moment == .random ? 4 : 1
         var migratedBeforeTheCancel = false
         for round in 0..<rounds {
-            let receive = try await Self.startReceive(on: destination)
+            let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0")
             let residentBefore = Self.residentBytes(of: destination)
-            let id = try await Self.startSend(from: source, to: receive.url, downtimeMs: 1, timeoutS: 60, strategy: "Cancel")
+            let id = try await source.startSend(to: receive.url, downtimeMs: 1, timeoutS: 60, strategy: "Cancel")
             var label = moment.rawValue
             switch moment {
             case .firstPass:
@@ -156,7 +157,7 @@ struct MigrationFaultTests {
                     #expect(error.status == 409, "\(error)")
                 }
                 Self.expectSourceStream(source, id: id, endsWith: "vm.migration-finished", switchedOver: true)
-                try await Self.expectReceiveSucceeded(receive, on: destination, id: id, from: source, cpus: Guest.busy.cpus)
+                try await Self.expectReceiveSucceeded(receive, on: destination, id: id, from: source, cpus: TestGuestVM.busy.cpus)
                 migratedBeforeTheCancel = true
                 break
             }
@@ -187,7 +188,7 @@ struct MigrationFaultTests {
             #expect(!received.contains { $0.name == "vm.migration-receive-finished" })
             Self.expectDestinationStream(destination)
             try await Self.expectReadyToReceive(destination, "after a cancel at \(label)")
-            try await Self.expectGuestRuns(on: source, after: mark, cpus: Guest.busy.cpus, "after a cancel at \(label)")
+            try await Self.expectGuestRuns(on: source, after: mark, cpus: TestGuestVM.busy.cpus, "after a cancel at \(label)")
         }
         guard !migratedBeforeTheCancel else { return }
         await #expect { try await source.api.send(.vmCancelMigration) } throws: { error in
@@ -195,17 +196,17 @@ struct MigrationFaultTests {
             return error?.status == 409 && error?.description.contains("no migration is in progress") == true
         }
         // Both sides are fine: the same guest now migrates to the same destination.
-        try await Self.migrateSuccessfully(from: source, to: destination, cpus: Guest.busy.cpus)
+        try await Self.migrateSuccessfully(from: source, to: destination, cpus: TestGuestVM.busy.cpus)
     }
 
     // MARK: 4. A sender that breaks the protocol
 
     @Test func malformedStreamsEndTheReceiveWithAClearErrorAndTheVMMReceivesAgain() async throws {
         let directory = try TemporaryDirectory()
-        let destination = try await Node(directory, "destination")
+        let destination = try await TestVMM("destination", in: directory)
         for abuse in Self.abuses {
             let mark = destination.events().count
-            let receive = try await Self.startReceive(on: destination)
+            let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0")
             let id = UUID()
             let began = Date()
             try await abuse.act(receive.url, id, destination)
@@ -231,16 +232,16 @@ struct MigrationFaultTests {
         }
 
         // A real guest arrives after all that, and the VMM still shuts down cleanly.
-        let source = try await Node(directory, "source")
-        try await Self.boot(.calm, on: source)
-        try await Self.migrateSuccessfully(from: source, to: destination, cpus: Guest.calm.cpus)
+        let source = try await TestVMM("source", in: directory)
+        try await source.boot(.calm)
+        try await Self.migrateSuccessfully(from: source, to: destination, cpus: TestGuestVM.calm.cpus)
         try await destination.api.send(.vmmShutdown)
-        #expect(try await destination.waitForExit(timeout: .seconds(30)) == 0)
+        #expect(await destination.waitForExit(timeout: .seconds(30)) == 0)
     }
 
     @Test func receiveOnAnAddressInUseFailsClearlyAndTheVMMStillReceives() async throws {
         let directory = try TemporaryDirectory()
-        let destination = try await Node(directory, "destination")
+        let destination = try await TestVMM("destination", in: directory)
         let occupied = try Loopback.Listener()
         let existing = directory.path("existing.sock")
         #expect(FileManager.default.createFile(atPath: existing, contents: Data()))
@@ -259,7 +260,7 @@ struct MigrationFaultTests {
         try await Self.expectReadyToReceive(destination, "after refused listens")
 
         // It still receives: a sender starts and abandons.
-        let receive = try await Self.startReceive(on: destination)
+        let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0")
         let id = UUID()
         let peer = try FakeSender(receive.url)
         #expect(try peer.start(id) == .ok)
@@ -276,8 +277,8 @@ struct MigrationFaultTests {
 
     @Test func sendsThatCannotConnectFailAtOnceAndNeverStopTheGuest() async throws {
         let directory = try TemporaryDirectory()
-        let source = try await Node(directory, "source")
-        try await Self.boot(.calm, on: source)
+        let source = try await TestVMM("source", in: directory)
+        try await source.boot(.calm)
         let refused = try Loopback.unusedPort()
         // 192.0.2.0/24 (TEST-NET-1) is this sandbox's own network and other addresses reach a
         // transparent proxy, so an unreachable host is simulated here: a listener whose accept
@@ -325,14 +326,14 @@ struct MigrationFaultTests {
         #expect(!names.contains { $0.hasPrefix("vm.migration") }, "no send started: \(names)")
         #expect(!names.contains("vm.pausing"), "the guest never stopped")
         await #expect { try await source.api.send(.vmMigrationProgress) } throws: { ($0 as? APIError)?.status == 404 }
-        try await Self.expectGuestRuns(on: source, after: mark, cpus: Guest.calm.cpus, "after sends that could not connect")
-        try await Self.migrateSuccessfully(from: source, to: try await Node(directory, "destination"), cpus: Guest.calm.cpus)
+        try await Self.expectGuestRuns(on: source, after: mark, cpus: TestGuestVM.calm.cpus, "after sends that could not connect")
+        try await Self.migrateSuccessfully(from: source, to: try await TestVMM("destination", in: directory), cpus: TestGuestVM.calm.cpus)
     }
 
     @Test func sendsToPeersThatAreNotFerryFailInTheStartingPhaseAndNeverStopTheGuest() async throws {
         let directory = try TemporaryDirectory()
-        let source = try await Node(directory, "source")
-        try await Self.boot(.calm, on: source)
+        let source = try await TestVMM("source", in: directory)
+        try await source.boot(.calm)
         let refusal = "this receiver takes guests only on Tuesdays"
         let cases: [(FakeReceiver.Behaviour, terminal: String, error: String?)] = [
             (.closeAtOnce, "vm.migration-failed", "destination went away"),
@@ -343,7 +344,7 @@ struct MigrationFaultTests {
         ]
         for (behaviour, terminal, error) in cases {
             let peer = try FakeReceiver(behaviour)
-            let id = try await Self.startSend(from: source, to: peer.url, downtimeMs: 300, timeoutS: 60, strategy: "Cancel")
+            let id = try await source.startSend(to: peer.url, downtimeMs: 300, timeoutS: 60, strategy: "Cancel")
             // The peer misbehaves as soon as the sender connects: time from vm.migration-started.
             let started = try #require(source.events().first { $0.name == "vm.migration-started" && $0.properties["migration_id"] == id })
             var fault = source.date(of: started)
@@ -362,27 +363,27 @@ struct MigrationFaultTests {
             }
             Self.expectSourceStream(source, id: id, endsWith: terminal, switchedOver: false)
             peer.release()
-            try await Self.expectGuestRuns(on: source, after: mark, cpus: Guest.calm.cpus, "after a peer that \(behaviour)")
+            try await Self.expectGuestRuns(on: source, after: mark, cpus: TestGuestVM.calm.cpus, "after a peer that \(behaviour)")
         }
         #expect(!source.events().map(\.name).contains("vm.pausing"), "the guest never stopped")
-        try await Self.migrateSuccessfully(from: source, to: try await Node(directory, "destination"), cpus: Guest.calm.cpus)
+        try await Self.migrateSuccessfully(from: source, to: try await TestVMM("destination", in: directory), cpus: TestGuestVM.calm.cpus)
     }
 
     // MARK: 6. Seeded random streams
 
     @Test func seededRandomStreamsNeverCrashTheReceiverAndARealMigrationStillArrives() async throws {
         let directory = try TemporaryDirectory()
-        let destination = try await Node(directory, "destination")
-        var generator = SplitMix64(state: Self.seed)
+        let destination = try await TestVMM("destination", in: directory)
+        var generator = SplitMix64(seed: Self.seed)
         var openFilesEarly = 0
         var slowest: (Duration, String) = (.zero, "")
         let began = ContinuousClock.now
         for index in 0..<Self.randomStreams {
-            let id = Self.uuid(using: &generator)
+            let id = generator.uuid()
             let (stream, mutations) = StreamFuzzer.stream(id: id, using: &generator)
             let label = "stream \(index) (seed 0x\(String(Self.seed, radix: 16)), \(mutations.map(\.rawValue).joined(separator: "+")), \(stream.count) bytes)"
             let streamBegan = ContinuousClock.now
-            let receive = try await Self.startReceive(on: destination)
+            let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0")
             let peer = try FakeSender(receive.url)
             _ = peer.write(stream)
             peer.finish()
@@ -412,211 +413,24 @@ struct MigrationFaultTests {
         print("fault-detail: destination open files after stream 20: \(openFilesEarly), after \(Self.randomStreams): \(openFilesLate); \(Self.residentMemory(of: destination))")
         #expect(openFilesLate <= openFilesEarly + 4, "no descriptor leaks per receive")
 
-        let source = try await Node(directory, "source")
-        try await Self.boot(.calm, on: source)
-        try await Self.migrateSuccessfully(from: source, to: destination, cpus: Guest.calm.cpus)
+        let source = try await TestVMM("source", in: directory)
+        try await source.boot(.calm)
+        try await Self.migrateSuccessfully(from: source, to: destination, cpus: TestGuestVM.calm.cpus)
         try await destination.api.send(.vmmShutdown)
-        #expect(try await destination.waitForExit(timeout: .seconds(30)) == 0)
+        #expect(await destination.waitForExit(timeout: .seconds(30)) == 0)
     }
 }
 
 // MARK: - Guests, VMMs and migrations
 
 extension MigrationFaultTests {
-    /// A test-guest configuration.
-    struct Guest: Sendable {
-        var cpus = 2
-        var memory: UInt64
-        var cmdline: String
-
-        /// Rewrites its 128 MiB working set as fast as its vCPUs can, so pre-copy under a 1 ms downtime
-        /// limit goes on pass after pass. It can still converge: a pass during which its vCPUs got
-        /// no host CPU finds nothing dirty, and the sender switches over.
-        static let busy = Guest(memory: 512 << 20, cmdline: "workset_mib=128 dirty_rate=max heartbeat_ms=100 verify_ms=500")
-        /// The busy workload over 512 MiB: pass 0 carries the whole working set, long enough that a
-        /// fault aimed at it lands in it even when the machine is loaded.
-        static let large = Guest(memory: 1 << 30, cmdline: "workset_mib=512 dirty_rate=max heartbeat_ms=100 verify_ms=1000")
-        /// A light workload that converges under the default downtime limit.
-        static let calm = Guest(memory: 256 << 20, cmdline: "workset_mib=16 dirty_rate=2000 heartbeat_ms=100 verify_ms=300")
-    }
-
-    /// A `ferry` under test: its process, API and event file.
-    final class Node: Sendable {
-        let name: String
-        let process: FerryProcess
-        let api: APIClient
-        private let eventPath: String
-        private let log = Mutex(EventLog())
-
-        /// The event file read so far: complete events, and the bytes of one still being written.
-        private struct EventLog {
-            var offset: UInt64 = 0
-            var pending: [UInt8] = []
-            var events: [RecordedEvent] = []
-            /// Wall-clock seconds since 1970 at the VMM's event timestamp 0 (`vmm.starting`'s `wall_clock`).
-            var wallClockAtZero: Double?
-        }
-
-        init(_ directory: TemporaryDirectory, _ name: String) async throws {
-            self.name = name
-            let socket = directory.path("\(name).sock")
-            eventPath = directory.path("\(name).events")
-            process = try FerryProcess(arguments: ["--api-socket", "path=\(socket)", "--event-monitor", "path=\(eventPath)"])
-            api = APIClient(socketPath: socket)
-            let deadline = ContinuousClock.now + .seconds(20)
-            while (try? await api.send(.vmmPing)) == nil {
-                guard ContinuousClock.now < deadline else {
-                    throw TestFailure("\(name): the API did not answer within 20 s: \(process.standardError)")
-                }
-                try await Task.sleep(for: .milliseconds(20))
-            }
-        }
-
-        /// Every complete event written so far.
-        func events() -> [RecordedEvent] {
-            log.withLock { log in
-                guard let file = FileHandle(forReadingAtPath: eventPath) else { return log.events }
-                defer { try? file.close() }
-                try? file.seek(toOffset: log.offset)
-                let data = (try? file.readToEnd()) ?? Data()
-                log.offset += UInt64(data.count)
-                log.pending += data
-                let separator = Array("\n\n".utf8)
-                var start = 0
-                var index = 0
-                while index + 1 < log.pending.count {
-                    if log.pending[index] == separator[0] && log.pending[index + 1] == separator[1] {
-                        if let event = Self.parse(log.pending[start..<index]) {
-                            if event.name == "vmm.starting", let wallClock = event.properties["wall_clock"] {
-                                log.wallClockAtZero = Self.secondsSince1970(wallClock)
-                            }
-                            log.events.append(event)
-                        }
-                        start = index + 2
-                        index += 2
-                    } else {
-                        index += 1
-                    }
-                }
-                log.pending.removeFirst(start)
-                return log.events
-            }
-        }
-
-        /// When `event` was emitted, on the wall clock.
-        func date(of event: RecordedEvent) -> Date {
-            _ = events()
-            return Date(timeIntervalSince1970: (log.withLock { $0.wallClockAtZero } ?? 0) + event.seconds)
-        }
-
-        /// Waits for the first event from `index` on whose name is in `names`, of migration `id` if
-        /// given, for which `predicate` holds.
-        func waitForEvent(_ names: Set<String>, id: String? = nil, after index: Int = 0, timeout: Duration = .seconds(90),
-                          where predicate: (RecordedEvent) -> Bool = { _ in true }) async throws -> RecordedEvent {
-            let deadline = ContinuousClock.now + timeout
-            while true {
-                let events = events()
-                if index < events.count, let event = events[index...].first(where: {
-                    names.contains($0.name) && (id == nil || $0.properties["migration_id"] == id) && predicate($0)
-                }) {
-                    return event
-                }
-                guard ContinuousClock.now < deadline else {
-                    throw TestFailure("\(name): no \(names.sorted()) within \(timeout); events: \(events.map(\.name))")
-                }
-                try await Task.sleep(for: .milliseconds(2))
-            }
-        }
-
-        /// Waits for a console line from line `mark` on for which `predicate` holds.
-        func waitForConsoleLine(after mark: Int, timeout: Duration = .seconds(60), where predicate: (String) -> Bool) async throws -> String {
-            let deadline = ContinuousClock.now + timeout
-            while true {
-                let lines = process.consoleLines
-                if mark < lines.count, let line = lines[mark...].first(where: predicate) { return line }
-                guard ContinuousClock.now < deadline else {
-                    throw TestFailure("\(name): no such console line within \(timeout); the last ones: \(lines.suffix(6))")
-                }
-                try await Task.sleep(for: .milliseconds(20))
-            }
-        }
-
-        /// The exit status once the process has exited, or nil at the deadline.
-        func waitForExit(timeout: Duration) async throws -> Int32? {
-            let deadline = ContinuousClock.now + timeout
-            while true {
-                if let status = process.waitForExit(timeout: .zero) { return status }
-                if ContinuousClock.now >= deadline { return nil }
-                try await Task.sleep(for: .milliseconds(20))
-            }
-        }
-
-        private static func parse(_ chunk: ArraySlice<UInt8>) -> RecordedEvent? {
-            guard let object = try? JSONSerialization.jsonObject(with: Data(chunk)) as? [String: Any] else { return nil }
-            let timestamp = object["timestamp"] as? [String: Any] ?? [:]
-            let seconds = Double(timestamp["secs"] as? Int ?? 0) + Double(timestamp["nanos"] as? Int ?? 0) / 1e9
-            return RecordedEvent(name: "\(object["source"] ?? "?").\(object["event"] ?? "?")",
-                                 properties: object["properties"] as? [String: String] ?? [:], seconds: seconds)
-        }
-
-        /// Parses `2026-11-27T18:26:05.207974Z`.
-        private static func secondsSince1970(_ text: String) -> Double? {
-            let parts = text.dropLast().split(separator: ".")
-            guard text.hasSuffix("Z"), parts.count == 2,
-                  let whole = ISO8601DateFormatter().date(from: "\(parts[0])Z"), let fraction = Double("0.\(parts[1])")
-            else { return nil }
-            return whole.timeIntervalSince1970 + fraction
-        }
-    }
-
-    /// A `vm.receive-migration` call in flight, and the URL its receiver listens on.
-    struct PendingReceive: Sendable {
-        var url: String
-        var task: Task<Result<Void, any Error>, Never>
-    }
-
-    static func boot(_ guest: Guest, on node: Node) async throws {
-        let kernel = try TestGuest.path.get()
-        let config = #"{"cpus": {"boot_vcpus": \#(guest.cpus)}, "memory": {"size": \#(guest.memory)}, "payload": {"kernel": "\#(kernel)", "cmdline": "\#(guest.cmdline)"}, "serial": {"mode": "Tty"}}"#
-        try await node.api.send(.vmCreate, body: Data(config.utf8))
-        try await node.api.send(.vmBoot)
-        _ = try await node.waitForConsoleLine(after: 0, timeout: .seconds(120)) { $0 == "ferry-test-guest: ready" }
-    }
-
-    /// Starts `vm.receive-migration` on `node` and returns once it emitted `vm.migration-receive-ready`.
-    static func startReceive(on node: Node, at url: String = "tcp:127.0.0.1:0") async throws -> PendingReceive {
-        let mark = node.events().count
-        let api = node.api
-        let body = Data(#"{"receiver_url": "\#(url)"}"#.utf8)
-        let task = Task { () -> Result<Void, any Error> in
-            do {
-                try await api.send(.vmReceiveMigration, body: body)
-                return .success(())
-            } catch {
-                return .failure(error)
-            }
-        }
-        let ready = try await node.waitForEvent(["vm.migration-receive-ready"], after: mark, timeout: .seconds(20))
-        return PendingReceive(url: try #require(ready.properties["receiver_url"]), task: task)
-    }
-
-    /// Sends the VM on `source` to `url`; returns the migration id once `vm.migration-started` is out.
-    static func startSend(from source: Node, to url: String, downtimeMs: Int64, timeoutS: Int64, strategy: String) async throws -> String {
-        let mark = source.events().count
-        let body = try JSONEncoder().encode(SendMigrationData(destination_url: url, downtime_ms: downtimeMs,
-                                                              timeout_s: timeoutS, timeout_strategy: strategy))
-        try await source.api.send(.vmSendMigration, body: body)
-        let started = try await source.waitForEvent(["vm.migration-started"], after: mark, timeout: .seconds(10))
-        return try #require(started.properties["migration_id"])
-    }
-
     /// Migrates the guest on `source` to `destination`, all the way: both sides end with success,
     /// the source VMM exits 0 and the guest runs and verifies on the destination.
-    static func migrateSuccessfully(from source: Node, to destination: Node, cpus: Int,
+    static func migrateSuccessfully(from source: TestVMM, to destination: TestVMM, cpus: Int,
                                     sourceLocation: SourceLocation = #_sourceLocation) async throws {
-        let receive = try await startReceive(on: destination)
+        let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0")
         // A guest that never converges switches over when the 1 s timeout has passed.
-        let id = try await startSend(from: source, to: receive.url, downtimeMs: 300, timeoutS: 1, strategy: "Ignore")
+        let id = try await source.startSend(to: receive.url, downtimeMs: 300, timeoutS: 1, strategy: "Ignore")
         let end = try await source.waitForEvent(sourceTerminals, id: id, timeout: .seconds(120))
         #expect(end.name == "vm.migration-finished", "the follow-up migration: \(end.properties)", sourceLocation: sourceLocation)
         print("fault-detail: follow-up migration \(end.name): total_ms=\(end.properties["total_ms"] ?? "?") downtime_ms=\(end.properties["downtime_ms"] ?? "?") iterations=\(end.properties["iterations"] ?? "?")")
@@ -626,14 +440,14 @@ extension MigrationFaultTests {
 
     /// Migration `id` arrived: the destination's receive finished and its call succeeded, the
     /// source VMM exited 0, and the guest runs and verifies on the destination without rebooting.
-    static func expectReceiveSucceeded(_ receive: PendingReceive, on destination: Node, id: String, from source: Node, cpus: Int,
+    static func expectReceiveSucceeded(_ receive: IncomingMigration, on destination: TestVMM, id: String, from source: TestVMM, cpus: Int,
                                        sourceLocation: SourceLocation = #_sourceLocation) async throws {
         let received = try await destination.waitForEvent(destinationTerminals, id: id)
         #expect(received.name == "vm.migration-receive-finished", "\(received.properties)", sourceLocation: sourceLocation)
-        if case .failure(let error) = await receive.task.value {
+        if let error = await receive.outcome() {
             Issue.record("the follow-up receive failed: \(error)", sourceLocation: sourceLocation)
         }
-        #expect(try await source.waitForExit(timeout: .seconds(30)) == 0, "the source VMM exits after the migration", sourceLocation: sourceLocation)
+        #expect(await source.waitForExit(timeout: .seconds(30)) == 0, "the source VMM exits after the migration", sourceLocation: sourceLocation)
         try await expectGuestRuns(on: destination, after: 0, cpus: cpus, "on the destination of the follow-up migration")
         #expect(!destination.process.consoleLines.contains { $0.hasPrefix("ferry-test-guest: boot") }, "the guest did not boot again",
                 sourceLocation: sourceLocation)
@@ -649,21 +463,18 @@ extension MigrationFaultTests {
         var bytesRemainingInIteration: UInt64
     }
 
-    static func passProgress(of source: Node) async throws -> PassProgress {
-        let object = try JSONSerialization.jsonObject(with: try await source.api.send(.vmMigrationProgress)) as? [String: Any] ?? [:]
-        let memory = object["memory_transmission_info"] as? [String: Any] ?? [:]
-        return PassProgress(migrationID: object["migration_id"] as? String,
-                            iteration: memory["memory_iteration"] as? Int ?? -1,
-                            bytesTransmitted: UInt64(memory["memory_bytes_transmitted"] as? Int ?? 0),
-                            bytesRemainingInIteration: UInt64(memory["memory_bytes_remaining_iteration"] as? Int ?? 0))
+    static func passProgress(of source: TestVMM) async throws -> PassProgress {
+        let progress = try await source.progress()
+        let memory = progress.memory_transmission_info
+        return PassProgress(migrationID: progress.migration_id, iteration: memory.memory_iteration,
+                            bytesTransmitted: memory.memory_bytes_transmitted,
+                            bytesRemainingInIteration: memory.memory_bytes_remaining_iteration)
     }
 
     /// The process's resident memory in bytes. A destination's grows as pass 0 arrives: it writes
     /// into fresh guest RAM, each page resident from its first byte.
-    static func residentBytes(of node: Node) -> UInt64 {
-        let statm = (try? String(contentsOfFile: "/proc/\(node.process.pid)/statm", encoding: .utf8)) ?? ""
-        let pages = statm.split(separator: " ").dropFirst().first.flatMap { UInt64($0) } ?? 0
-        return pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+    static func residentBytes(of node: TestVMM) -> UInt64 {
+        (node.statusKilobytes("VmRSS") ?? 0) << 10
     }
 
     /// What "bytes flowing" means for pass 0: the destination's resident memory grew this much
@@ -674,7 +485,7 @@ extension MigrationFaultTests {
     /// memory grew by `firstPassFlowBytes` since the send began, and no pass has ended. Watched
     /// locally, every millisecond: progress counts only whole 64 MiB requests, and an API round
     /// trip is slow next to a pass 0 of a tenth of a second.
-    static func waitForFirstPassBytes(of id: String, on source: Node, to destination: Node, residentBefore: UInt64) async throws {
+    static func waitForFirstPassBytes(of id: String, on source: TestVMM, to destination: TestVMM, residentBefore: UInt64) async throws {
         let deadline = ContinuousClock.now + .seconds(60)
         while ContinuousClock.now < deadline {
             if residentBytes(of: destination) >= residentBefore + firstPassFlowBytes { return }
@@ -688,7 +499,7 @@ extension MigrationFaultTests {
 
     /// Waits until migration `id` is sending a pass after pass 1 (bytes of it still to go), or,
     /// should the guest converge first, until its switch-over has begun.
-    static func waitForLaterPass(of id: String, on source: Node) async throws {
+    static func waitForLaterPass(of id: String, on source: TestVMM) async throws {
         let deadline = ContinuousClock.now + .seconds(60)
         while ContinuousClock.now < deadline {
             let progress = try await passProgress(of: source)
@@ -699,7 +510,7 @@ extension MigrationFaultTests {
         throw TestFailure("migration \(id) never reached a pass after pass 1")
     }
 
-    static func reach(_ moment: Moment, of id: String, on source: Node, to destination: Node, residentBefore: UInt64) async throws {
+    static func reach(_ moment: Moment, of id: String, on source: TestVMM, to destination: TestVMM, residentBefore: UInt64) async throws {
         switch moment {
         case .firstPass:
             try await waitForFirstPassBytes(of: id, on: source, to: destination, residentBefore: residentBefore)
@@ -712,7 +523,7 @@ extension MigrationFaultTests {
 
     /// The fault landed where it was meant to; returns whether the switch-over had begun before it.
     @discardableResult
-    static func expectFaultHit(_ moment: Moment, at fault: Date, of id: String, on source: Node) -> Bool {
+    static func expectFaultHit(_ moment: Moment, at fault: Date, of id: String, on source: TestVMM) -> Bool {
         let before = source.events().filter { $0.properties["migration_id"] == id && source.date(of: $0) < fault }
         let passes = before.filter { $0.name == "vm.migration-memory-iteration" }.count
         let switchedOver = before.contains { $0.name == "vm.migration-downtime" }
@@ -730,7 +541,7 @@ extension MigrationFaultTests {
     /// Checks migration `id` in the source's stream against events.md §4: exactly one terminal
     /// event, `terminal`, with nothing of the migration after it; passes numbered from 0; and the
     /// guest paused (and resumed, unless it finished) only once the switch-over began.
-    static func expectSourceStream(_ node: Node, id: String, endsWith terminal: String, switchedOver: Bool?,
+    static func expectSourceStream(_ node: TestVMM, id: String, endsWith terminal: String, switchedOver: Bool?,
                                    sourceLocation: SourceLocation = #_sourceLocation) {
         let events = node.events()
         guard let first = events.firstIndex(where: { $0.name == "vm.migration-started" && $0.properties["migration_id"] == id }) else {
@@ -759,7 +570,7 @@ extension MigrationFaultTests {
     }
 
     /// Every receive that started in `node`'s stream ended exactly once, after it started.
-    static func expectDestinationStream(_ node: Node, sourceLocation: SourceLocation = #_sourceLocation) {
+    static func expectDestinationStream(_ node: TestVMM, sourceLocation: SourceLocation = #_sourceLocation) {
         let events = node.events()
         for (index, started) in events.enumerated() where started.name == "vm.migration-receive-started" {
             let id = started.properties["migration_id"]
@@ -771,9 +582,9 @@ extension MigrationFaultTests {
 
     /// The receive call failed with a 500 whose message contains `text`; returns the error.
     @discardableResult
-    static func expectReceiveFailed(_ receive: PendingReceive, containing text: String?, _ context: String = "",
+    static func expectReceiveFailed(_ receive: IncomingMigration, containing text: String?, _ context: String = "",
                                     sourceLocation: SourceLocation = #_sourceLocation) async throws -> APIError? {
-        guard case .failure(let error) = await receive.task.value else {
+        guard let error = await receive.outcome() else {
             Issue.record("\(context): the receive succeeded", sourceLocation: sourceLocation)
             return nil
         }
@@ -786,7 +597,7 @@ extension MigrationFaultTests {
     }
 
     /// The VMM is up, answers, has no VM, and no migration runs in it.
-    static func expectReadyToReceive(_ node: Node, _ context: String, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+    static func expectReadyToReceive(_ node: TestVMM, _ context: String, sourceLocation: SourceLocation = #_sourceLocation) async throws {
         #expect(node.process.waitForExit(timeout: .zero) == nil, "\(node.name) still runs (\(context)): \(node.process.standardError.suffix(2000))",
                 sourceLocation: sourceLocation)
         _ = try await node.api.send(.vmmPing)
@@ -797,7 +608,7 @@ extension MigrationFaultTests {
     /// The guest runs on `node` after console line `mark`: every vCPU sends a heartbeat numbered
     /// past its last one before `mark` and verifies its working set again; no verification ever
     /// failed; vm.info says Running.
-    static func expectGuestRuns(on node: Node, after mark: Int, cpus: Int, _ context: String,
+    static func expectGuestRuns(on node: TestVMM, after mark: Int, cpus: Int, _ context: String,
                                 sourceLocation: SourceLocation = #_sourceLocation) async throws {
         let before = Array(node.process.consoleLines.prefix(mark)).heartbeats
         for cpu in 0..<cpus {
@@ -812,7 +623,7 @@ extension MigrationFaultTests {
     }
 
     /// `state` of `vm.migration-progress`: `Finished`, `Cancelled`, or the key of `Ongoing`/`Failed`.
-    static func progressState(of node: Node) async throws -> String? {
+    static func progressState(of node: TestVMM) async throws -> String? {
         let object = try JSONSerialization.jsonObject(with: try await node.api.send(.vmMigrationProgress)) as? [String: Any]
         return object?["state"] as? String ?? (object?["state"] as? [String: Any])?.keys.first
     }
@@ -821,11 +632,11 @@ extension MigrationFaultTests {
         print("fault-timing: \(what): \(String(format: "%.1f", end.timeIntervalSince(fault) * 1000)) ms")
     }
 
-    static func openFiles(of node: Node) -> Int {
+    static func openFiles(of node: TestVMM) -> Int {
         (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(node.process.pid)/fd").count) ?? -1
     }
 
-    static func residentMemory(of node: Node) -> String {
+    static func residentMemory(of node: TestVMM) -> String {
         let status = (try? String(contentsOfFile: "/proc/\(node.process.pid)/status", encoding: .utf8)) ?? ""
         return status.split(separator: "\n").first { $0.hasPrefix("VmRSS") }.map(String.init) ?? "VmRSS unknown"
     }
@@ -836,31 +647,14 @@ extension MigrationFaultTests {
         return String(error[..<cut]).trimmingCharacters(in: .whitespaces)
     }
 
-    static func uuid(using generator: inout SplitMix64) -> UUID {
-        let b = withUnsafeBytes(of: (generator.next(), generator.next())) { Array($0) }
-        return UUID(uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]))
-    }
-
-    /// A reproducible generator (SplitMix64), so that a failing seed can be replayed.
-    struct SplitMix64: RandomNumberGenerator {
-        var state: UInt64
-
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
 }
 
 // MARK: - Fake peers
 
 extension MigrationFaultTests {
-    /// A VM configuration as the sender's `config` request carries it (`VMConfiguration`'s JSON).
+    /// A VM configuration as the sender's `config` request carries it (`MigrationConfig`'s JSON).
     static func configDocument(cpus: Int = 1, memory: UInt64 = 256 << 20) -> [UInt8] {
-        Array(#"{"machine":{"cpus":\#(cpus),"memorySize":\#(memory),"kernel":"/nonexistent/kernel","commandLine":""},"serial":{"null":{}}}"#.utf8)
+        Array(#"{"machine":{"cpus":\#(cpus),"memorySize":\#(memory),"kernel":"/nonexistent/kernel","commandLine":"","serialPort":true}}"#.utf8)
     }
 
     static func request(_ command: MigrationCommand, length: UInt64) -> [UInt8] {
@@ -887,7 +681,7 @@ extension MigrationFaultTests {
         var error: String
         /// receive-failed's `phase`, if the receive started.
         var phase: String?
-        var act: @Sendable (_ url: String, _ id: UUID, _ destination: Node) async throws -> Void
+        var act: @Sendable (_ url: String, _ id: UUID, _ destination: TestVMM) async throws -> Void
     }
 
     static let abuses: [Abuse] = {
@@ -934,9 +728,10 @@ extension MigrationFaultTests {
                 refused(try peer.connection.receiveResponse(), naming: "command 9")
                 peer.finish()
             },
-            Abuse(description: "protocol version 2", starts: true, error: "version 2", phase: "starting") { url, id, _ in
+            Abuse(description: "another protocol version", starts: true, error: "version \(MigrationProtocol.version + 1)",
+                  phase: "starting") { url, id, _ in
                 let peer = try FakeSender(url)
-                refused(try peer.start(id, version: 2), naming: "version 2")
+                refused(try peer.start(id, version: MigrationProtocol.version + 1), naming: "version \(MigrationProtocol.version + 1)")
                 peer.finish()
             },
             Abuse(description: "a second start", starts: true, error: "expected config, got start", phase: "starting") { url, id, _ in
@@ -1008,11 +803,13 @@ extension MigrationFaultTests {
                 refused(try peer.request(.complete), naming: "expected memory or state")
                 peer.finish()
             },
-            Abuse(description: "a state that does not decode", starts: true, error: "the machine state cannot be restored", phase: "completing") { url, id, _ in
+            // The wire layer refuses a state document that does not decode before the receiver
+            // acts on it, so the receive is still in its memory phase.
+            Abuse(description: "a state that does not decode", starts: true, error: "the state payload does not decode", phase: "memory-precopy") { url, id, _ in
                 let peer = try configured(url, id)
                 #expect(peer.write(memoryHead([MigrationMemoryRange(address: 0x10_0000, length: 0x1000)]) + [UInt8](repeating: 0x5A, count: 0x1000)))
                 #expect(try peer.connection.receiveResponse() == .ok)
-                refused(try peer.request(.state, Array(#"{"machine": 42, "guestRunning": true}"#.utf8)), naming: "cannot be restored")
+                refused(try peer.request(.state, Array(#"{"machine": 42, "guestRunning": true}"#.utf8)), naming: "does not decode")
                 peer.finish()
             },
             Abuse(description: "an abandon after the config", starts: true, error: "the sender abandoned the migration", phase: "memory-precopy") { url, id, _ in
@@ -1177,8 +974,9 @@ extension MigrationFaultTests {
         /// Connects to a receiver's `tcp:127.0.0.1:PORT`.
         init(_ url: String) throws {
             guard case .tcp(_, let port) = try MigrationURL(parsing: url) else { throw TestFailure("not a TCP URL: \(url)") }
-            fd = try Loopback.connect(port: port)
-            connection = MigrationConnection(adopting: fd, ioTimeout: .seconds(Loopback.ioTimeout))
+            let socket = FileDescriptor(try Loopback.connect(port: port))
+            fd = socket.rawValue
+            connection = MigrationConnection(SocketTransport(socket), ioTimeout: .seconds(Loopback.ioTimeout))
         }
 
         func start(_ id: UUID, version: UInt32 = MigrationProtocol.version) throws -> MigrationResponse {
@@ -1293,7 +1091,7 @@ extension MigrationFaultTests {
         /// JSON but no machine state, then complete or abandon.
         static func validFrames(id: UUID, using generator: inout SplitMix64) -> [[UInt8]] {
             let config = configDocument()
-            let state = Array(#"{"machine": {"formatVersion": 1}, "guestRunning": true}"#.utf8)
+            let state = Array(#"{"machine": {"formatVersion": 2}, "guestRunning": true}"#.utf8)
             var frames = [request(.start, length: UInt64(MigrationProtocol.startPayloadSize)) + MigrationStart(migrationID: id).encoded,
                           request(.config, length: UInt64(config.count)) + config]
             for _ in 0..<Int.random(in: 1...3, using: &generator) {

@@ -1,9 +1,8 @@
-import FerryTestSupport
-import API
+import APIModels
 import FerryClient
+import FerryTestSupport
 import Foundation
 import Testing
-import VMM
 
 // A harness for live-migration tests between two real `ferry` processes on this host: start the
 // VMMs, boot the test guest on the source, receive and send, and check what happened against
@@ -25,149 +24,30 @@ enum MigrationTransport: String, CaseIterable, Sendable {
     }
 }
 
-/// One `ferry` started for a migration test: API socket and event file in a temporary directory,
-/// the guest's console on its standard output.
-struct MigrationVMM: Sendable {
-    let name: String
-    let process: FerryProcess
-    let api: APIClient
-    let eventFile: String
-
-    init(_ name: String, in directory: TemporaryDirectory) throws {
-        let socket = directory.path("\(name).sock")
-        self.name = name
-        eventFile = directory.path("\(name).events")
-        process = try FerryProcess(arguments: ["--api-socket", "path=\(socket)", "--event-monitor", "path=\(eventFile)"])
-        api = APIClient(socketPath: socket)
-        guard APILifecycleTests.waitForFile(socket, timeout: .seconds(20)) else {
-            throw TestFailure("\(name): no API socket; stderr: \(process.standardError)")
-        }
-    }
-
-    /// The events written so far; none while the file is missing or its last event is still being written.
-    func events() -> [RecordedEvent] {
-        (try? EventFile.read(eventFile)) ?? []
-    }
-
-    /// Waits until the stream holds `occurrence` events named `name`; returns the last of them.
-    func waitForEvent(_ name: String, occurrence: Int = 1, timeout: Duration = .seconds(120)) async -> RecordedEvent? {
-        await waitForEvent(occurrence: occurrence, timeout: timeout) { $0.name == name }
-    }
-
-    /// Waits until the stream holds `occurrence` events for which `predicate` holds; returns the last of them.
-    func waitForEvent(occurrence: Int = 1, timeout: Duration = .seconds(120),
-                      where predicate: (RecordedEvent) -> Bool) async -> RecordedEvent? {
-        var found: RecordedEvent?
-        _ = await MigrationHarness.waitUntil(timeout) {
-            let matching = events().filter(predicate)
-            found = matching.count >= occurrence ? matching[occurrence - 1] : nil
-            return found != nil
-        }
-        return found
-    }
-
-    func info() async throws -> VmInfo {
-        try JSONDecoder().decode(VmInfo.self, from: try await api.send(.vmInfo))
-    }
-
-    func progress() async throws -> MigrationProgress {
-        try JSONDecoder().decode(MigrationProgress.self, from: try await api.send(.vmMigrationProgress))
-    }
-
-    /// Asks the VMM to shut down and expects a 204 answer and an exit with status 0.
-    func shutDown(sourceLocation: SourceLocation = #_sourceLocation) async {
-        do {
-            try await api.send(.vmmShutdown)
-        } catch {
-            Issue.record("\(name): vmm.shutdown was not answered: \(error)", sourceLocation: sourceLocation)
-        }
-        #expect(process.waitForExit(timeout: .seconds(30)) == 0, "\(name) exits cleanly; stderr: \(process.standardError)",
-                sourceLocation: sourceLocation)
-    }
-}
-
-/// The test guest as a VM configuration: `Guests/test-guest/README.md` has the command-line keys.
-struct TestGuestVM: Sendable {
-    var cpus: Int
-    var memoryMiB: Int
-    /// Workload keys, e.g. `workset_mib=64 dirty_rate=2000`.
-    var workload: String
-    /// Frequent heartbeats and verification passes, so that a test sees the guest continue quickly.
-    var reporting = "heartbeat_ms=200 verify_ms=500"
-
-    var memoryBytes: UInt64 { UInt64(memoryMiB) << 20 }
-
-    /// The `vm.create` body; the console goes to the VMM's standard output (and travels with the
-    /// configuration to the destination).
-    func configuration(kernel: String) -> Data {
-        Data(#"{"cpus": {"boot_vcpus": \#(cpus)}, "memory": {"size": \#(memoryBytes)}, "payload": {"kernel": "\#(kernel)", "cmdline": "\#(workload) \#(reporting)"}, "serial": {"mode": "Tty"}}"#.utf8)
-    }
-}
-
-/// A receive under way on a destination: the `vm.receive-migration` call (which returns only when
-/// the receive has ended) and the URL the destination listens on.
-struct IncomingMigration: Sendable {
-    let call: Task<Void, any Error>
-    /// From `vm.migration-receive-ready`: with the real port where port 0 was asked for.
-    let url: String
-    /// What the destination was asked to listen on.
-    let requestedURL: String
-
-    /// The call's outcome: nil when it succeeded (204), else the error it threw.
-    func outcome() async -> (any Error)? {
-        do {
-            try await call.value
-            return nil
-        } catch {
-            return error
-        }
-    }
-}
-
 /// A source and a destination `ferry` in one temporary directory, the test guest running on the
 /// source, and the steps of a migration between them.
 struct MigrationPair: Sendable {
     let directory: TemporaryDirectory
     let transport: MigrationTransport
     let guest: TestGuestVM
-    let source: MigrationVMM
-    let destination: MigrationVMM
+    let source: TestVMM
+    let destination: TestVMM
 
     /// Starts both VMMs, creates and boots `guest` on the source and waits until every vCPU has
     /// finished its initial fill and printed heartbeats.
     init(transport: MigrationTransport, guest: TestGuestVM) async throws {
-        let kernel = try TestGuest.path.get()
         directory = try TemporaryDirectory()
         self.transport = transport
         self.guest = guest
-        source = try MigrationVMM("source", in: directory)
-        destination = try MigrationVMM("destination", in: directory)
-        try await source.api.send(.vmCreate, body: guest.configuration(kernel: kernel))
-        try await source.api.send(.vmBoot)
-        let process = source.process
-        let ready = await MigrationHarness.waitUntil(.seconds(120)) {
-            let lines = process.consoleLines
-            return lines.contains("ferry-test-guest: ready")
-                && (0..<guest.cpus).allSatisfy { cpu in lines.heartbeats.contains { $0.cpu == cpu && $0.seq >= 2 } }
-        }
-        guard ready else {
-            throw TestFailure("the test guest did not get ready on the source; console: \(process.consoleLines.suffix(10)); stderr: \(process.standardError)")
-        }
+        source = try await TestVMM("source", in: directory)
+        destination = try await TestVMM("destination", in: directory)
+        try await source.boot(guest)
     }
 
-    /// Starts `vm.receive-migration` on the destination and waits for its `occurrence`-th
-    /// `vm.migration-receive-ready` (one per receive this VMM has started).
-    func startReceive(occurrence: Int = 1, socketName: String = "migration.sock") async throws -> IncomingMigration {
-        let requested = transport.receiverURL(in: directory, name: socketName)
-        let api = destination.api
-        let body = try JSONEncoder().encode(ReceiveMigrationData(receiver_url: requested))
-        let call = Task { _ = try await api.send(.vmReceiveMigration, body: body, timeout: APIClient.unlimited) }
-        guard let ready = await destination.waitForEvent("vm.migration-receive-ready", occurrence: occurrence, timeout: .seconds(30)),
-              let url = ready.properties["receiver_url"] else {
-            call.cancel()
-            throw TestFailure("the destination does not listen on \(requested); stderr: \(destination.process.standardError)")
-        }
-        return IncomingMigration(call: call, url: url, requestedURL: requested)
+    /// Starts `vm.receive-migration` on the destination, with the arriving guest's console on the
+    /// destination's standard output, and waits for the receive's `vm.migration-receive-ready`.
+    func startReceive(socketName: String = "migration.sock") async throws -> IncomingMigration {
+        try await destination.startReceive(at: transport.receiverURL(in: directory, name: socketName))
     }
 
     /// `vm.send-migration` on the source; returns once the migration is under way.
@@ -177,12 +57,12 @@ struct MigrationPair: Sendable {
 
     /// Waits for the terminal event of the source's `occurrence`-th migration.
     func waitForSourceEnd(occurrence: Int = 1, timeout: Duration = .seconds(180)) async -> RecordedEvent? {
-        await source.waitForEvent(occurrence: occurrence, timeout: timeout) { MigrationStreams.sourceTerminal.contains($0.name) }
+        await source.waitForTerminal(MigrationStreams.sourceTerminal, occurrence: occurrence, timeout: timeout)
     }
 
     /// Waits for the terminal event of the destination's `occurrence`-th receive.
     func waitForDestinationEnd(occurrence: Int = 1, timeout: Duration = .seconds(180)) async -> RecordedEvent? {
-        await destination.waitForEvent(occurrence: occurrence, timeout: timeout) { MigrationStreams.destinationTerminal.contains($0.name) }
+        await destination.waitForTerminal(MigrationStreams.destinationTerminal, occurrence: occurrence, timeout: timeout)
     }
 
     /// Receives and sends one migration that is expected to finish, and waits until both sides
@@ -197,7 +77,7 @@ struct MigrationPair: Sendable {
         if let started {
             incoming = started
         } else {
-            incoming = try await startReceive(occurrence: receiveOccurrence)
+            incoming = try await startReceive()
         }
         let sendRequest = request(incoming.url)
         try await send(sendRequest)
@@ -211,10 +91,10 @@ struct MigrationPair: Sendable {
                 sourceLocation: sourceLocation)
         let expectations = MigrationExpectations(request: sendRequest, incoming: incoming, guestRAMBytes: guest.memoryBytes)
         if sendRequest.keep_alive == true {
-            #expect(await source.waitForEvent("vm.deleted") != nil, sourceLocation: sourceLocation)
+            #expect((try? await source.waitForEvent("vm.deleted")) != nil, sourceLocation: sourceLocation)
             return (expectations, nil)
         }
-        return (expectations, source.process.waitForExit(timeout: .seconds(60)))
+        return (expectations, await source.waitForExit(timeout: .seconds(60)))
     }
 }
 
@@ -291,16 +171,6 @@ struct ThrottledLink: Sendable {
 }
 
 enum MigrationHarness {
-    /// Polls `condition` every 50 ms until it holds or `timeout` passes.
-    static func waitUntil(_ timeout: Duration, _ condition: () -> Bool) async -> Bool {
-        let deadline = ContinuousClock.now + timeout
-        while !condition() {
-            if ContinuousClock.now >= deadline { return false }
-            try? await Task.sleep(for: .milliseconds(50))
-        }
-        return true
-    }
-
     /// Whether `line` is one the test guest prints whole (the first destination line may instead
     /// be the rest of a line the switch-over cut in half).
     static func isWholeGuestLine(_ line: String) -> Bool {

@@ -1,9 +1,8 @@
 import FerryTestSupport
-import API
+import APIModels
 import FerryClient
 import Foundation
 import Testing
-import VMM
 
 /// Live migration between two real `ferry` processes on this host, over TCP on loopback and over
 /// a Unix socket: the guest continues on the destination where it stopped on the source, and both
@@ -29,8 +28,8 @@ struct MigrationTests {
         expected.switchOver = switchOver
         #expect(sourceExit == 0, "the source ferry exits with status 0 on its own; stderr: \(pair.source.process.standardError)",
                 sourceLocation: sourceLocation)
-        let finished = MigrationStreams.expectFinished(source: try EventFile.read(pair.source.eventFile),
-                                                       destination: try EventFile.read(pair.destination.eventFile),
+        let finished = MigrationStreams.expectFinished(source: pair.source.events(),
+                                                       destination: pair.destination.events(),
                                                        sourceBefore: sourceBefore, destinationBefore: destinationBefore, expected,
                                                        sourceLocation: sourceLocation)
         if let finished {
@@ -40,7 +39,7 @@ struct MigrationTests {
         try await MigrationHarness.expectGuestContinued(from: pair.source.process, on: pair.destination.process, cpus: pair.guest.cpus,
                                                         sourceLocation: sourceLocation)
         #expect(try await pair.destination.info().state == "Running", sourceLocation: sourceLocation)
-        await pair.destination.shutDown(sourceLocation: sourceLocation)
+        #expect(await pair.destination.shutDown(), "\(pair.destination.name) shuts down cleanly: \(pair.destination.process.standardError.suffix(2000))", sourceLocation: sourceLocation)
     }
 
     // MARK: Migrations that finish
@@ -68,8 +67,8 @@ struct MigrationTests {
         var expected = expected0
         expected.guestWasRunning = false
         #expect(sourceExit == 0, "the source ferry exits with status 0 on its own; stderr: \(pair.source.process.standardError)")
-        MigrationStreams.expectFinished(source: try EventFile.read(pair.source.eventFile),
-                                        destination: try EventFile.read(pair.destination.eventFile),
+        MigrationStreams.expectFinished(source: pair.source.events(),
+                                        destination: pair.destination.events(),
                                         sourceBefore: Self.bootedStream + ["vm.pausing", "vm.paused"],
                                         destinationBefore: ["vmm.starting"], expected)
         #expect(try await pair.destination.info().state == "Paused", "the guest arrives paused")
@@ -78,9 +77,9 @@ struct MigrationTests {
         try await pair.destination.api.send(.vmResume)
         try await MigrationHarness.expectGuestContinued(from: pair.source.process, on: pair.destination.process, cpus: pair.guest.cpus)
         #expect(try await pair.destination.info().state == "Running")
-        #expect(try EventFile.read(pair.destination.eventFile).map(\.name).suffix(3)
+        #expect(pair.destination.events().map(\.name).suffix(3)
                 == ["vm.migration-receive-finished", "vm.resuming", "vm.resumed"], "the API resume, and only it, resumes the guest")
-        await pair.destination.shutDown()
+        #expect(await pair.destination.shutDown(), "\(pair.destination.name) shuts down cleanly: \(pair.destination.process.standardError.suffix(2000))")
     }
 
     // MARK: timeout_strategy
@@ -111,8 +110,8 @@ struct MigrationTests {
         #expect(try await pair.source.info().state == "Running")
         _ = try await pair.source.api.send(.vmmPing)
 
-        let sourceEvents = try EventFile.read(pair.source.eventFile)
-        let destinationEvents = try EventFile.read(pair.destination.eventFile)
+        let sourceEvents = pair.source.events()
+        let destinationEvents = pair.destination.events()
         let cancelledSegment = sourceEvents.dropFirst(Self.bootedStream.count)
         #expect(sourceEvents.map(\.name).prefix(Self.bootedStream.count).elementsEqual(Self.bootedStream))
         let expected = MigrationExpectations(request: request, incoming: incoming, guestRAMBytes: Self.fastWriter.memoryBytes)
@@ -128,7 +127,7 @@ struct MigrationTests {
                                            sourceBefore: sourceEvents.map(\.name), destinationBefore: destinationEvents.map(\.name)) {
             SendMigrationData(destination_url: $0, downtime_ms: 10_000)
         }
-        let second = try EventFile.read(pair.source.eventFile).last { $0.name == "vm.migration-started" }
+        let second = pair.source.events().last { $0.name == "vm.migration-started" }
         #expect(second?.properties["migration_id"] != cancelledID, "each migration has an id of its own")
     }
 
@@ -173,7 +172,7 @@ struct MigrationTests {
         let link = try ThrottledLink(to: incoming.url, transport: .tcp, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
         let request = SendMigrationData(destination_url: link.url, downtime_ms: 1)
         try await pair.send(request)
-        #expect(await source.waitForEvent(MigrationStreams.iteration) != nil, "pre-copy is under way")
+        try await source.waitForEvent(MigrationStreams.iteration)  // pre-copy is under way
         try await Self.expectRefusal(409, containing: "already in progress", "a second vm.send-migration") {
             try await pair.send(request)
         }
@@ -196,20 +195,23 @@ struct MigrationTests {
 
         // The guest runs on the source as before, and the VM takes operations again.
         await MigrationHarness.expectGuestKeepsRunning(on: source.process, cpus: guest.cpus)
+        let beforePause = source.events().count
         try await source.api.send(.vmPause)
         try await source.api.send(.vmResume)
+        // The events of an answered request may still be on their way to the file: wait for them.
+        try await source.waitForEvents(["vm.pausing", "vm.paused", "vm.resuming", "vm.resumed"], after: beforePause)
         #expect(try await source.progress().state == .cancelled)
 
-        let sourceEvents = try EventFile.read(source.eventFile)
+        let sourceEvents = source.events()
         let expected = MigrationExpectations(request: request, incoming: incoming, guestRAMBytes: guest.memoryBytes)
         let id = MigrationStreams.expectCancelledBeforeSwitchOver(sourceEvents.dropFirst(Self.bootedStream.count), reason: "requested", expected)
         let migrationEvents = sourceEvents.map(\.name).dropFirst(Self.bootedStream.count).prefix { $0 != "vm.pausing" }
         #expect(sourceEvents.map(\.name) == Self.bootedStream + migrationEvents + ["vm.pausing", "vm.paused", "vm.resuming", "vm.resumed"])
-        let destinationEvents = try EventFile.read(pair.destination.eventFile)
+        let destinationEvents = pair.destination.events()
         MigrationStreams.expectReceiveFailed(destinationEvents.dropFirst(), expected, migrationID: id)
         #expect(destinationEvents.map(\.name).count == 4, "\(destinationEvents.map(\.name))")
-        await source.shutDown()
-        await pair.destination.shutDown()
+        #expect(await source.shutDown(), "\(source.name) shuts down cleanly: \(source.process.standardError.suffix(2000))")
+        #expect(await pair.destination.shutDown(), "the destination shuts down cleanly: \(pair.destination.process.standardError.suffix(2000))")
     }
 
     @Test(arguments: MigrationTransport.allCases)
@@ -220,7 +222,7 @@ struct MigrationTests {
         let (expected, sourceExit) = try await pair.migrate { SendMigrationData(destination_url: $0, keep_alive: true) }
         #expect(sourceExit == nil)
         let finished = try #require(MigrationStreams.expectFinished(
-            source: try EventFile.read(pair.source.eventFile), destination: try EventFile.read(pair.destination.eventFile),
+            source: pair.source.events(), destination: pair.destination.events(),
             sourceBefore: Self.bootedStream, destinationBefore: ["vmm.starting"], expected))
         let mode = transport == .tcp ? "Tcp" : "Unix"
 
@@ -246,9 +248,9 @@ struct MigrationTests {
         // The source VMM stays up without its VM.
         try await Self.expectRefusal(404, containing: "no VM", "the source has no VM any more") { try await pair.source.api.send(.vmInfo) }
         try await MigrationHarness.expectGuestContinued(from: pair.source.process, on: pair.destination.process, cpus: 1)
-        await pair.source.shutDown()
-        #expect(try EventFile.read(pair.source.eventFile).map(\.name).suffix(3) == ["vm.migration-finished", "vm.deleted", "vmm.shutdown"])
-        await pair.destination.shutDown()
+        #expect(await pair.source.shutDown(), "\(pair.source.name) shuts down cleanly: \(pair.source.process.standardError.suffix(2000))")
+        #expect(pair.source.events().map(\.name).suffix(3) == ["vm.migration-finished", "vm.deleted", "vmm.shutdown"])
+        #expect(await pair.destination.shutDown(), "\(pair.destination.name) shuts down cleanly: \(pair.destination.process.standardError.suffix(2000))")
     }
 
     /// Runs `body` and expects it to fail with `status` and a first message that contains (or starts with) the given text.

@@ -1,5 +1,5 @@
 import FerryTestSupport
-import API
+import APIModels
 import FerryClient
 import Foundation
 import Synchronization
@@ -54,11 +54,11 @@ struct SnapshotRestoreTests {
         try await targetAPI.send(.vmmShutdown)
         #expect(target.waitForExit(timeout: .seconds(30)) == 0)
 
-        #expect(try EventFile.read(sourceEvents).map(\.name) == [
+        #expect(recordedEvents(inFile: sourceEvents).map(\.name) == [
             "vmm.starting", "vm.booting", "vm.booted", "vm.pausing", "vm.paused",
             "vm.snapshotting", "vm.snapshotted", "vm.shutdown", "vmm.shutdown",
         ])
-        #expect(try EventFile.read(targetEvents).map(\.name) == [
+        #expect(recordedEvents(inFile: targetEvents).map(\.name) == [
             "vmm.starting", "vm.restoring", "vm.restored", "vm.resuming", "vm.resumed", "vm.shutdown", "vmm.shutdown",
         ])
     }
@@ -91,7 +91,7 @@ struct SnapshotRestoreTests {
             (try damaged("truncated-state") { try Data(try Data(contentsOf: URL(fileURLWithPath: "\($0)/\(state)")).prefix(100)).write(to: URL(fileURLWithPath: "\($0)/\(state)")) }, "truncated or corrupted"),
             (try damaged("other-version") {
                 let url = URL(fileURLWithPath: "\($0)/\(state)")
-                let text = try String(contentsOf: url, encoding: .utf8).replacingOccurrences(of: #""formatVersion":1"#, with: #""formatVersion":99"#)
+                let text = try String(contentsOf: url, encoding: .utf8).replacingOccurrences(of: #""formatVersion":2"#, with: #""formatVersion":99"#)
                 try text.write(to: url, atomically: true, encoding: .utf8)
             }, "format version 99"),
         ]
@@ -109,7 +109,7 @@ struct SnapshotRestoreTests {
         #expect(try JSONDecoder().decode(VmInfo.self, from: try await targetAPI.send(.vmInfo)).state == "Running")
         try await targetAPI.send(.vmmShutdown)
         #expect(target.waitForExit(timeout: .seconds(30)) == 0)
-        let names = try EventFile.read(targetEvents).map(\.name)
+        let names = recordedEvents(inFile: targetEvents).map(\.name)
         #expect(names.filter { $0 == "vm.restore-failed" }.count == 2, "the memory-file failures happen after restoring began: \(names)")
         #expect(names.suffix(6) == ["vm.restoring", "vm.restored", "vm.resuming", "vm.resumed", "vm.shutdown", "vmm.shutdown"])
     }

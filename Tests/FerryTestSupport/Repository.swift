@@ -61,3 +61,9 @@ public final class TemporaryDirectory: Sendable {
         try? FileManager.default.removeItem(at: url)
     }
 }
+
+/// Runs `body` with the path of a temporary directory that is removed afterwards.
+public func withTemporaryDirectory<Result>(_ body: (String) async throws -> Result) async throws -> Result {
+    let directory = try TemporaryDirectory()
+    return try await body(directory.url.path)
+}

@@ -1,4 +1,5 @@
 import Glibc
+import HostOS
 import Testing
 @testable import KVM
 
@@ -31,10 +32,10 @@ struct KVMSystemTests {
 
     @Test func stateBlobOfTheWrongSizeIsRefusedWithTheOperationNamed() throws {
         let vcpu = try KVMSystem().createVM().createVCPU(id: 0)
-        #expect(throws: KVMError.self) { try vcpu.setLocalAPIC([1, 2, 3]) }
+        #expect(throws: SystemError.self) { try vcpu.setLocalAPIC([1, 2, 3]) }
         do {
             try vcpu.setEvents([])
-        } catch let error as KVMError {
+        } catch let error as SystemError {
             #expect(error.description.contains("KVM_SET_VCPU_EVENTS"))
         }
     }
@@ -113,7 +114,7 @@ struct KVMPendingExitTests {
         for _ in 0..<8 {
             if case .portIO = try vcpu.runOnce() { return (vm, vcpu, memory) }
         }
-        throw KVMError(operation: "test", errno: 0, detail: "no port I/O exit")
+        throw SystemError("test", errno: 0, detail: "no port I/O exit")
     }
 
     @Test func portReadReachesRAXOnlyOnceThePendingExitIsCompletedAndNothingElseRuns() throws {
@@ -139,13 +140,5 @@ struct KVMPendingExitTests {
         let regs = try vcpu.registers()
         #expect(regs.rip == 0x1004)
         #expect(regs.rax & 0xFF == 0x42)
-    }
-}
-
-@Suite struct KVMErrorTests {
-    @Test func descriptionNamesOperationErrnoAndDetail() {
-        #expect(KVMError(operation: "KVM_RUN", errno: EFAULT).description == "KVM_RUN failed: Bad address (errno 14)")
-        #expect(KVMError(operation: "KVM_CHECK_EXTENSION", errno: 0, detail: "KVM lacks X").description
-            == "KVM_CHECK_EXTENSION failed: KVM lacks X")
     }
 }

@@ -184,7 +184,7 @@ func syntheticBzImage(version: UInt16 = 0x020F, xloadflags: UInt16 = 1) -> [UInt
     @Test func elfWithPVHNoteYieldsSegmentsAndEntry() throws {
         let elf = try ELFKernel(parsing: syntheticELF(withNote: true))
         #expect(elf.pvhEntry == 0x0010_0040)
-        #expect(elf.segments == [ELFKernel.Segment(physicalAddress: 0x10_0000, fileOffset: 0x100, fileSize: 0x40, memorySize: 0x2000)])
+        #expect(elf.segments == [ELFKernel.Segment(physicalAddress: 0x10_0000, fileRange: 0x100..<0x140, memorySize: 0x2000)])
         #expect(elf.end == 0x10_2000)
     }
 

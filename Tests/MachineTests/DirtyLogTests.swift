@@ -4,31 +4,31 @@ import KVM
 import Testing
 @testable import Machine
 
-@Suite struct DirtyPagesTests {
+@Suite struct PageRunsTests {
     @Test func bitmapBecomesCoalescedGuestPhysicalRuns() {
         // Pages 0-1, 5, 63-65 of a slot starting at 4 GiB.
         var bitmap: [UInt64] = [0, 0]
         for page in [0, 1, 5, 63, 64, 65] { bitmap[page / 64] |= 1 << UInt64(page % 64) }
-        let runs = DirtyPages.runs(bitmap: bitmap, slotStart: 4 << 30, pageCount: 100)
+        let runs = PageRuns.runs(bitmap: bitmap, slotStart: 4 << 30, pageCount: 100)
         #expect(runs == [
             GuestRAMRange(start: 4 << 30, size: 2 * 4096),
             GuestRAMRange(start: (4 << 30) + 5 * 4096, size: 4096),
             GuestRAMRange(start: (4 << 30) + 63 * 4096, size: 3 * 4096),
         ])
-        #expect(DirtyPages(runs: runs).pageCount == 6)
+        #expect(PageRuns(runs: runs).pageCount == 6)
     }
 
     @Test func unionCoalescesOverlappingAndAdjacentRuns() {
-        let page = DirtyPages.pageSize
-        let a = DirtyPages(runs: [GuestRAMRange(start: 0, size: 2 * page), GuestRAMRange(start: 10 * page, size: page)])
-        let b = DirtyPages(runs: [GuestRAMRange(start: page, size: 3 * page), GuestRAMRange(start: 11 * page, size: page),
+        let page = PageRuns.pageSize
+        let a = PageRuns(runs: [GuestRAMRange(start: 0, size: 2 * page), GuestRAMRange(start: 10 * page, size: page)])
+        let b = PageRuns(runs: [GuestRAMRange(start: page, size: 3 * page), GuestRAMRange(start: 11 * page, size: page),
                                   GuestRAMRange(start: 1 << 32, size: page)])
         #expect(a.union(b).runs == [
             GuestRAMRange(start: 0, size: 4 * page),
             GuestRAMRange(start: 10 * page, size: 2 * page),
             GuestRAMRange(start: 1 << 32, size: page),
         ])
-        #expect(a.union(DirtyPages(runs: [])) == a)
+        #expect(a.union(PageRuns(runs: [])) == a)
         #expect(a.union(a) == a)
     }
 
@@ -36,7 +36,7 @@ import Testing
     /// scan of part of RAM reports only that part.
     @Test func nonZeroPagesFindsEveryWrittenPageAndNothingElse() throws {
         let memory = try GuestMemory(ranges: GuestRAMLayout.ranges(size: (3 << 30) + (64 << 20)))
-        let page = DirtyPages.pageSize
+        let page = PageRuns.pageSize
         try memory.write(UInt8(1), at: 0)                     // first byte of page 0
         try memory.write(UInt8(7), at: 2 * page - 1)          // last byte of page 1
         try memory.write(UInt64.max, at: 100 * page + 8)
@@ -54,9 +54,9 @@ import Testing
     }
 
     @Test func lastPageOfTheSlotClosesItsRun() {
-        let runs = DirtyPages.runs(bitmap: [UInt64(1) << 63], slotStart: 0, pageCount: 64)
+        let runs = PageRuns.runs(bitmap: [UInt64(1) << 63], slotStart: 0, pageCount: 64)
         #expect(runs == [GuestRAMRange(start: 63 * 4096, size: 4096)])
-        #expect(DirtyPages.runs(bitmap: [0], slotStart: 0, pageCount: 64).isEmpty)
+        #expect(PageRuns.runs(bitmap: [0], slotStart: 0, pageCount: 64).isEmpty)
     }
 
     /// A running test guest rewriting its working set: KVM's log reports pages inside the working
@@ -67,7 +67,7 @@ import Testing
         let configuration = MachineConfiguration(cpus: 2, memorySize: 256 << 20, kernel: guest,
                                                  commandLine: "workset_mib=32 dirty_rate=4000 heartbeat_ms=100")
         let console = Console()
-        let machine = try Machine(configuration: configuration, serialOutput: console.output, onStop: { _ in })
+        let machine = try Machine.forBoot(configuration: configuration, serialOutput: console.output, onStop: { _, _ in })
         try machine.start()
         defer { machine.stop() }
         #expect(console.wait(timeout: .seconds(60)) { $0.contains { $0.hasPrefix("HEARTBEAT cpu=1 seq=2 ") } },

@@ -24,10 +24,10 @@ func sampleMachineState(cpus: Int = 2, memorySize: UInt64 = 64 << 20) -> Machine
                          msrs: [MSREntry(index: 0x10, data: 123_456_789), MSREntry(index: 0xC000_0082, data: .max)],
                          events: [UInt8](repeating: 0, count: 64), tscKHz: 2_445_404)
     }
-    let vm = VMState(picMaster: [UInt8](repeating: 0, count: 520), picSlave: [UInt8](repeating: 1, count: 520),
+    let vm = PlatformState(picMaster: [UInt8](repeating: 0, count: 520), picSlave: [UInt8](repeating: 1, count: 520),
                      ioapic: [UInt8](repeating: 2, count: 520), pit: [UInt8](repeating: 3, count: 112),
                      clock: 987_654_321)
-    return MachineState(configuration: configuration, vcpus: vcpus, vm: vm, devices: [
+    return MachineState(configuration: configuration, vcpus: vcpus, platform: vm, devices: [
         try! Serial8250(output: { _ in }, setInterrupt: { _ in }).saveDeviceState(id: Machine.DeviceID.serial),
         try! I8042(onReset: {}).saveDeviceState(id: Machine.DeviceID.i8042),
     ])
@@ -40,7 +40,7 @@ func sampleMachineState(cpus: Int = 2, memorySize: UInt64 = 64 << 20) -> Machine
         #expect(try JSONDecoder().decode(MachineState.self, from: data) == state)
     }
 
-    @Test(arguments: [0, 2, 99])
+    @Test(arguments: [0, MachineState.currentFormatVersion - 1, MachineState.currentFormatVersion + 1, 99])
     func anotherFormatVersionIsRefusedWhenDecodingNamingBothVersions(version: Int) throws {
         var state = sampleMachineState()
         state.formatVersion = version
@@ -55,11 +55,11 @@ func sampleMachineState(cpus: Int = 2, memorySize: UInt64 = 64 << 20) -> Machine
 
     @Test func anotherFormatVersionIsRefusedBeforeTheRestOfTheStateIsRead() throws {
         // A future format may change any field; the version must be what the error is about.
-        let json = #"{"formatVersion": 2, "vcpus": "a shape this Ferry does not know"}"#
+        let json = #"{"formatVersion": 3, "vcpus": "a shape this Ferry does not know"}"#
         #expect {
             _ = try JSONDecoder().decode(MachineState.self, from: Data(json.utf8))
         } throws: { error in
-            error is MachineError && "\(error)".contains("format version 2")
+            error is MachineError && "\(error)".contains("format version 3")
         }
     }
 }
@@ -69,7 +69,7 @@ func sampleMachineState(cpus: Int = 2, memorySize: UInt64 = 64 << 20) -> Machine
 struct MachineRestoreRefusalTests {
     func receivingMachine(cpus: Int = 2, memorySize: UInt64 = 64 << 20) throws -> Machine {
         try Machine.forRestore(configuration: MachineConfiguration(cpus: cpus, memorySize: memorySize, kernel: "/nonexistent/kernel"),
-                               serialOutput: { _ in }, onStop: { _ in })
+                               serialOutput: { _ in }, onStop: { _, _ in })
     }
 
     @Test func stateOfAnotherVersionIsRefused() throws {
@@ -107,14 +107,16 @@ struct MachineRestoreRefusalTests {
 
     @Test func machineThatBootsAKernelRefusesAState() throws {
         let guest = try TestGuest.path.get()
-        let machine = try Machine(configuration: MachineConfiguration(cpus: 1, memorySize: 64 << 20, kernel: guest),
-                                  serialOutput: nil, onStop: { _ in })
-        #expect { try machine.restore(sampleMachineState(cpus: 1)) } throws: { "\($0)".contains("not created to receive") }
+        let machine = try Machine.forBoot(configuration: MachineConfiguration(cpus: 1, memorySize: 64 << 20, kernel: guest),
+                                          serialOutput: { _ in }, onStop: { _, _ in })
+        #expect { try machine.restore(sampleMachineState(cpus: 1)) } throws: {
+            "\($0)".contains("the VM is ready; it must be awaiting a saved state to restore a saved state")
+        }
     }
 
     @Test func savingIsRefusedUnlessPausedNamingTheState() throws {
         let machine = try receivingMachine()
-        #expect { _ = try machine.saveState() } throws: { "\($0)".contains("the VM is created; it must be paused") }
+        #expect { _ = try machine.saveState() } throws: { "\($0)".contains("the VM is awaiting a saved state; it must be paused to save its state") }
         #expect(throws: MachineError.self) { try machine.saveMemory(toFile: "/nonexistent/memory") }
     }
 }

@@ -1,3 +1,4 @@
+import HostOS
 import FerryTestSupport
 import Foundation
 import Testing

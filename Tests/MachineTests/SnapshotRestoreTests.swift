@@ -95,7 +95,7 @@ func keyValues(_ line: String) -> [String: String] {
 /// Collects how machines stopped.
 final class StopRecorder: Sendable {
     private let reasons = Mutex<[MachineStop]>([])
-    var handler: @Sendable (MachineStop) -> Void { { [self] reason in reasons.withLock { $0.append(reason) } } }
+    var handler: @Sendable (Machine.ID, MachineStop) -> Void { { [self] _, reason in reasons.withLock { $0.append(reason) } } }
     var all: [MachineStop] { reasons.withLock { $0 } }
 }
 
@@ -122,7 +122,7 @@ struct SnapshotRestoreTests {
         // Run the guest until every CPU has verified its memory and sent a few heartbeats, then save it.
         let console = Console()
         let stops = StopRecorder()
-        let original = try Machine(configuration: configuration, serialOutput: console.output, onStop: stops.handler)
+        let original = try Machine.forBoot(configuration: configuration, serialOutput: console.output, onStop: stops.handler)
         defer { original.stop() }
         try original.start()
         let warmedUp = console.wait(timeout: Self.timeout) { lines in
@@ -154,7 +154,7 @@ struct SnapshotRestoreTests {
         defer { restored.stop() }
         try restored.loadMemory(fromFile: memoryFile)
         try restored.restore(decoded)
-        #expect(restored.state == .created)
+        #expect(restored.phase == .ready)
         try restored.start()
 
         let lastBeats = (0..<cpus).map { cpu in before.compactMap(Heartbeat.init).last { $0.cpu == cpu } }

@@ -1,3 +1,4 @@
+import HostOS
 import Foundation
 import KVM
 import Testing
@@ -114,7 +115,7 @@ final class KVMTestVM: Sendable {
     static let pitCountLoadTimeOffset = 16
 
     /// VM state without the kvmclock reading and the PIT's load time stamps, which move on by design.
-    static func withoutTimestamps(_ state: VMState) -> VMState {
+    static func withoutTimestamps(_ state: PlatformState) -> PlatformState {
         var state = state
         state.clock = 0
         for channel in 0..<3 {
@@ -195,7 +196,7 @@ final class KVMTestVM: Sendable {
         let vm = try KVMTestVM()
         var state = try vm.vcpu.saveState(vm.support)
         state.id = 3
-        #expect(throws: KVMError.self) { try vm.vcpu.restoreState(state, support: vm.support) }
+        #expect(throws: SystemError.self) { try vm.vcpu.restoreState(state, support: vm.support) }
     }
 
     @Test(.enabled(if: KVMSystem.isAvailable, kvmMissing))

@@ -1,3 +1,4 @@
+import HostOS
 import KVM
 
 /// The GDT Ferry hands the boot vCPU, and the register state each boot protocol enters with.

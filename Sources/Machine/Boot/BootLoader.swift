@@ -1,4 +1,5 @@
 import Foundation
+import HostOS
 import KVM
 
 /// How the boot vCPU enters the kernel.
@@ -11,92 +12,150 @@ public enum BootEntry: Equatable, Sendable {
 
 /// Loads a kernel (PVH ELF or bzImage, chosen from the file's contents), its initramfs and command
 /// line, and the firmware tables a guest expects, into guest memory.
+///
+/// Loading is planned first — which file bytes go where, where the initramfs goes — against the
+/// guest's RAM layout alone, with every value from the image checked; `check` runs only the plan,
+/// so a VMM can refuse an image that cannot boot before it builds anything.
 public enum BootLoader {
     static let pageSize: UInt64 = 4096
 
-    public static func load(kernelPath: String, initramfsPath: String?, commandLine: String, cpuCount: Int,
-                            memory: GuestMemory) throws -> BootEntry {
-        let kernel = try readFile(kernelPath, what: "kernel")
-        let initramfs = try initramfsPath.map { try readFile($0, what: "initramfs") }
-        let commandLineBytes = Array(commandLine.utf8) + [0]
-        guard commandLineBytes.count <= BootLayout.commandLineCapacity else {
-            throw MachineError("kernel command line is \(commandLineBytes.count - 1) bytes; at most \(BootLayout.commandLineCapacity - 1) fit")
+    /// What loading a kernel writes where.
+    struct Plan {
+        enum Kernel {
+            case pvh(ELFKernel)
+            case linux64(BzImage, loadEnd: UInt64)
         }
-        try memory.write(commandLineBytes, at: BootLayout.commandLineAddress)
+
+        var kernel: Kernel
+        /// Where the initramfs goes, if there is one.
+        var initramfsAddress: UInt64?
+    }
+
+    /// Checks that the kernel, initramfs and command line can boot in guest RAM of `memorySize`
+    /// bytes; throws an `invalidImage` error saying why not. Reads the kernel, only the size of
+    /// the initramfs.
+    public static func check(kernelPath: String, initramfsPath: String?, commandLine: String, memorySize: UInt64) throws(MachineError) {
+        let kernel = try readFile(kernelPath, what: "kernel")
+        let initramfsSize = try initramfsPath.map { path throws(MachineError) in try fileSize(path, what: "initramfs") }
+        try checkCommandLine(commandLine)
+        _ = try plan(kernel: kernel, kernelPath: kernelPath, initramfsSize: initramfsSize, ram: GuestRAMLayout.ranges(size: memorySize))
+    }
+
+    public static func load(kernelPath: String, initramfsPath: String?, commandLine: String, cpuCount: Int,
+                            memory: GuestMemory) throws(MachineError) -> BootEntry {
+        let kernel = try readFile(kernelPath, what: "kernel")
+        let initramfs = try initramfsPath.map { path throws(MachineError) in try readFile(path, what: "initramfs") }
+        try checkCommandLine(commandLine)
+        let plan = try plan(kernel: kernel, kernelPath: kernelPath, initramfsSize: initramfs.map { UInt64($0.count) },
+                            ram: memory.ranges)
+
+        try memory.write(Array(commandLine.utf8) + [0], at: BootLayout.commandLineAddress)
         try memory.write(MPTable.bytes(cpuCount: cpuCount, at: BootLayout.mpTableAddress), at: BootLayout.mpTableAddress)
         try memory.write(BootCPUState.gdtBytes, at: BootLayout.gdtAddress)
+        if let initramfs, let address = plan.initramfsAddress {
+            try memory.write(initramfs, at: address)
+        }
         let memoryMap = E820Map.entries(for: memory.ranges)
-
-        if ELFKernel.isELF(kernel) {
-            let elf = try ELFKernel(parsing: kernel)
+        switch plan.kernel {
+        case .pvh(let elf):
             for segment in elf.segments {
-                guard segment.physicalAddress >= BootLayout.kernelLoadAddress,
-                      memory.contains(segment.physicalAddress, count: Int(segment.memorySize))
-                else {
-                    throw MachineError("kernel segment at 0x\(String(segment.physicalAddress, radix: 16)) (\(segment.memorySize) bytes) does not fit in guest RAM above 1 MiB")
-                }
-                try memory.write(kernel[segment.fileOffset..<segment.fileOffset + segment.fileSize],
-                                 at: segment.physicalAddress)
-                let zeroCount = Int(segment.memorySize) - segment.fileSize
-                if zeroCount > 0 {
-                    try memory.fill(0, count: zeroCount, at: segment.physicalAddress + UInt64(segment.fileSize))
+                try memory.write(kernel[segment.fileRange], at: segment.physicalAddress)
+                let zeros = segment.memorySize - UInt64(segment.fileRange.count)
+                if zeros > 0 {
+                    // The plan checked that the segment lies in guest RAM, so `zeros` fits an Int.
+                    try memory.fill(0, count: Int(zeros), at: segment.physicalAddress + UInt64(segment.fileRange.count))
                 }
             }
             var modules: [(address: UInt64, size: UInt64)] = []
-            if let initramfs {
-                let address = try placeInitramfs(initramfs, above: elf.end, below: UInt64.max, memory: memory)
-                modules.append((address, UInt64(initramfs.count)))
-            }
+            if let initramfs, let address = plan.initramfsAddress { modules.append((address, UInt64(initramfs.count))) }
             let info = StartInfo.bytes(at: BootLayout.startInfoAddress, commandLineAddress: BootLayout.commandLineAddress,
                                        modules: modules, memoryMap: memoryMap)
             try memory.write(info, at: BootLayout.startInfoAddress)
             return .pvh(entry: elf.pvhEntry, startInfo: BootLayout.startInfoAddress)
-        }
-
-        if BzImage.isBzImage(kernel) {
-            let image = try BzImage(parsing: kernel)
-            let payload = kernel[image.kernelOffset...]
-            let loadEnd = BootLayout.kernelLoadAddress + UInt64(max(payload.count, Int(image.initSize)))
-            guard memory.contains(BootLayout.kernelLoadAddress, count: Int(loadEnd - BootLayout.kernelLoadAddress)) else {
-                throw MachineError("bzImage needs \((loadEnd - BootLayout.kernelLoadAddress) >> 20) MiB above 1 MiB; give the guest more memory")
-            }
-            try memory.write(payload, at: BootLayout.kernelLoadAddress)
-            var initrd: (address: UInt32, size: UInt32)?
-            if let initramfs {
-                let address = try placeInitramfs(initramfs, above: loadEnd, below: UInt64(image.initrdAddressMax) + 1,
-                                                 memory: memory)
-                initrd = (UInt32(address), UInt32(initramfs.count))
-            }
+        case .linux64(let image, _):
+            try memory.write(kernel[image.kernelOffset...], at: BootLayout.kernelLoadAddress)
             for table in PageTables.tables() {
                 try memory.write(table.bytes, at: table.address)
+            }
+            var initrd: (address: UInt32, size: UInt32)?
+            if let initramfs, let address = plan.initramfsAddress {
+                // The plan placed it below 4 GiB and checked its size fits 32 bits.
+                initrd = (UInt32(truncatingIfNeeded: address), UInt32(truncatingIfNeeded: initramfs.count))
             }
             let zeroPage = try ZeroPage.bytes(kernel: image, commandLineAddress: UInt32(BootLayout.commandLineAddress),
                                               initrd: initrd, memoryMap: memoryMap)
             try memory.write(zeroPage, at: BootLayout.zeroPageAddress)
             return .linux64(entry: BootLayout.kernelLoadAddress + BzImage.entry64Offset, zeroPage: BootLayout.zeroPageAddress)
         }
-        throw MachineError("kernel \(kernelPath) is neither an ELF with a PVH note nor a bzImage")
     }
 
-    /// Puts the initramfs at the highest page-aligned address of RAM below 4 GiB (and below `limit`)
-    /// that stays clear of the kernel.
-    static func placeInitramfs(_ bytes: [UInt8], above kernelEnd: UInt64, below limit: UInt64,
-                               memory: GuestMemory) throws -> UInt64 {
-        let lowRAMEnd = memory.ranges.first(where: { $0.start == 0 })?.end ?? 0
-        let top = min(lowRAMEnd, limit)
-        let size = UInt64(bytes.count)
-        guard top > size, (top - size) & ~(pageSize - 1) >= (kernelEnd + pageSize - 1) & ~(pageSize - 1) else {
-            throw MachineError("initramfs (\(size >> 20) MiB) does not fit in guest RAM below 4 GiB beside the kernel; give the guest more memory")
+    /// Parses the kernel and places it and the initramfs in `ram`, refusing anything that does not fit.
+    static func plan(kernel: [UInt8], kernelPath: String, initramfsSize: UInt64?, ram: [GuestRAMRange]) throws(MachineError) -> Plan {
+        if ELFKernel.isELF(kernel) {
+            let elf = try ELFKernel(parsing: kernel)
+            for segment in elf.segments {
+                guard segment.physicalAddress >= BootLayout.kernelLoadAddress,
+                      GuestRAMLayout.contains(ram, segment.physicalAddress, count: segment.memorySize)
+                else {
+                    throw MachineError(.invalidImage, "kernel segment at 0x\(String(segment.physicalAddress, radix: 16)) (\(segment.memorySize) bytes) does not fit in guest RAM above 1 MiB")
+                }
+            }
+            let address = try initramfsSize.map { size throws(MachineError) in
+                try placeInitramfs(size: size, above: elf.end, below: UInt64.max, ram: ram)
+            }
+            return Plan(kernel: .pvh(elf), initramfsAddress: address)
         }
-        let address = (top - size) & ~(pageSize - 1)
-        try memory.write(bytes, at: address)
-        return address
+        if BzImage.isBzImage(kernel) {
+            let image = try BzImage(parsing: kernel)
+            let payloadSize = UInt64(kernel.count - image.kernelOffset)
+            let needed = max(payloadSize, UInt64(image.initSize))
+            guard GuestRAMLayout.contains(ram, BootLayout.kernelLoadAddress, count: needed) else {
+                throw MachineError(.invalidImage, "bzImage needs \(needed >> 20) MiB above 1 MiB; give the guest more memory")
+            }
+            let loadEnd = BootLayout.kernelLoadAddress + needed
+            if let initramfsSize, initramfsSize > UInt64(UInt32.max) {
+                throw MachineError(.invalidImage, "initramfs is \(initramfsSize >> 20) MiB; the Linux boot protocol takes at most 4 GiB")
+            }
+            let address = try initramfsSize.map { size throws(MachineError) in
+                try placeInitramfs(size: size, above: loadEnd, below: UInt64(image.initrdAddressMax) + 1, ram: ram)
+            }
+            return Plan(kernel: .linux64(image, loadEnd: loadEnd), initramfsAddress: address)
+        }
+        throw MachineError(.invalidImage, "kernel \(kernelPath) is neither an ELF with a PVH note nor a bzImage")
     }
 
-    static func readFile(_ path: String, what: String) throws -> [UInt8] {
+    /// The highest page-aligned address of RAM below 4 GiB (and below `limit`) where `size` bytes
+    /// stay clear of a kernel that ends at `kernelEnd`.
+    static func placeInitramfs(size: UInt64, above kernelEnd: UInt64, below limit: UInt64,
+                               ram: [GuestRAMRange]) throws(MachineError) -> UInt64 {
+        let lowRAMEnd = ram.first(where: { $0.start == 0 })?.end ?? 0
+        let top = min(lowRAMEnd, limit)
+        let kernelTop = kernelEnd.addingReportingOverflow(pageSize - 1)
+        guard top > size, !kernelTop.overflow, (top - size) & ~(pageSize - 1) >= kernelTop.partialValue & ~(pageSize - 1) else {
+            throw MachineError(.invalidImage, "initramfs (\(size >> 20) MiB) does not fit in guest RAM below 4 GiB beside the kernel; give the guest more memory")
+        }
+        return (top - size) & ~(pageSize - 1)
+    }
+
+    static func checkCommandLine(_ commandLine: String) throws(MachineError) {
+        let bytes = commandLine.utf8.count + 1
+        guard bytes <= BootLayout.commandLineCapacity else {
+            throw MachineError(.invalidImage, "kernel command line is \(bytes - 1) bytes; at most \(BootLayout.commandLineCapacity - 1) fit")
+        }
+    }
+
+    static func readFile(_ path: String, what: String) throws(MachineError) -> [UInt8] {
         guard let data = FileManager.default.contents(atPath: path) else {
-            throw MachineError("cannot read \(what) \(path): no such file or not readable")
+            throw MachineError(.invalidImage, "cannot read \(what) \(path): no such file or not readable")
         }
         return Array(data)
+    }
+
+    static func fileSize(_ path: String, what: String) throws(MachineError) -> UInt64 {
+        var status = stat()
+        guard stat(path, &status) == 0, access(path, R_OK) == 0 else {
+            throw MachineError(.invalidImage, "cannot read \(what) \(path): no such file or not readable")
+        }
+        return UInt64(status.st_size)
     }
 }

@@ -1,3 +1,4 @@
+import HostOS
 /// An Intel MultiProcessor Specification 1.4 table: how a guest without ACPI learns its CPUs,
 /// IOAPIC and interrupt routing. Layout from the MP spec, chapter 4.
 public enum MPTable {

@@ -1,3 +1,4 @@
+import HostOS
 /// PVH's `struct hvm_start_info` (version 1) with its module list and memory map, as the PVH boot
 /// ABI defines them (xen/include/public/arch-x86/hvm/start_info.h).
 public enum StartInfo {

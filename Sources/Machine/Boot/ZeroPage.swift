@@ -1,3 +1,4 @@
+import HostOS
 /// `struct boot_params` (the "zero page") for the Linux boot protocol's 64-bit entry
 /// (Documentation/arch/x86/zero-page.rst gives the offsets used here).
 public enum ZeroPage {
@@ -19,8 +20,10 @@ public enum ZeroPage {
     static let heapEnd: UInt16 = 0xFE00       // the boot protocol's usual heap end for a 64 KiB setup
 
     public static func bytes(kernel: BzImage, commandLineAddress: UInt32,
-                             initrd: (address: UInt32, size: UInt32)?, memoryMap: [E820Entry]) throws -> [UInt8] {
-        guard memoryMap.count <= e820TableCapacity else { throw MachineError("too many e820 entries") }
+                             initrd: (address: UInt32, size: UInt32)?, memoryMap: [E820Entry]) throws(MachineError) -> [UInt8] {
+        guard memoryMap.count <= e820TableCapacity else {
+            throw MachineError(.invalidConfiguration, "the memory map has \(memoryMap.count) entries; the zero page holds \(e820TableCapacity)")
+        }
         var page = LittleEndianBytes()
         page.appendZeros(size)
         for (index, byte) in kernel.setupHeader.enumerated() {

@@ -53,7 +53,7 @@ public final class I8042: PortIODevice, StatefulDevice {
         SavedState(pendingOutput: pendingOutput.withLock { $0 })
     }
 
-    public func restoreState(_ state: SavedState) throws {
+    public func restoreState(_ state: SavedState) throws(MachineError) {
         pendingOutput.withLock { $0 = state.pendingOutput }
     }
 }

@@ -176,15 +176,15 @@ public final class Serial8250: PortIODevice, StatefulDevice {
 
     /// Takes over a saved register set and receive FIFO. Raises no interrupt: one that was pending
     /// when the state was saved is in the interrupt controllers' saved state.
-    public func restoreState(_ saved: SavedState) throws {
+    public func restoreState(_ saved: SavedState) throws(MachineError) {
         guard saved.interruptEnable & ~Self.ierImplementedBits == 0 else {
-            throw MachineError("serial port state: IER 0x\(String(saved.interruptEnable, radix: 16)) sets bits a 16550 does not have")
+            throw MachineError(.invalidState, "serial port state: IER 0x\(String(saved.interruptEnable, radix: 16)) sets bits a 16550 does not have")
         }
         guard saved.modemControl & ~Self.mcrImplementedBits == 0 else {
-            throw MachineError("serial port state: MCR 0x\(String(saved.modemControl, radix: 16)) sets bits a 16550 does not have")
+            throw MachineError(.invalidState, "serial port state: MCR 0x\(String(saved.modemControl, radix: 16)) sets bits a 16550 does not have")
         }
         guard saved.receive.count <= Self.receiveCapacity else {
-            throw MachineError("serial port state: \(saved.receive.count) received bytes exceed the \(Self.receiveCapacity)-byte buffer")
+            throw MachineError(.invalidState, "serial port state: \(saved.receive.count) received bytes exceed the \(Self.receiveCapacity)-byte buffer")
         }
         state.withLock { $0 = saved }
     }

@@ -10,7 +10,7 @@ public protocol StatefulDevice: AnyObject, Sendable {
 
     func saveState() -> SavedState
     /// Replaces the device's state with `state`, refusing a state the device could never be in.
-    func restoreState(_ state: SavedState) throws
+    func restoreState(_ state: SavedState) throws(MachineError)
 }
 
 /// One device's saved state inside a `MachineState`: the id the machine registered the device under
@@ -34,12 +34,12 @@ extension StatefulDevice {
     }
 
     /// Restores the device from a `DeviceState` made by `saveDeviceState(id:)`.
-    public func restoreDeviceState(_ saved: DeviceState) throws {
+    public func restoreDeviceState(_ saved: DeviceState) throws(MachineError) {
         let state: SavedState
         do {
             state = try JSONDecoder().decode(SavedState.self, from: Data(saved.json.utf8))
         } catch {
-            throw MachineError("the saved state of device \(saved.id) does not decode as \(SavedState.self): \(error)")
+            throw MachineError(.invalidState, "the saved state of device \(saved.id) does not decode as \(SavedState.self): \(error)")
         }
         try restoreState(state)
     }

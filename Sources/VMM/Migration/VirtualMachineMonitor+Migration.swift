@@ -1,28 +1,27 @@
+import Events
 import Foundation
+import Synchronization
+import HostOS
+import LiveMigration
 import Machine
-import Migration
+import MigrationWire
 
-/// The migration under way in a VMM.
-enum MigrationActivity: Sendable {
-    /// `vm.send-migration` is connecting to the destination.
-    case connecting
-    case sending(MigrationSender)
-    case receiving(MigrationReceiver)
+/// A checked `vm.receive-migration` request: where to listen, and where this host puts the
+/// arriving guest's console — the destination's own choice, never the sender's.
+public struct ReceiveMigrationOptions: Equatable, Sendable {
+    public var url: MigrationURL
+    /// `null` (the default), `tty` or `file`; not `off`, which would take a device from the guest.
+    public var serial: SerialMode
+
+    public init(url: MigrationURL, serial: SerialMode = .null) {
+        self.url = url
+        self.serial = serial
+    }
 }
 
 extension VirtualMachineMonitor {
     /// Connecting to a destination gives up after this long.
     static let migrationConnectTimeout: Duration = .seconds(10)
-
-    func refuseDuringMigration() throws(VMMError) {
-        switch migration {
-        case nil: return
-        case .connecting, .sending:
-            throw VMMError(.wrongState, "the VM is being migrated; only vm.info is answered until the migration ends")
-        case .receiving:
-            throw VMMError(.wrongState, "this VMM is receiving a migration; only vm.info is answered until it ends")
-        }
-    }
 
     // MARK: Source
 
@@ -31,63 +30,45 @@ extension VirtualMachineMonitor {
     /// through events. A destination that cannot be reached fails this call, and the guest never
     /// stops.
     public func sendMigration(_ options: SendMigrationOptions) async throws(VMMError) {
-        guard migration == nil else {
-            throw VMMError(.wrongState, "a migration is already in progress; wait for it to end")
+        let guest: GuestActivity
+        let vm: LiveVM
+        switch lifecycle {
+        case .running(let live): (vm, guest) = (live, .running)
+        case .paused(let live): (vm, guest) = (live, .paused)
+        case .migratingOut, .migratingIn: throw VMMError(.wrongState, "a migration is already in progress; wait for it to end")
+        default: throw refusal("only a Running or Paused VM can migrate")
         }
-        guard let state else { throw VMMError(.noVM, "no VM has been created") }
-        guard state == .running || state == .paused else {
-            throw VMMError(.wrongState, "the VM is \(state.rawValue); only a Running or Paused VM can migrate")
-        }
-        migration = .connecting
+        lifecycle = .migratingOut(vm, guest, .connecting(cancelRequested: false))
         let destination = options.destination
-        let connected = await onOwnThread { () -> Result<MigrationConnection, MigrationError> in
-            do throws(MigrationError) {
-                return .success(try MigrationConnection.connect(to: destination, timeout: Self.migrationConnectTimeout))
-            } catch {
-                return .failure(error)
+        let connected = await onOwnThread(named: "migration-connect") { () -> Result<MigrationConnection, MigrationError> in
+            Result { () throws(MigrationError) in
+                try MigrationConnection.connect(to: destination, timeout: Self.migrationConnectTimeout)
             }
         }
+        guard case let .migratingOut(vm, guest, .connecting(cancelRequested)) = lifecycle else {
+            // Only the guest stopping or the VMM exiting change the lifecycle meanwhile.
+            try? connected.get().close()
+            migrationEnded()
+            throw VMMError(.wrongState, exitReason != nil ? "the VMM is shutting down" : "the VM stopped while connecting to the destination")
+        }
         let connection: MigrationConnection
-        switch connected {
-        case .success(let value): connection = value
-        case .failure(let error):
+        do {
+            connection = try connected.get()
+        } catch {
+            lifecycle = guest == .running ? .running(vm) : .paused(vm)
             migrationEnded()
             throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure,
-                           "cannot reach the destination: \(error.message)")
+                           "cannot reach the destination: \(error.message)", cause: error)
         }
-        if outcome != nil || cancelWhileConnecting {
+        if exitReason != nil || cancelRequested {
             connection.close()
+            lifecycle = guest == .running ? .running(vm) : .paused(vm)
             migrationEnded()
-            throw VMMError(.wrongState, outcome != nil ? "the VMM is shutting down" : "cancelled (vm.cancel-migration) while connecting")
+            throw VMMError(.wrongState, exitReason != nil ? "the VMM is shutting down" : "cancelled (vm.cancel-migration) while connecting")
         }
-        // Nothing else can have changed the VM while connecting: every operation is refused.
-        guard let machine, let configuration, let current = self.state else {
-            connection.close()
-            migrationEnded()
-            throw VMMError(.wrongState, "the VM stopped while connecting to the destination")
-        }
-        let id = UUID()
-        let started = ContinuousClock.now
-        let progress = MigrationProgressTracker(MigrationProgress(
-            migration_id: id.uuidString.lowercased(), direction: .outgoing,
-            timestamp_begin_ms: MigrationProgress.nowMilliseconds(), timestamp_snapshot_ms: 0,
-            downtime_configured_ms: UInt64(options.policy.downtimeLimit.wholeMilliseconds),
-            transportation_mode: destination.transportationMode, connections: SendMigrationOptions.connections,
-            state: .ongoing(phase: .starting, vcpuThrottlePercent: 0),
-            memory_transmission_info: .init(memory_bytes_total: machine.memory.size)))
-        publishedProgress.withLock { $0 = progress }
-        events.emit(.vm, "migration-started", [
-            "migration_id": id.uuidString.lowercased(),
-            "destination_url": destination.description,
-            "downtime_ms": "\(options.policy.downtimeLimit.wholeMilliseconds)",
-            "timeout_s": "\(options.policy.timeout.components.seconds)",
-            "connections": "\(SendMigrationOptions.connections)",
-            "local": "false",
-        ])
         let sender = MigrationSender(
-            id: id, options: options, machine: machine, configuration: configuration, connection: connection,
-            events: events, guestWasRunning: current == .running,
-            host: MigrationSender.Host(
+            options: options, machine: vm.machine, connection: connection, events: events, guestWasRunning: guest == .running,
+            sourceVM: MigrationSender.SourceVM(
                 pause: { [weak self] in
                     guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }
                     try waitFor { await self.pauseForMigration() }.get()
@@ -95,125 +76,130 @@ extension VirtualMachineMonitor {
                 resume: { [weak self] in
                     guard let self else { return }
                     waitFor { await self.resumeAfterMigration() }
-                }),
-            started: started, progress: progress)
-        migration = .sending(sender)
-        let thread = Thread { [weak self] in
-            let outcome = sender.run()
+                }))
+        publishedProgress.withLock { $0 = sender.progress }
+        lifecycle = .migratingOut(vm, guest, .sending(sender))
+        let keepAlive = options.keepAlive
+        sender.start { [weak self] ending in
             guard let self else { return }
-            waitFor { await self.sendEnded(outcome, keepAlive: options.keepAlive) }
+            waitFor { await self.sendEnded(ending, keepAlive: keepAlive) }
         }
-        thread.name = "migration-send"
-        thread.start()
     }
 
+    /// The switch-over pauses the running guest.
     private func pauseForMigration() -> Result<Void, VMMError> {
+        guard case let .migratingOut(vm, .running, outgoing) = lifecycle else {
+            return .failure(VMMError(.wrongState, "the guest is not running"))
+        }
         do {
-            try pauseMachine()
-            return .success(())
+            try pause(vm)
         } catch {
             return .failure(error)
         }
+        lifecycle = .migratingOut(vm, .paused, outgoing)
+        return .success(())
     }
 
     /// Resumes the guest a failed or cancelled migration paused, if it is still there.
     private func resumeAfterMigration() {
-        guard state == .paused, machine != nil else { return }
+        guard case let .migratingOut(vm, .paused, outgoing) = lifecycle else { return }
         do {
-            try resumeMachine()
+            try resume(vm)
+            lifecycle = .migratingOut(vm, .running, outgoing)
         } catch {
             logger.error("resuming the guest after the migration failed: \(error)")
         }
     }
 
-    /// The sender's thread ended: after a finished migration the VM is gone from here.
-    private func sendEnded(_ outcome: MigrationSender.Outcome, keepAlive: Bool) {
+    /// The sender's thread ended: after a finished migration the VM is gone from here; otherwise
+    /// it is as the migration left it.
+    private func sendEnded(_ ending: MigrationSender.Ending, keepAlive: Bool) {
+        guard case let .migratingOut(vm, guest, _) = lifecycle else { return }
+        if ending == .finished {
+            stop(vm)
+            lifecycle = .noVM
+            events.emit(VMEvent.Deleted())
+            if !keepAlive { requestExit(.migrated) }
+        } else {
+            lifecycle = switch guest {
+            case .running: .running(vm)
+            case .paused: .paused(vm)
+            case .stopped: .shutDown(vm.configuration)
+            }
+        }
         migrationEnded()
-        guard outcome == .finished else { return }
-        stopMachine()
-        state = nil
-        configuration = nil
-        events.emit(.vm, "deleted")
-        if !keepAlive { requestExit(.migrated) }
     }
 
     // MARK: Destination
 
-    /// Listens on `url`, receives one migration and runs the guest here (paused if it was paused
-    /// on the source). Returns when the guest runs here; throws when the receive failed, after
-    /// which this VMM can receive again.
-    public func receiveMigration(at url: MigrationURL) async throws(VMMError) {
-        guard migration == nil else {
-            throw VMMError(.wrongState, "a migration is already in progress; wait for it to end")
-        }
-        if let state {
-            throw VMMError(.wrongState, "a VM already exists here (\(state.rawValue)); only a VMM without one can receive a migration")
+    /// Listens where `options` say, receives one migration and runs the guest here (paused if it
+    /// was paused on the source). Returns when the guest runs here; throws when the receive failed,
+    /// after which this VMM can receive again.
+    public func receiveMigration(_ options: ReceiveMigrationOptions) async throws(VMMError) {
+        switch lifecycle {
+        case .noVM: break
+        case .migratingOut, .migratingIn: throw VMMError(.wrongState, "a migration is already in progress; wait for it to end")
+        default:
+            throw VMMError(.wrongState, "a VM already exists here (\(lifecycle.vmState?.rawValue ?? "")); only a VMM without one can receive a migration")
         }
         let listener: MigrationListener
         do {
-            listener = try MigrationListener(listeningOn: url)
+            listener = try MigrationListener(listeningOn: options.url)
         } catch {
-            throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure, error.message)
+            throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure, error.message, cause: error)
         }
-        let progress = MigrationProgressTracker(MigrationProgress(
-            direction: .incoming, timestamp_begin_ms: MigrationProgress.nowMilliseconds(), timestamp_snapshot_ms: 0,
-            transportation_mode: url.transportationMode, connections: SendMigrationOptions.connections,
-            state: .ongoing(phase: .starting, vcpuThrottlePercent: 0), memory_transmission_info: .init()))
-        publishedProgress.withLock { $0 = progress }
+        let serial = options.serial
+        let prepared = PreparedVM()
         let receiver = MigrationReceiver(
-            listener: listener, events: events, progress: progress,
-            host: MigrationReceiver.Host(
-                makeVM: { [weak self] configuration in
+            listener: listener, events: events,
+            destinationVM: MigrationReceiver.DestinationVM(
+                prepare: { [weak self] machine in
                     guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }
-                    return try self.makeIncomingVM(configuration)
+                    let vm = try prepareMachine(VMConfiguration(arriving: machine, serial: serial), appendingToConsole: true)
+                    prepared.vm.withLock { $0 = vm }
+                    return vm.machine
                 },
-                adopt: { [weak self] vm in
-                    guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }
-                    try waitFor { await self.adopt(vm) }.get()
+                adopt: { [weak self] machine, guestRunning in
+                    guard let self, let vm = prepared.vm.withLock({ $0 }), vm.machine === machine else {
+                        throw VMMError(.internalFailure, "the VMM is gone")
+                    }
+                    try waitFor { await self.adopt(vm, guestRunning: guestRunning) }.get()
                 }))
-        migration = .receiving(receiver)
-        events.emit(.vm, "migration-receive-ready", ["receiver_url": listener.url.description])
-        let began = ContinuousClock.now
-        let outcome = await onOwnThread { receiver.run() }
-        migrationEnded()
-        if case .failed(let message) = outcome {
-            if progress.snapshot().state.isOngoing {
-                progress.end(.failed(errorMessage: message), total: ContinuousClock.now - began)
+        publishedProgress.withLock { $0 = receiver.progress }
+        lifecycle = .migratingIn(IncomingMigration(receiver: receiver))
+        receiver.announce()
+        let ending = await onOwnThread(named: "migration-receive") { receiver.run() }
+        if case .migratingIn(let incoming) = lifecycle {
+            lifecycle = switch incoming.arrived {
+            case nil: .noVM
+            case let (vm, .running)?: .running(vm)
+            case let (vm, .paused)?: .paused(vm)
+            case let (vm, .stopped)?: .shutDown(vm.configuration)
             }
+        }
+        migrationEnded()
+        if case .failed(let message) = ending {
             throw VMMError(.internalFailure, "receiving the migration failed: \(message)")
         }
     }
 
-    /// A paused VM with zeroed RAM for `configuration`, wired to this VMM's stop handling.
-    private nonisolated func makeIncomingVM(_ configuration: VMConfiguration) throws -> MigrationReceiver.IncomingVM {
-        try configuration.machine.validate()
-        let console = try HostConsole(mode: configuration.serial, truncating: false)
-        let generation = UUID()
-        let machine = try Machine.forRestore(configuration: configuration.machine, serialOutput: console.output,
-                                             onStop: { [weak self] stop in
-                                                 Task { await self?.machineStopped(stop, generation: generation) }
-                                             })
-        return MigrationReceiver.IncomingVM(configuration: configuration, machine: machine, console: console,
-                                            generation: generation, guestRunning: false)
-    }
-
-    private func adopt(_ vm: MigrationReceiver.IncomingVM) -> Result<Void, VMMError> {
-        machine = vm.machine
-        console = vm.console
-        machineGeneration = vm.generation
-        configuration = vm.configuration
-        state = .paused
-        guard vm.guestRunning else { return .success(()) }
-        do {
-            try resumeMachine()
-            vm.console.forwardInput(to: vm.machine)
-            return .success(())
-        } catch {
-            stopMachine()
-            state = nil
-            configuration = nil
-            return .failure(error)
+    /// The received VM becomes this VMM's; it runs if it ran on the source.
+    private func adopt(_ vm: LiveVM, guestRunning: Bool) -> Result<Void, VMMError> {
+        guard case var .migratingIn(incoming) = lifecycle else {
+            return .failure(VMMError(.wrongState, "the receive has ended"))
         }
+        if guestRunning {
+            do {
+                try resume(vm)
+            } catch {
+                stop(vm)
+                return .failure(error)
+            }
+        }
+        install(vm)
+        incoming.arrived = (vm, guestRunning ? .running : .paused)
+        lifecycle = .migratingIn(incoming)
+        return .success(())
     }
 
     // MARK: Both sides
@@ -231,55 +217,56 @@ extension VirtualMachineMonitor {
     /// `vm.migration-cancelled reason=requested` and the guest running here; an incoming one is
     /// discarded. Returns at once; the migration's thread emits its terminal event.
     public func cancelMigration() throws(VMMError) {
-        switch migration {
-        case nil:
-            throw VMMError(.wrongState, "no migration is in progress")
-        case .connecting:
-            cancelWhileConnecting = true
-        case .sending(let sender):
+        switch lifecycle {
+        case let .migratingOut(vm, guest, .connecting):
+            lifecycle = .migratingOut(vm, guest, .connecting(cancelRequested: true))
+        case .migratingOut(_, _, .sending(let sender)):
             guard sender.requestStop(.cancelled) else {
                 throw VMMError(.wrongState, "too late to cancel: the destination has been told to run the guest")
             }
-        case .receiving(let receiver):
-            receiver.requestStop(reason: "cancelled on the destination (vm.cancel-migration)")
+        case .migratingIn(let incoming):
+            incoming.receiver.requestStop(reason: "cancelled on the destination (vm.cancel-migration)")
+        default:
+            throw VMMError(.wrongState, "no migration is in progress")
         }
     }
 
     private func migrationEnded() {
-        migration = nil
-        cancelWhileConnecting = false
         for waiter in migrationWaiters { waiter.resume() }
         migrationWaiters.removeAll()
     }
 
     /// Stops the migration under way, if any, and waits until it has ended with its terminal event.
     func endMigration() async {
-        switch migration {
-        case nil: return
-        case .connecting: break
-        case .sending(let sender): sender.requestStop(.vmmExiting)
-        case .receiving(let receiver): receiver.requestStop(reason: "the VMM is shutting down")
+        switch lifecycle {
+        case .migratingOut(_, _, .connecting): break
+        case .migratingOut(_, _, .sending(let sender)): sender.requestStop(.vmmExiting)
+        case .migratingIn(let incoming): incoming.receiver.requestStop(reason: "the VMM is shutting down")
+        default: return
         }
         await withCheckedContinuation { migrationWaiters.append($0) }
     }
 }
 
-extension MigrationURL {
-    /// `transportation_mode` in `vm.migration-progress`.
-    var transportationMode: String {
-        switch self {
-        case .tcp: "Tcp"
-        case .unix: "Unix"
-        }
-    }
+/// The VM an incoming migration is building, from `prepare` (on the receiver's thread) to `adopt`.
+private final class PreparedVM: Sendable {
+    let vm = Mutex<VirtualMachineMonitor.LiveVM?>(nil)
 }
 
-/// Runs blocking work (socket I/O) on a thread of its own rather than on Swift's cooperative pool,
-/// and waits for its result without blocking the caller's thread.
-func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-    await withCheckedContinuation { continuation in
-        let thread = Thread { continuation.resume(returning: body()) }
-        thread.name = "migration"
-        thread.start()
+/// Runs `body` (typically a call on the VMM actor) and waits for its result, blocking the calling
+/// thread. Only for a migration's own thread, never for a thread of Swift's cooperative pool.
+func waitFor<T: Sendable>(_ body: @escaping @Sendable () async -> T) -> T {
+    let box = WaitBox<T>()
+    Task {
+        box.value = await body()
+        box.done.signal()
     }
+    box.done.wait()
+    return box.value!
+}
+
+/// The result of `waitFor`'s task, handed over under the semaphore's ordering.
+private final class WaitBox<T>: @unchecked Sendable {
+    var value: T?
+    let done = DispatchSemaphore(value: 0)
 }

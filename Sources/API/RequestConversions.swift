@@ -1,0 +1,185 @@
+import APIModels
+import Events
+import HostOS
+import LiveMigration
+import Machine
+import MigrationWire
+import VMM
+
+/// Turning the API's bodies into the VMM's checked requests, and the VMM's answers into bodies.
+/// Every error names the field and says why, and is a 400.
+
+extension VmConfig {
+    /// Ferry's defaults where a field is absent: Cloud Hypervisor's (1 vCPU, 512 MiB, serial Null
+    /// when the VMM has no terminal to give it).
+    static let defaultCPUs = 1
+    static let defaultMemory: UInt64 = 512 << 20
+
+    /// The VMM configuration this describes.
+    func vmConfiguration() throws(VMMError) -> VMConfiguration {
+        let cpuCount = cpus?.boot_vcpus ?? Self.defaultCPUs
+        guard (1...MachineConfiguration.maximumCPUs).contains(cpuCount) else {
+            throw VMMError(.invalidRequest, "cpus.boot_vcpus: \(cpuCount) is not between 1 and \(MachineConfiguration.maximumCPUs)")
+        }
+        if let max = cpus?.max_vcpus, max != cpuCount {
+            throw VMMError(.invalidRequest, "cpus.max_vcpus: Ferry has no CPU hotplug; omit it or set it to boot_vcpus")
+        }
+        guard let kernel = payload.kernel, !kernel.isEmpty else {
+            throw VMMError(.invalidRequest, "payload.kernel: required (an ELF with a PVH note, or a bzImage)")
+        }
+        let serialMode = try SerialMode(serial, field: "serial", allowed: [.off, .null, .tty, .file])
+        try Self.checkConsole(console)
+        let memorySize = memory?.size ?? Int64(Self.defaultMemory)
+        guard memorySize > 0 else { throw VMMError(.invalidRequest, "memory.size: \(memorySize) is not a positive number of bytes") }
+        let machine = MachineConfiguration(cpus: cpuCount, memorySize: UInt64(memorySize), kernel: kernel,
+                                           initramfs: payload.initramfs,
+                                           commandLine: payload.cmdline ?? VMConfiguration.defaultCommandLine)
+        return VMConfiguration(machine: machine, serial: serialMode)
+    }
+
+    /// `console`: Ferry has no virtio console, so only `Off` and `Null` are accepted.
+    static func checkConsole(_ console: Console?) throws(VMMError) {
+        if let mode = console?.mode, mode != "Off", mode != "Null" {
+            throw VMMError(.invalidRequest, "console.mode: \(mode) is not available: Ferry has no virtio console; use Off")
+        }
+    }
+
+    init(_ configuration: VMConfiguration) {
+        let machine = configuration.machine
+        self.init(cpus: Cpus(boot_vcpus: machine.cpus, max_vcpus: machine.cpus),
+                  memory: Memory(size: Int64(machine.memorySize)),
+                  payload: Payload(kernel: machine.kernel, initramfs: machine.initramfs, cmdline: machine.commandLine),
+                  serial: Console(configuration.serial),
+                  console: Console(mode: "Off"))
+    }
+}
+
+extension VmConfig.Console {
+    init(_ mode: SerialMode) {
+        switch mode {
+        case .off: self.init(mode: "Off")
+        case .null: self.init(mode: "Null")
+        case .tty: self.init(mode: "Tty")
+        case let .file(path): self.init(mode: "File", file: path)
+        }
+    }
+}
+
+extension SerialMode {
+    /// The kinds of mode, to say which a field allows.
+    enum Kind: String {
+        case off = "Off", null = "Null", tty = "Tty", file = "File"
+    }
+
+    /// The mode a `VmConfig`-shaped console object asks for (`Null` when absent).
+    init(_ console: VmConfig.Console?, field: String, allowed: [Kind]) throws(VMMError) {
+        let mode = console?.mode ?? "Null"
+        guard let kind = Kind(rawValue: mode), allowed.contains(kind) else {
+            let choices = allowed.map(\.rawValue).joined(separator: ", ")
+            throw VMMError(.invalidRequest, "\(field).mode: \(mode) is not supported; use \(choices)")
+        }
+        switch kind {
+        case .off: self = .off
+        case .null: self = .null
+        case .tty: self = .tty
+        case .file:
+            guard let path = console?.file, !path.isEmpty else {
+                throw VMMError(.invalidRequest, "\(field).file: required when \(field).mode is File")
+            }
+            self = .file(path)
+        }
+    }
+}
+
+extension SendMigrationData {
+    /// The checked request.
+    func options() throws(VMMError) -> SendMigrationOptions {
+        let destination: MigrationURL
+        do {
+            destination = try MigrationURL(parsing: destination_url)
+        } catch {
+            throw VMMError(.invalidRequest, "destination_url: \(error.message)")
+        }
+        let downtime = downtime_ms ?? PrecopyPolicy.defaultDowntimeLimit.wholeMilliseconds
+        guard downtime > 0 else { throw VMMError(.invalidRequest, "downtime_ms: \(downtime) must be at least 1") }
+        let timeout = timeout_s ?? PrecopyPolicy.defaultTimeout.components.seconds
+        guard timeout > 0 else { throw VMMError(.invalidRequest, "timeout_s: \(timeout) must be at least 1") }
+        let strategy: TimeoutStrategy
+        switch timeout_strategy {
+        case nil: strategy = .cancel
+        case let text?:
+            guard let parsed = TimeoutStrategy(rawValue: text) else {
+                throw VMMError(.invalidRequest, "timeout_strategy: '\(text)' is not a strategy; use Cancel or Ignore")
+            }
+            strategy = parsed
+        }
+        if let connections, connections != Int64(SendMigrationOptions.connections) {
+            throw VMMError(.invalidRequest, "connections: \(connections) is not available; Ferry migrates over 1 connection")
+        }
+        if local == true {
+            throw VMMError(.invalidRequest, "local: local migration (handing guest memory over on one host) is not available; omit it or set it to false")
+        }
+        return SendMigrationOptions(
+            destination: destination,
+            policy: PrecopyPolicy(downtimeLimit: .milliseconds(downtime), timeout: .seconds(timeout), timeoutStrategy: strategy),
+            keepAlive: keep_alive ?? false)
+    }
+}
+
+extension ReceiveMigrationData {
+    /// The checked request: the URL, and the console this host gives the arriving guest.
+    func options() throws(VMMError) -> ReceiveMigrationOptions {
+        let url: MigrationURL
+        do {
+            url = try MigrationURL(parsing: receiver_url)
+        } catch {
+            throw VMMError(.invalidRequest, "receiver_url: \(error.message)")
+        }
+        // Off would take the UART from a guest that has one: to discard its output, use Null.
+        let serialMode = try SerialMode(serial, field: "serial", allowed: [.null, .tty, .file])
+        try VmConfig.checkConsole(console)
+        return ReceiveMigrationOptions(url: url, serial: serialMode)
+    }
+}
+
+extension MigrationProgressReport {
+    /// `progress` as the API reports it, stamped now.
+    init(_ progress: MigrationProgress) {
+        let memory = progress.memory
+        let state: State = switch progress.state {
+        case .ongoing(let phase): .ongoing(phase: Phase(phase), vcpuThrottlePercent: 0)
+        case .finished: .finished
+        case .failed(let message): .failed(errorMessage: message)
+        case .cancelled: .cancelled
+        }
+        self.init(
+            migration_id: progress.migrationID,
+            direction: progress.direction == .outgoing ? .outgoing : .incoming,
+            timestamp_begin_ms: progress.beganAtMilliseconds,
+            timestamp_snapshot_ms: MigrationProgress.wallClockMilliseconds(),
+            downtime_configured_ms: progress.downtimeLimit.map { UInt64($0.wholeMilliseconds) },
+            downtime_estimated_ms: progress.estimatedDowntime.map { UInt64($0.wholeMilliseconds) },
+            transportation_mode: progress.transport,
+            connections: progress.connections,
+            state: state,
+            memory_transmission_info: MemoryTransmissionInfo(
+                memory_iteration: memory.pass, memory_transmission_bps: memory.bytesPerSecond,
+                memory_bytes_total: memory.totalBytes, memory_bytes_transmitted: memory.transmittedBytes,
+                memory_bytes_remaining_iteration: memory.remainingInPassBytes,
+                memory_pages_4k_transmitted: memory.transmittedPages,
+                memory_pages_4k_remaining_iteration: memory.remainingInPassPages,
+                memory_pages_constant_count: memory.zeroPages, memory_dirty_rate_pps: memory.dirtyPagesPerSecond),
+            downtime_ms: progress.downtime.map { UInt64($0.wholeMilliseconds) },
+            total_ms: progress.total.map { UInt64($0.wholeMilliseconds) })
+    }
+}
+
+extension MigrationProgressReport.Phase {
+    init(_ phase: MigrationPhase) {
+        self = switch phase {
+        case .starting: .starting
+        case .memoryPrecopy: .memoryPrecopy
+        case .completing: .completing
+        }
+    }
+}

@@ -1,0 +1,164 @@
+/// The JSON bodies of the REST API (docs/openapi.yaml), as Cloud Hypervisor names them. Plain
+/// values, shared by the server (which checks them and turns them into VMM requests) and the
+/// client; this module depends on nothing, so a client links neither the server nor KVM.
+
+/// Cloud Hypervisor's `VmConfig`, as much of it as Ferry uses. Fields Ferry does not know are
+/// ignored, as Cloud Hypervisor ignores them.
+public struct VmConfig: Codable, Equatable, Sendable {
+    public struct Cpus: Codable, Equatable, Sendable {
+        public var boot_vcpus: Int
+        public var max_vcpus: Int?
+
+        public init(boot_vcpus: Int, max_vcpus: Int? = nil) {
+            self.boot_vcpus = boot_vcpus
+            self.max_vcpus = max_vcpus
+        }
+    }
+
+    public struct Memory: Codable, Equatable, Sendable {
+        /// Bytes. Signed, so that a negative value gets a message naming the field rather than a
+        /// decoding failure.
+        public var size: Int64
+
+        public init(size: Int64) {
+            self.size = size
+        }
+    }
+
+    public struct Payload: Codable, Equatable, Sendable {
+        public var kernel: String?
+        public var initramfs: String?
+        public var cmdline: String?
+
+        public init(kernel: String?, initramfs: String? = nil, cmdline: String? = nil) {
+            self.kernel = kernel
+            self.initramfs = initramfs
+            self.cmdline = cmdline
+        }
+    }
+
+    /// `serial` and `console`: `mode` is Off, Null, Tty or File (with `file`).
+    public struct Console: Codable, Equatable, Sendable {
+        public var mode: String
+        public var file: String?
+
+        public init(mode: String, file: String? = nil) {
+            self.mode = mode
+            self.file = file
+        }
+    }
+
+    public var cpus: Cpus?
+    public var memory: Memory?
+    public var payload: Payload
+    public var serial: Console?
+    public var console: Console?
+
+    public init(cpus: Cpus?, memory: Memory?, payload: Payload, serial: Console?, console: Console?) {
+        self.cpus = cpus
+        self.memory = memory
+        self.payload = payload
+        self.serial = serial
+        self.console = console
+    }
+}
+
+/// `GET vm.info`.
+public struct VmInfo: Codable, Equatable, Sendable {
+    public var config: VmConfig
+    public var state: String
+    public var memory_actual_size: UInt64
+
+    public init(config: VmConfig, state: String, memory_actual_size: UInt64) {
+        self.config = config
+        self.state = state
+        self.memory_actual_size = memory_actual_size
+    }
+}
+
+/// `GET vmm.ping`.
+public struct VmmPingResponse: Codable, Equatable, Sendable {
+    public var build_version: String
+    public var version: String
+    public var pid: Int32
+    public var features: [String]
+
+    public init(build_version: String, version: String, pid: Int32, features: [String]) {
+        self.build_version = build_version
+        self.version = version
+        self.pid = pid
+        self.features = features
+    }
+}
+
+/// `PUT vm.snapshot`.
+public struct VmSnapshotConfig: Codable, Equatable, Sendable {
+    /// `file:///absolute/directory`.
+    public var destination_url: String
+
+    public init(destination_url: String) {
+        self.destination_url = destination_url
+    }
+}
+
+/// `PUT vm.restore`. Cloud Hypervisor's `prefault` is accepted and ignored.
+public struct RestoreConfig: Codable, Equatable, Sendable {
+    /// `file:///absolute/directory` holding a snapshot.
+    public var source_url: String
+    /// Run the guest at once; otherwise the restored VM is Paused.
+    public var resume: Bool?
+    public var prefault: Bool?
+
+    public init(source_url: String, resume: Bool?, prefault: Bool? = nil) {
+        self.source_url = source_url
+        self.resume = resume
+        self.prefault = prefault
+    }
+}
+
+/// `PUT vm.send-migration`: Cloud Hypervisor's `SendMigrationData`.
+public struct SendMigrationData: Codable, Equatable, Sendable {
+    /// `tcp:HOST:PORT` or `unix:PATH`, where the destination's `vm.receive-migration` listens.
+    public var destination_url: String
+    /// The longest the guest may be paused for the switch-over, in milliseconds (default 300).
+    public var downtime_ms: Int64?
+    /// How long pre-copy may take before `timeout_strategy` applies, in seconds (default 3600).
+    public var timeout_s: Int64?
+    /// `Cancel` (the default) or `Ignore`.
+    public var timeout_strategy: String?
+    /// Parallel connections; Ferry sends over one.
+    public var connections: Int64?
+    /// Migration to a VMM on the same host by handing over guest memory; not available.
+    public var local: Bool?
+    /// Keep the source VMM running after the migration finished.
+    public var keep_alive: Bool?
+
+    public init(destination_url: String, downtime_ms: Int64? = nil, timeout_s: Int64? = nil,
+                timeout_strategy: String? = nil, connections: Int64? = nil, local: Bool? = nil, keep_alive: Bool? = nil) {
+        self.destination_url = destination_url
+        self.downtime_ms = downtime_ms
+        self.timeout_s = timeout_s
+        self.timeout_strategy = timeout_strategy
+        self.connections = connections
+        self.local = local
+        self.keep_alive = keep_alive
+    }
+}
+
+/// `PUT vm.receive-migration`: Cloud Hypervisor's `ReceiveMigrationData`, and where this host
+/// puts the arriving guest's console (in `VmConfig`'s shape; `Null` when absent). A migration
+/// never decides that: the sender's console settings stay on the sender.
+public struct ReceiveMigrationData: Codable, Equatable, Sendable {
+    /// `tcp:HOST:PORT` (port 0: any free port, which `vm.migration-receive-ready` names) or `unix:PATH`.
+    public var receiver_url: String
+    /// `Null` (the default), `Tty` or `File` with `file`.
+    public var serial: VmConfig.Console?
+    /// `Off` or `Null`: Ferry has no virtio console.
+    public var console: VmConfig.Console?
+
+    public init(receiver_url: String, serial: VmConfig.Console? = nil, console: VmConfig.Console? = nil) {
+        self.receiver_url = receiver_url
+        self.serial = serial
+        self.console = console
+    }
+}

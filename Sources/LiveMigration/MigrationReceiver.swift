@@ -1,0 +1,216 @@
+import Events
+import Foundation
+import HostOS
+import Machine
+import MigrationWire
+import Synchronization
+
+/// One incoming live migration, run on its own thread: accepts one sender, enforces the request
+/// sequence (start, config, memory…, state, complete — or abandon), builds the VM from what it
+/// receives and hands it to the VMM, which runs it.
+///
+/// It emits `vm.migration-receive-started` once a sender's first request is a well-formed start,
+/// and after that exactly one of `vm.migration-receive-finished` and `vm.migration-receive-failed`.
+public final class MigrationReceiver: Sendable {
+    /// What the receiver asks of the VMM for the VM it builds; called from the receiver's thread
+    /// and waited for.
+    public struct DestinationVM: Sendable {
+        /// Builds a machine for `configuration` with zeroed RAM, awaiting its state, wired to the
+        /// VMM's console and stop handling, which are the destination's own choice.
+        public var prepare: @Sendable (MachineConfiguration) throws -> Machine
+        /// Makes the restored machine the VMM's VM and, if the guest ran on the source, starts it
+        /// with `vm.resuming`/`vm.resumed`. On error the VMM has no VM.
+        public var adopt: @Sendable (Machine, _ guestRunning: Bool) throws -> Void
+
+        public init(prepare: @escaping @Sendable (MachineConfiguration) throws -> Machine,
+                    adopt: @escaping @Sendable (Machine, _ guestRunning: Bool) throws -> Void) {
+            self.prepare = prepare
+            self.adopt = adopt
+        }
+    }
+
+    /// How the receive ended.
+    public enum Ending: Equatable, Sendable {
+        case received
+        /// The receive failed; the message says why (and is `receive-failed`'s `error` if the
+        /// receive had started).
+        case failed(String)
+    }
+
+    let listener: MigrationListener
+    let events: EventMonitor
+    let destinationVM: DestinationVM
+    let ioTimeout: Duration
+    public let progress: MigrationProgressTracker
+    /// Why the receive was stopped from outside, once it was.
+    private let stopReason = Mutex<String?>(nil)
+    private let connection = Mutex<MigrationConnection?>(nil)
+
+    public init(listener: MigrationListener, events: EventMonitor, destinationVM: DestinationVM,
+                ioTimeout: Duration = MigrationConnection.defaultIOTimeout) {
+        self.listener = listener
+        self.events = events
+        self.destinationVM = destinationVM
+        self.ioTimeout = ioTimeout
+        progress = MigrationProgressTracker(MigrationProgress(
+            direction: .incoming, transport: listener.url.transport, connections: SendMigrationOptions.connections))
+    }
+
+    /// Emits `vm.migration-receive-ready`: a sender may connect now.
+    public func announce() {
+        events.emit(VMEvent.MigrationReceiveReady(receiverURL: listener.url.description))
+    }
+
+    /// Stops the receive as soon as possible, whether it waits for a sender or receives;
+    /// `reason` becomes its error. Safe from any thread.
+    public func requestStop(reason: String) {
+        stopReason.withLock { $0 = $0 ?? reason }
+        listener.shutdown()
+        connection.withLock { $0?.shutdown() }
+    }
+
+    private struct Refusal: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    /// The sender sent `abandon`: answered with ok, as the protocol says.
+    private struct Abandoned: Error, CustomStringConvertible {
+        var description: String { "the sender abandoned the migration" }
+    }
+
+    /// Runs the whole receive on the calling thread and emits its events.
+    public func run() -> Ending {
+        let began = ContinuousClock.now
+        let ending = receive()
+        if case .failed(let message) = ending { progress.end(.failed(message), total: .now - began) }
+        return ending
+    }
+
+    private func receive() -> Ending {
+        let connection: MigrationConnection
+        do {
+            connection = try listener.accept(ioTimeout: ioTimeout)
+        } catch {
+            listener.close()
+            return .failed(stopReason.withLock { $0 } ?? "accepting a sender failed: \(error)")
+        }
+        listener.close()  // one sender per receive
+        self.connection.withLock { $0 = connection }
+        defer {
+            self.connection.withLock { $0 = nil }
+            connection.close()
+        }
+        if let reason = stopReason.withLock({ $0 }) { return .failed(reason) }
+
+        let start: MigrationStart
+        do {
+            guard case .start(let first) = try connection.receiveRequest(limits: MigrationLimits(guestRAM: [])) else {
+                throw Refusal(description: "the first request was not start")
+            }
+            start = first
+        } catch {
+            let message = stopReason.withLock({ $0 }) ?? "the sender at \(connection.peer) did not open a migration: \(error)"
+            try? connection.sendResponse(.error(message))
+            return .failed(message)
+        }
+        let id = start.migrationID.uuidString.lowercased()
+        progress.update {
+            $0.migrationID = id
+            $0.beganAtMilliseconds = MigrationProgress.wallClockMilliseconds()
+        }
+        events.emit(VMEvent.MigrationReceiveStarted(migrationID: id, peer: connection.peer))
+        let began = ContinuousClock.now
+        var phase = MigrationPhase.starting
+        func enter(_ next: MigrationPhase) {
+            phase = next
+            progress.update { $0.state = .ongoing(next) }
+        }
+        var incoming: Machine?
+        var bytes: UInt64 = 0
+        var bandwidth = BandwidthMeter()
+        do {
+            try start.checkVersion()
+            try connection.sendResponse(.ok)
+
+            let second = try connection.receiveRequest(limits: MigrationLimits(guestRAM: []))
+            guard case .config(let config) = second else { throw unexpected(second, expected: "config") }
+            let machine: Machine
+            do {
+                machine = try destinationVM.prepare(config.machine)
+            } catch {
+                throw Refusal(description: "this host cannot run the VM: \(error)")
+            }
+            incoming = machine
+            progress.update { $0.memory.totalBytes = machine.memory.size }
+            try connection.sendResponse(.ok)
+
+            enter(.memoryPrecopy)
+            let limits = MigrationLimits(guestRAM: machine.memory.ranges)
+            var request = try connection.receiveRequest(limits: limits)
+            while case .memory(let table) = request {
+                let batchStart = ContinuousClock.now
+                try connection.receiveMemory(table, into: machine.memory)
+                bandwidth.record(bytes: table.dataBytes, in: ContinuousClock.now - batchStart)
+                bytes += table.dataBytes
+                let bytesPerSecond = UInt64(bandwidth.bytesPerSecond)
+                progress.update {
+                    $0.memory.transmittedBytes += table.dataBytes
+                    $0.memory.bytesPerSecond = bytesPerSecond
+                }
+                try connection.sendResponse(.ok)
+                request = try connection.receiveRequest(limits: limits)
+            }
+
+            guard case .state(let state) = request else { throw unexpected(request, expected: "memory or state") }
+            enter(.completing)
+            do {
+                try machine.restore(state.machine)
+            } catch {
+                throw Refusal(description: "the machine state cannot be restored: \(error)")
+            }
+            try connection.sendResponse(.ok)
+
+            let last = try connection.receiveRequest(limits: limits)
+            guard case .complete = last else { throw unexpected(last, expected: "complete") }
+            incoming = nil
+            try destinationVM.adopt(machine, state.guestRunning)
+            // The guest runs here now. If the sender misses this answer it cannot tell, and the
+            // guest keeps running here rather than nowhere.
+            try? connection.sendResponse(.ok)
+            let total = ContinuousClock.now - began
+            progress.end(.finished, total: total)
+            events.emit(VMEvent.MigrationReceiveFinished(migrationID: id, totalMs: total.wholeMilliseconds, bytesTotal: bytes))
+            return .received
+        } catch {
+            incoming?.stop()
+            let message = describe(error)
+            if error is Abandoned {
+                try? connection.sendResponse(.ok)
+            } else if (error as? MigrationError)?.kind != .peerWentAway {
+                try? connection.sendResponse(.error(message))
+            }
+            progress.end(.failed(message), total: ContinuousClock.now - began)
+            events.emit(VMEvent.MigrationReceiveFailed(migrationID: id, error: message, phase: phase))
+            return .failed(message)
+        }
+    }
+
+    /// A request that is valid on its own but not at this point of the sequence; `abandon` is the
+    /// sender giving up.
+    private func unexpected(_ request: MigrationRequest, expected: String) -> any Error {
+        if case .abandon = request { return Abandoned() }
+        return Refusal(description: "protocol violation: expected \(expected), got \(request.command)")
+    }
+
+    private func describe(_ error: any Error) -> String {
+        if let reason = stopReason.withLock({ $0 }) { return reason }
+        if let error = error as? MigrationError {
+            switch error.kind {
+            case .peerWentAway: return "the sender went away: \(error.message)"
+            case .timedOut: return "the sender stopped sending: \(error.message)"
+            default: return error.message
+            }
+        }
+        return "\(error)"
+    }
+}

@@ -1,0 +1,337 @@
+import Events
+import Foundation
+import HostOS
+import Machine
+import MigrationWire
+import Synchronization
+
+/// One outgoing live migration, run on its own thread: pre-copy passes over guest memory while the
+/// guest runs, then the switch-over (pause, last dirty pages, state, the destination resumes).
+///
+/// It emits every source-side migration event of docs/events.md §4 itself and ends with exactly
+/// one terminal event. What changes the VM's lifecycle (pausing and resuming the guest, with their
+/// events) it asks of the VMM through `SourceVM`.
+public final class MigrationSender: Sendable {
+    /// What the sender asks of the VMM that owns the guest; called from the sender's thread and
+    /// waited for.
+    public struct SourceVM: Sendable {
+        /// Pauses the running guest, emitting `vm.pausing`/`vm.paused`.
+        public var pause: @Sendable () throws -> Void
+        /// Resumes the guest the migration paused, emitting `vm.resuming`/`vm.resumed`.
+        public var resume: @Sendable () -> Void
+
+        public init(pause: @escaping @Sendable () throws -> Void, resume: @escaping @Sendable () -> Void) {
+            self.pause = pause
+            self.resume = resume
+        }
+    }
+
+    /// Why the migration was stopped from outside its thread.
+    public enum StopReason: Equatable, Sendable {
+        /// `vm.cancel-migration`.
+        case cancelled
+        /// The VMM is exiting (vmm.shutdown, a signal).
+        case vmmExiting
+        /// The guest powered off or failed on the source.
+        case guestStopped
+    }
+
+    /// How the migration ended, as its terminal event says.
+    public enum Ending: Equatable, Sendable {
+        case finished
+        case failed
+        case cancelled
+    }
+
+    public let id: UUID
+    let options: SendMigrationOptions
+    let machine: Machine
+    let connection: MigrationConnection
+    let events: EventMonitor
+    let guestWasRunning: Bool
+    let sourceVM: SourceVM
+    public let progress: MigrationProgressTracker
+    let started: ContinuousClock.Instant
+
+    private struct Control {
+        var stopReason: StopReason?
+        /// Set once `complete` went out: the destination may be running the guest, so the
+        /// migration can no longer be stopped from here.
+        var committed = false
+    }
+
+    private let control = Mutex(Control())
+
+    /// A migration of `machine` over `connection` (connected to `options.destination`).
+    public init(id: UUID = UUID(), options: SendMigrationOptions, machine: Machine, connection: MigrationConnection,
+                events: EventMonitor, guestWasRunning: Bool, sourceVM: SourceVM) {
+        self.id = id
+        self.options = options
+        self.machine = machine
+        self.connection = connection
+        self.events = events
+        self.guestWasRunning = guestWasRunning
+        self.sourceVM = sourceVM
+        started = .now
+        progress = MigrationProgressTracker(MigrationProgress(
+            direction: .outgoing, transport: options.destination.transport, connections: SendMigrationOptions.connections,
+            downtimeLimit: options.policy.downtimeLimit))
+        progress.update {
+            $0.migrationID = id.lowercasedString
+            $0.memory.totalBytes = machine.memory.size
+        }
+    }
+
+    /// Emits `vm.migration-started`, then runs the migration on a thread of its own and hands its
+    /// ending to `ended` from that thread.
+    public func start(_ ended: @escaping @Sendable (Ending) -> Void) {
+        events.emit(VMEvent.MigrationStarted(
+            migrationID: id.lowercasedString, destinationURL: options.destination.description,
+            downtimeMs: options.policy.downtimeLimit.wholeMilliseconds, timeoutS: options.policy.timeout.components.seconds,
+            connections: SendMigrationOptions.connections, local: false))
+        let thread = Thread { [self] in ended(run()) }
+        thread.name = "migration-send"
+        thread.start()
+    }
+
+    /// Stops the migration as soon as possible: a blocked send or receive returns at once.
+    /// Returns false, changing nothing, once the destination has been told to run the guest.
+    @discardableResult
+    public func requestStop(_ reason: StopReason) -> Bool {
+        let accepted = control.withLock { control in
+            guard !control.committed else { return false }
+            control.stopReason = control.stopReason ?? reason
+            return true
+        }
+        if accepted { connection.shutdown() }
+        return accepted
+    }
+
+    /// Everything measured while the migration runs.
+    private struct Statistics {
+        var bandwidth = BandwidthMeter()
+        var passes = 0
+        var bytesTotal: UInt64 = 0
+    }
+
+    /// The timeout passed with the `Cancel` strategy.
+    private struct TimedOut: Error {}
+
+    private struct Stopped: Error {
+        var reason: StopReason
+    }
+
+    /// Pass 0 scans and sends guest RAM in slices of this size, so that the link is busy from
+    /// the start and the destination never waits long for the next request.
+    static let scanSliceBytes: UInt64 = 256 << 20
+
+    /// Runs the whole migration on the calling thread and emits its events.
+    func run() -> Ending {
+        var phase = MigrationPhase.starting
+        var statistics = Statistics()
+        var pausedByMigration = false
+        func enter(_ next: MigrationPhase) {
+            phase = next
+            progress.update { $0.state = .ongoing(next) }
+        }
+        do {
+            try connection.sendStart(MigrationStart(migrationID: id))
+            try connection.expectOK(after: .start)
+            try connection.sendConfig(MigrationConfig(machine: machine.configuration))
+            try connection.expectOK(after: .config)
+
+            enter(.memoryPrecopy)
+            try machine.setDirtyLogging(true)
+            let remaining = try precopy(&statistics)
+
+            enter(.completing)
+            let estimate = PrecopyPolicy.estimatedDowntime(remainingBytes: remaining.byteCount,
+                                                           bandwidthBytesPerSecond: statistics.bandwidth.bytesPerSecond)
+            events.emit(VMEvent.MigrationDowntime(migrationID: id.lowercasedString, remainingBytes: remaining.byteCount,
+                                                  estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0, iterations: statistics.passes))
+            let downtimeStart = ContinuousClock.now
+            if guestWasRunning {
+                try sourceVM.pause()
+                pausedByMigration = true
+            }
+            try checkStop()
+            let last = remaining.union(try machine.collectDirtyPages())
+            try send(last, in: &statistics)
+            try connection.sendState(MigrationState(machine: try machine.saveState(), guestRunning: guestWasRunning))
+            try connection.expectOK(after: .state)
+            try commit()
+            try connection.sendRequest(.complete)
+            try connection.expectOK(after: .complete)
+            let downtime = ContinuousClock.now - downtimeStart
+            let total = ContinuousClock.now - started
+            progress.update { $0.downtime = downtime }
+            progress.end(.finished, total: total)
+            events.emit(VMEvent.MigrationFinished(migrationID: id.lowercasedString, totalMs: total.wholeMilliseconds,
+                                                  downtimeMs: downtime.wholeMilliseconds, bytesTotal: statistics.bytesTotal,
+                                                  iterations: statistics.passes))
+            connection.close()
+            return .finished
+        } catch {
+            // After the connection itself failed, an abandon could only wait out another I/O
+            // timeout behind a full send buffer.
+            if let failure = error as? MigrationError, failure.kind == .timedOut || failure.kind == .peerWentAway {
+            } else {
+                try? connection.sendRequest(.abandon)
+            }
+            connection.close()
+            try? machine.setDirtyLogging(false)
+            if pausedByMigration { sourceVM.resume() }
+            let cancelReason: MigrationCancelReason? = if error is TimedOut {
+                .timeout
+            } else if control.withLock({ $0.stopReason }) == .cancelled {
+                .requested
+            } else {
+                nil
+            }
+            if let cancelReason {
+                progress.end(.cancelled, total: ContinuousClock.now - started)
+                events.emit(VMEvent.MigrationCancelled(migrationID: id.lowercasedString, reason: cancelReason))
+                return .cancelled
+            }
+            let message = describe(error)
+            progress.end(.failed(message), total: ContinuousClock.now - started)
+            events.emit(VMEvent.MigrationFailed(migrationID: id.lowercasedString, error: message, phase: phase))
+            return .failed
+        }
+    }
+
+    /// Pass 0 sends every page that is not zero; each later pass sends what the guest dirtied
+    /// during the one before. Returns the pages dirtied during the last pass, still to send, once
+    /// the policy says to switch over.
+    private func precopy(_ statistics: inout Statistics) throws -> PageRuns {
+        var pages: PageRuns?  // nil: pass 0, every page that is not zero
+        while true {
+            let passStart = ContinuousClock.now
+            progress.update { $0.memory.pass = statistics.passes }
+            let bytes: UInt64
+            let pageCount: Int
+            if let pages {
+                (bytes, pageCount) = (try send(pages, in: &statistics), pages.pageCount)
+            } else {
+                (bytes, pageCount) = try sendNonZeroPages(&statistics)
+            }
+            let duration = ContinuousClock.now - passStart
+            let dirty = try machine.collectDirtyPages()
+            let bandwidth = statistics.bandwidth.bytesPerSecond
+            let estimate = PrecopyPolicy.estimatedDowntime(remainingBytes: dirty.byteCount, bandwidthBytesPerSecond: bandwidth)
+            progress.update {
+                $0.estimatedDowntime = estimate
+                $0.memory.dirtyPagesPerSecond = duration > .zero ? UInt64(Double(dirty.pageCount) / duration.inSeconds) : 0
+            }
+            events.emit(VMEvent.MigrationMemoryIteration(
+                migrationID: id.lowercasedString, id: statistics.passes, bytes: bytes, pages: UInt64(pageCount),
+                durationMs: duration.wholeMilliseconds, bandwidthBytesPerS: UInt64(bandwidth), dirtyPages: UInt64(dirty.pageCount),
+                remainingBytes: dirty.byteCount, estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0))
+            statistics.passes += 1
+            switch options.policy.decide(remainingBytes: dirty.byteCount, bandwidthBytesPerSecond: bandwidth,
+                                         elapsed: ContinuousClock.now - started) {
+            case .anotherPass:
+                pages = dirty
+            case .switchOver:
+                return dirty
+            case .cancel:
+                throw TimedOut()
+            }
+        }
+    }
+
+    /// Pass 0: scans guest RAM slice by slice and sends each slice's non-zero pages before
+    /// scanning the next. Returns the bytes and pages sent.
+    private func sendNonZeroPages(_ statistics: inout Statistics) throws -> (UInt64, Int) {
+        let ram = machine.memory.ranges
+        progress.update { $0.memory.remainingInPassBytes = machine.memory.size }
+        var bytes: UInt64 = 0
+        var pages = 0
+        for range in ram {
+            var start = range.start
+            while start < range.end {
+                let slice = GuestRAMRange(start: start, size: min(Self.scanSliceBytes, range.end - start))
+                let nonZero = machine.memory.nonZeroPages(in: slice)
+                let skipped = slice.size - nonZero.byteCount
+                progress.update {
+                    $0.memory.zeroPages += skipped / PageRuns.pageSize
+                    $0.memory.remainingInPassBytes -= skipped
+                }
+                bytes += try send(nonZero, in: &statistics, announce: false)
+                pages += nonZero.pageCount
+                start = slice.end
+            }
+        }
+        return (bytes, pages)
+    }
+
+    /// Sends `pages` as memory requests straight from guest memory; returns the bytes sent.
+    /// - Parameter announce: whether `pages` is a whole pass, whose size the progress shows as
+    ///   still to send.
+    private func send(_ pages: PageRuns, in statistics: inout Statistics, announce: Bool = true) throws -> UInt64 {
+        if announce {
+            progress.update { $0.memory.remainingInPassBytes = pages.byteCount }
+        }
+        var sent: UInt64 = 0
+        for table in MemoryRangeTable.batches(of: pages.runs) {
+            try checkStop()
+            let batchStart = ContinuousClock.now
+            try connection.sendMemory(table, from: machine.memory)
+            try connection.expectOK(after: .memory)
+            statistics.bandwidth.record(bytes: table.dataBytes, in: ContinuousClock.now - batchStart)
+            statistics.bytesTotal += table.dataBytes
+            sent += table.dataBytes
+            let bandwidth = UInt64(statistics.bandwidth.bytesPerSecond)
+            progress.update {
+                $0.memory.transmittedBytes += table.dataBytes
+                $0.memory.remainingInPassBytes -= table.dataBytes
+                $0.memory.bytesPerSecond = bandwidth
+            }
+        }
+        return sent
+    }
+
+    private func checkStop() throws {
+        if let reason = control.withLock({ $0.stopReason }) { throw Stopped(reason: reason) }
+    }
+
+    /// Passes the point of no return, unless a stop came first.
+    private func commit() throws {
+        let reason = control.withLock { control -> StopReason? in
+            if control.stopReason == nil { control.committed = true }
+            return control.stopReason
+        }
+        if let reason { throw Stopped(reason: reason) }
+    }
+
+    /// One line for `vm.migration-failed`'s `error`: what went wrong, and for a lost connection
+    /// that the destination went away.
+    private func describe(_ error: any Error) -> String {
+        let stop = control.withLock { $0.stopReason }
+        switch (stop, error) {
+        case (.cancelled?, _): return "cancelled"
+        case (.vmmExiting?, _): return "the source VMM is shutting down"
+        case (.guestStopped?, _): return "the guest stopped on the source during the migration"
+        case (_, let error as MigrationError) where error.kind == .peerWentAway:
+            return "the destination went away: \(error.message)"
+        case (_, let error as MigrationError) where error.kind == .timedOut:
+            return "the destination stopped responding: \(error.message)"
+        default: return "\(error)"
+        }
+    }
+}
+
+extension UUID {
+    /// The form migration ids take in events and progress reports.
+    var lowercasedString: String { uuidString.lowercased() }
+}
+
+extension MigrationURL {
+    /// `Tcp` or `Unix`, as progress reports name the transport.
+    var transport: String {
+        switch self {
+        case .tcp: "Tcp"
+        case .unix: "Unix"
+        }
+    }
+}

@@ -1,0 +1,113 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KVM
+
+/// A set of guest pages as runs of consecutive 4 KiB pages: the pages KVM's dirty log reports
+/// written, or the pages of RAM that hold anything but zeros.
+public struct PageRuns: Equatable, Sendable {
+    public static let pageSize: UInt64 = 4096
+
+    /// Guest-physical runs, in address order.
+    public var runs: [GuestRAMRange]
+
+    public init(runs: [GuestRAMRange]) {
+        self.runs = runs
+    }
+
+    public var pageCount: Int { runs.reduce(0) { $0 + Int($1.size / Self.pageSize) } }
+    public var byteCount: UInt64 { runs.reduce(0) { $0 + $1.size } }
+
+    /// The pages in either set, as coalesced runs in address order.
+    public func union(_ other: PageRuns) -> PageRuns {
+        var merged: [GuestRAMRange] = []
+        for run in (runs + other.runs).sorted(by: { $0.start < $1.start }) {
+            if let last = merged.last, run.start <= last.end {
+                merged[merged.count - 1].size = max(last.end, run.end) - last.start
+            } else {
+                merged.append(run)
+            }
+        }
+        return PageRuns(runs: merged)
+    }
+
+    /// The runs of pages `0..<pageCount` from `start` for which `selected(page)` holds.
+    static func runs(start: UInt64, pageCount: Int, where selected: (Int) -> Bool) -> [GuestRAMRange] {
+        var runs: [GuestRAMRange] = []
+        var runStart: Int?
+        for page in 0...pageCount {
+            let isSelected = page < pageCount && selected(page)
+            if isSelected, runStart == nil {
+                runStart = page
+            } else if !isSelected, let first = runStart {
+                runs.append(GuestRAMRange(start: start + UInt64(first) * pageSize, size: UInt64(page - first) * pageSize))
+                runStart = nil
+            }
+        }
+        return runs
+    }
+
+    /// Turns one slot's KVM dirty bitmap (bit n = page n of the slot, least significant bit of
+    /// word 0 first) into runs of guest-physical pages.
+    static func runs(bitmap: [UInt64], slotStart: UInt64, pageCount: Int) -> [GuestRAMRange] {
+        runs(start: slotStart, pageCount: pageCount) { bitmap[$0 / 64] & (1 << UInt64($0 % 64)) != 0 }
+    }
+}
+
+extension GuestMemory {
+    /// A page of zeros to compare guest pages with.
+    nonisolated(unsafe) private static let zeroPage: UnsafeRawPointer = {
+        let page = UnsafeMutableRawPointer.allocate(byteCount: Int(PageRuns.pageSize), alignment: Int(PageRuns.pageSize))
+        page.initializeMemory(as: UInt8.self, repeating: 0, count: Int(PageRuns.pageSize))
+        return UnsafeRawPointer(page)
+    }()
+
+    /// Every page of guest RAM that holds a byte other than zero, as runs in address order: what
+    /// a first pass over memory must send to a destination whose RAM starts zeroed. Pages never
+    /// touched read as the kernel's shared zero page, so scanning them costs no memory.
+    public func nonZeroPages() -> PageRuns {
+        PageRuns(runs: ranges.flatMap { nonZeroPages(in: $0).runs })
+    }
+
+    /// The pages of `range` (page-aligned, inside one range of guest RAM) that hold a byte other
+    /// than zero; none if `range` is not in guest RAM.
+    public func nonZeroPages(in range: GuestRAMRange) -> PageRuns {
+        let page = Int(PageRuns.pageSize)
+        guard let base = try? buffer(at: range.start, count: Int(range.size)).baseAddress else { return PageRuns(runs: []) }
+        return PageRuns(runs: PageRuns.runs(start: range.start, pageCount: Int(range.size) / page) { index in
+            memcmp(base + index * page, Self.zeroPage, page) != 0
+        })
+    }
+}
+
+extension Machine {
+    /// Turns KVM's dirty-page logging on or off for every guest RAM slot. Turning it on starts
+    /// with a clean log: only writes from now on are reported. Safe while the vCPUs run.
+    public func setDirtyLogging(_ on: Bool) throws(MachineError) {
+        do {
+            for (slot, region) in memory.regions.enumerated() {
+                try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.range.start, size: region.range.size,
+                                       hostAddress: region.host, logDirtyPages: on)
+            }
+        } catch {
+            throw MachineError.host("turning dirty logging \(on ? "on" : "off")", error)
+        }
+    }
+
+    /// The pages written since logging started or since the last call, and clears the log.
+    /// Dirty logging must be on.
+    public func collectDirtyPages() throws(MachineError) -> PageRuns {
+        var runs: [GuestRAMRange] = []
+        for (slot, region) in memory.regions.enumerated() {
+            let pages = Int(region.range.size / PageRuns.pageSize)
+            let bitmap: [UInt64]
+            do {
+                bitmap = try vm.dirtyLog(slot: UInt32(slot), pageCount: pages)
+            } catch {
+                throw MachineError.host("collecting the dirty log", error)
+            }
+            runs += PageRuns.runs(bitmap: bitmap, slotStart: region.range.start, pageCount: pages)
+        }
+        return PageRuns(runs: runs)
+    }
+}

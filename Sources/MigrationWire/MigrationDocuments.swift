@@ -1,0 +1,45 @@
+import Foundation
+import Machine
+
+/// The `config` payload: the VM as its guest sees it, so that the destination can build the same
+/// machine. Nothing in it says where the destination puts anything — its console, its files are
+/// the destination's own choice (docs/migration-protocol.md, "What a sender can make the
+/// destination do").
+public struct MigrationConfig: Codable, Equatable, Sendable {
+    public var machine: MachineConfiguration
+
+    public init(machine: MachineConfiguration) {
+        self.machine = machine
+    }
+}
+
+/// The `state` payload: the machine state, and whether the guest ran on the source (a guest
+/// paused there stays paused on the destination).
+public struct MigrationState: Codable, Equatable, Sendable {
+    public var machine: MachineState
+    public var guestRunning: Bool
+
+    public init(machine: MachineState, guestRunning: Bool) {
+        self.machine = machine
+        self.guestRunning = guestRunning
+    }
+}
+
+/// The JSON form of the config and state payloads.
+enum MigrationDocument {
+    static func encode(_ value: some Encodable) throws(MigrationError) -> [UInt8] {
+        do {
+            return Array(try JSONEncoder().encode(value))
+        } catch {
+            throw MigrationError(.malformedPayload, "cannot encode \(type(of: value)): \(error)")
+        }
+    }
+
+    static func decode<T: Decodable>(_ type: T.Type, from bytes: [UInt8], command: MigrationCommand) throws(MigrationError) -> T {
+        do {
+            return try JSONDecoder().decode(type, from: Data(bytes))
+        } catch {
+            throw MigrationError(.malformedPayload, "the \(command) payload does not decode: \(error)")
+        }
+    }
+}

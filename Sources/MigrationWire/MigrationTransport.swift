@@ -1,0 +1,58 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import HostOS
+
+/// A connected byte stream between a migration's sender and receiver. The framing
+/// (`MigrationConnection`) works over any transport, so an encrypted one can take a socket's place.
+///
+/// One thread does the I/O; `shutdown()` may come from any thread and makes that I/O return at
+/// once. `close()` is for the owner, after its I/O.
+public protocol MigrationTransport: Sendable {
+    /// Sends every byte, failing once the peer has accepted nothing for `progressTimeout`.
+    func send(_ bytes: UnsafeRawBufferPointer, progressTimeout: Duration) throws(StreamTransferError)
+    /// Fills `buffer`, failing once the peer has sent nothing for `progressTimeout`.
+    func receive(into buffer: UnsafeMutableRawBufferPointer, progressTimeout: Duration) throws(StreamTransferError)
+    /// Interrupts the I/O under way and every later one; safe from any thread.
+    func shutdown()
+    /// Releases the connection, once.
+    func close()
+    /// Who is at the other end, for people.
+    var peer: String { get }
+}
+
+/// A migration over a plain stream socket (`tcp:` or `unix:`).
+public final class SocketTransport: MigrationTransport {
+    private let descriptor: FileDescriptor
+
+    /// Takes ownership of a connected stream socket.
+    public init(_ descriptor: FileDescriptor) {
+        self.descriptor = descriptor
+    }
+
+    public func send(_ bytes: UnsafeRawBufferPointer, progressTimeout: Duration) throws(StreamTransferError) {
+        try requireOpen("send")
+        try StreamIO.send(descriptor.rawValue, bytes, progressTimeout: progressTimeout)
+    }
+
+    public func receive(into buffer: UnsafeMutableRawBufferPointer, progressTimeout: Duration) throws(StreamTransferError) {
+        try requireOpen("recv")
+        try StreamIO.receive(descriptor.rawValue, into: buffer, progressTimeout: progressTimeout)
+    }
+
+    public func shutdown() {
+        descriptor.shutdown()
+    }
+
+    public func close() {
+        descriptor.close()
+    }
+
+    public var peer: String { Socket.peerName(descriptor.rawValue) }
+
+    /// I/O comes from the owner's thread, which also closes: after its close, the descriptor
+    /// number may already be someone else's.
+    private func requireOpen(_ operation: String) throws(StreamTransferError) {
+        guard descriptor.isOpen else { throw .failed(SystemError(operation, errno: EBADF, detail: "the connection is closed")) }
+    }
+}

@@ -1,0 +1,108 @@
+import Foundation
+import Synchronization
+
+/// Collects a pipe's output as lines, from the pipe's reader thread. Lines are split at LF bytes
+/// (Linux's console ends lines with CR LF, which Swift strings treat as one character) and lose
+/// a trailing CR.
+public final class OutputCollector: Sendable {
+    private let state = Mutex<(lines: [String], partial: [UInt8])>(([], []))
+    let changed = NSCondition()
+
+    public init() {}
+
+    public func attach(to pipe: Pipe) {
+        pipe.fileHandleForReading.readabilityHandler = { [self] handle in
+            let data = handle.availableData
+            guard !data.isEmpty else {
+                handle.readabilityHandler = nil
+                return
+            }
+            state.withLock { state in
+                for byte in data {
+                    if byte == UInt8(ascii: "\n") {
+                        if state.partial.last == UInt8(ascii: "\r") { state.partial.removeLast() }
+                        state.lines.append(String(decoding: state.partial, as: UTF8.self))
+                        state.partial.removeAll(keepingCapacity: true)
+                    } else {
+                        state.partial.append(byte)
+                    }
+                }
+            }
+            changed.lock()
+            changed.broadcast()
+            changed.unlock()
+        }
+    }
+
+    public var lines: [String] { state.withLock { $0.lines } }
+    public var text: String { state.withLock { ($0.lines + [String(decoding: $0.partial, as: UTF8.self)]).joined(separator: "\n") } }
+}
+
+/// A `ferry` process under test (or any helper process): its console (standard output) and
+/// standard error are collected line by line, and it is killed if a test ends while it still runs.
+public final class FerryProcess: Sendable {
+    private let process: Process
+    private let console = OutputCollector()
+    private let errors = OutputCollector()
+
+    /// - Parameter standardInput: what the process reads (a terminal, for console tests); nothing by default.
+    public init(arguments: [String], executable: URL = Repository.ferry, standardInput: FileHandle = .nullDevice) throws {
+        process = Process()
+        process.executableURL = executable
+        process.arguments = arguments
+        process.standardInput = standardInput
+        let stdout = Pipe()
+        let stderr = Pipe()
+        process.standardOutput = stdout
+        process.standardError = stderr
+        console.attach(to: stdout)
+        errors.attach(to: stderr)
+        try process.run()
+    }
+
+    deinit {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+
+    public var consoleLines: [String] { console.lines }
+    public var standardError: String { errors.text }
+    public var pid: Int32 { process.processIdentifier }
+
+    /// Waits until the console has a line for which `predicate` holds; returns it, or nil when the
+    /// deadline passes or the process has exited without printing one.
+    public func waitForConsoleLine(timeout: Duration, where predicate: (String) -> Bool) -> String? {
+        let deadline = ContinuousClock.now + timeout
+        var exitedAt: ContinuousClock.Instant?
+        while true {
+            if let line = consoleLines.first(where: predicate) { return line }
+            let now = ContinuousClock.now
+            if now >= deadline { return nil }
+            if !process.isRunning {
+                // Give the pipe a moment to deliver the last output, then stop waiting.
+                if let exitedAt, now - exitedAt > .milliseconds(500) { return nil }
+                exitedAt = exitedAt ?? now
+            }
+            console.changed.lock()
+            _ = console.changed.wait(until: Date().addingTimeInterval(0.1))
+            console.changed.unlock()
+        }
+    }
+
+    /// Waits for the process to exit; returns its status, or nil if it is still running at the deadline.
+    public func waitForExit(timeout: Duration) -> Int32? {
+        let deadline = ContinuousClock.now + timeout
+        while process.isRunning {
+            if ContinuousClock.now >= deadline { return nil }
+            usleep(20_000)
+        }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    public func signal(_ number: Int32) {
+        kill(process.processIdentifier, number)
+    }
+}

@@ -94,12 +94,7 @@ extension SerialMode {
 extension SendMigrationData {
     /// The checked request.
     func options() throws(VMMError) -> SendMigrationOptions {
-        let destination: MigrationURL
-        do {
-            destination = try MigrationURL(parsing: destination_url)
-        } catch {
-            throw VMMError(.invalidRequest, "destination_url: \(error.message)")
-        }
+        let destination = try MigrationURL(destination_url, field: "destination_url")
         let downtime = downtime_ms ?? PrecopyPolicy.defaultDowntimeLimit.wholeMilliseconds
         guard downtime > 0 else { throw VMMError(.invalidRequest, "downtime_ms: \(downtime) must be at least 1") }
         let timeout = timeout_s ?? PrecopyPolicy.defaultTimeout.components.seconds
@@ -129,16 +124,22 @@ extension SendMigrationData {
 extension ReceiveMigrationData {
     /// The checked request: the URL, and the console this host gives the arriving guest.
     func options() throws(VMMError) -> ReceiveMigrationOptions {
-        let url: MigrationURL
-        do {
-            url = try MigrationURL(parsing: receiver_url)
-        } catch {
-            throw VMMError(.invalidRequest, "receiver_url: \(error.message)")
-        }
+        let url = try MigrationURL(receiver_url, field: "receiver_url")
         // Off would take the UART from a guest that has one: to discard its output, use Null.
         let serialMode = try SerialMode(serial, field: "serial", allowed: [.null, .tty, .file])
         try VmConfig.checkConsole(console)
         return ReceiveMigrationOptions(url: url, serial: serialMode)
+    }
+}
+
+extension MigrationURL {
+    /// The URL in a request's `field`; the error names the field.
+    init(_ text: String, field: String) throws(VMMError) {
+        do {
+            try self.init(parsing: text)
+        } catch {
+            throw VMMError(.invalidRequest, "\(field): \(error.message)", cause: error)
+        }
     }
 }
 

@@ -1,11 +1,11 @@
-/// Byte-exact encoders for events (events.md sections 2 and 6).
+/// Byte-exact encoders for events (docs/events.md §2 and §7).
 ///
 /// Strings are escaped as serde_json escapes them (`"`, `\`, `\b \f \n \r \t`, other control
 /// characters as `\u00xx` in lower-case hex, everything else including `/` and non-ASCII UTF-8 as
 /// is), plus Ferry's brace rule: `{` and `}` become `\u007b` and `\u007d` (guarantee 2).
 public enum EventEncoding {
     /// The most bytes one encoded event may take, trailing `"\n\n"` included: `PIPE_BUF` on Linux, so
-    /// a single `write(2)` to a FIFO is atomic (events.md guarantee 1).
+    /// a single `write(2)` to a FIFO is atomic (docs/events.md §2, guarantee 1).
     public static let maximumEventSize = 4096
 
     /// Appended to a property value that was cut to make its event fit `maximumEventSize`.
@@ -26,7 +26,7 @@ public enum EventEncoding {
     }
 
     /// Compact single-line JSON with the same fields in the same order, followed by `"\n"`
-    /// (`GET /api/v1/vmm.events`, events.md section 6). Not truncated: a stream over HTTP has no
+    /// (`GET /api/v1/vmm.events`, docs/events.md §7). Not truncated: a stream over HTTP has no
     /// atomic-write limit.
     public static func ndjson(_ event: Event) -> [UInt8] {
         EncodableFields(event).compact()
@@ -62,62 +62,58 @@ private struct EncodableFields {
 
     /// serde_json's `PrettyFormatter` layout, then the blank line that ends an event.
     func pretty() -> [UInt8] {
+        encoded(in: .pretty)
+    }
+
+    /// serde_json's `CompactFormatter` layout, then a newline.
+    func compact() -> [UInt8] {
+        encoded(in: .compact)
+    }
+
+    /// The separators that make the two layouts: everything else about them is the same.
+    struct Layout {
+        /// After `{` of the object, between its members, and before its closing `}`.
+        var open, separator, close: String
+        /// Between a key and its value.
+        var colon: String
+        /// Before and between the members of `timestamp` and `properties`, and before their `}`.
+        var innerOpen, innerSeparator, innerClose: String
+        /// After the whole event.
+        var end: String
+
+        static let pretty = Layout(open: "{\n  ", separator: ",\n  ", close: "\n}", colon: ": ",
+                                   innerOpen: "{\n    ", innerSeparator: ",\n    ", innerClose: "\n  }", end: "\n\n")
+        static let compact = Layout(open: "{", separator: ",", close: "}", colon: ":",
+                                    innerOpen: "{", innerSeparator: ",", innerClose: "}", end: "\n")
+    }
+
+    private func encoded(in layout: Layout) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(256)
-        out.append(literal: "{\n  \"timestamp\": {\n    \"secs\": ")
+        out.append(literal: layout.open + "\"timestamp\"" + layout.colon + layout.innerOpen + "\"secs\"" + layout.colon)
         out.append(literal: String(seconds))
-        out.append(literal: ",\n    \"nanos\": ")
+        out.append(literal: layout.innerSeparator + "\"nanos\"" + layout.colon)
         out.append(literal: String(nanoseconds))
-        out.append(literal: "\n  },\n  \"source\": ")
+        out.append(literal: layout.innerClose + layout.separator + "\"source\"" + layout.colon)
         out.appendJSONString(source)
-        out.append(literal: ",\n  \"event\": ")
+        out.append(literal: layout.separator + "\"event\"" + layout.colon)
         out.appendJSONString(name)
-        out.append(literal: ",\n  \"properties\": ")
+        out.append(literal: layout.separator + "\"properties\"" + layout.colon)
         switch properties {
         case nil:
             out.append(literal: "null")
         case let properties? where properties.isEmpty:
             out.append(literal: "{}")
         case let properties?:
-            out.append(literal: "{")
             for (index, property) in properties.enumerated() {
-                out.append(literal: index == 0 ? "\n    " : ",\n    ")
+                out.append(literal: index == 0 ? layout.innerOpen : layout.innerSeparator)
                 out.appendJSONString(property.key)
-                out.append(literal: ": ")
+                out.append(literal: layout.colon)
                 out.appendJSONString(property.value)
             }
-            out.append(literal: "\n  }")
+            out.append(literal: layout.innerClose)
         }
-        out.append(literal: "\n}\n\n")
-        return out
-    }
-
-    /// serde_json's `CompactFormatter` layout, then a newline.
-    func compact() -> [UInt8] {
-        var out: [UInt8] = []
-        out.reserveCapacity(128)
-        out.append(literal: "{\"timestamp\":{\"secs\":")
-        out.append(literal: String(seconds))
-        out.append(literal: ",\"nanos\":")
-        out.append(literal: String(nanoseconds))
-        out.append(literal: "},\"source\":")
-        out.appendJSONString(source)
-        out.append(literal: ",\"event\":")
-        out.appendJSONString(name)
-        out.append(literal: ",\"properties\":")
-        if let properties {
-            out.append(literal: "{")
-            for (index, property) in properties.enumerated() {
-                if index > 0 { out.append(literal: ",") }
-                out.appendJSONString(property.key)
-                out.append(literal: ":")
-                out.appendJSONString(property.value)
-            }
-            out.append(literal: "}")
-        } else {
-            out.append(literal: "null")
-        }
-        out.append(literal: "}\n")
+        out.append(literal: layout.close + layout.end)
         return out
     }
 

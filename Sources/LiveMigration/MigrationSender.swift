@@ -268,6 +268,7 @@ public final class MigrationSender: Sendable {
     /// Sends `pages` as memory requests straight from guest memory; returns the bytes sent.
     /// - Parameter announce: whether `pages` is a whole pass, whose size the progress shows as
     ///   still to send.
+    @discardableResult
     private func send(_ pages: PageRuns, in statistics: inout Statistics, announce: Bool = true) throws -> UInt64 {
         if announce {
             progress.update { $0.memory.remainingInPassBytes = pages.byteCount }

@@ -277,25 +277,24 @@ public final class MigrationConnection: Sendable {
     }
 
     private func receiving<T>(_ body: () throws(MigrationError) -> T) throws(MigrationError) -> T {
-        if let earlier = state.withLock({ $0.receiveFailure }) {
-            throw MigrationError(.protocolViolation, "the connection cannot receive after an earlier failure: \(earlier.message)")
-        }
-        do {
-            return try body()
-        } catch {
-            state.withLock { $0.receiveFailure = $0.receiveFailure ?? error }
-            throw error
-        }
+        try guarded(\.receiveFailure, "receive", body)
     }
 
     private func sending<T>(_ body: () throws(MigrationError) -> T) throws(MigrationError) -> T {
-        if let earlier = state.withLock({ $0.sendFailure }) {
-            throw MigrationError(.protocolViolation, "the connection cannot send after an earlier failure: \(earlier.message)")
+        try guarded(\.sendFailure, "send", body)
+    }
+
+    /// Runs one direction's operation unless that direction already failed, and remembers its
+    /// first failure.
+    private func guarded<T>(_ failure: WritableKeyPath<State, MigrationError?> & Sendable, _ direction: String,
+                            _ body: () throws(MigrationError) -> T) throws(MigrationError) -> T {
+        if let earlier = state.withLock({ $0[keyPath: failure] }) {
+            throw MigrationError(.protocolViolation, "the connection cannot \(direction) after an earlier failure: \(earlier.message)")
         }
         do {
             return try body()
         } catch {
-            state.withLock { $0.sendFailure = $0.sendFailure ?? error }
+            state.withLock { $0[keyPath: failure] = $0[keyPath: failure] ?? error }
             throw error
         }
     }

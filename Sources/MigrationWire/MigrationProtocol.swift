@@ -12,8 +12,9 @@ public enum MigrationProtocol {
     public static let responseMagic: UInt32 = 0x5352_4D46
     /// Size of a request header: magic u32, command u16, reserved u16, payload length u64.
     public static let requestHeaderSize = 16
-    /// Size of a response header: magic u32, status u16, reserved u16, error text length u64.
-    public static let responseHeaderSize = 16
+    /// Size of a response header: magic u32, status u16, reserved u16, error text length u64 (the
+    /// same layout as a request's).
+    public static let responseHeaderSize = requestHeaderSize
     /// Size of a `start` payload: version u32, then the migration id as 16 UUID bytes.
     public static let startPayloadSize = 20
     /// Size of the count that opens a memory range table.
@@ -69,34 +70,20 @@ public struct MigrationRequestHeader: Equatable, Sendable {
     }
 
     public var encoded: [UInt8] {
-        var bytes = LittleEndianBytes()
-        bytes.append(MigrationProtocol.requestMagic)
-        bytes.append(command.rawValue)
-        bytes.append(UInt16(0))
-        bytes.append(length)
-        return bytes.bytes
+        FrameHeader(magic: MigrationProtocol.requestMagic, field: command.rawValue, length: length).encoded
     }
 
     /// Decodes and checks a header: magic, reserved field and command. Payload limits are checked
     /// by `check(_:)` against the receiver's `MigrationLimits`.
     public init(decoding bytes: [UInt8]) throws(MigrationError) {
-        guard bytes.count == MigrationProtocol.requestHeaderSize else {
-            throw MigrationError(.malformedHeader, "a request header is \(MigrationProtocol.requestHeaderSize) bytes, not \(bytes.count)")
+        let frame = try FrameHeader(decoding: bytes, of: "request", magic: MigrationProtocol.requestMagic,
+                                    notMagic: ": the peer does not speak Ferry's migration protocol or the stream is out of step")
+        guard let command = MigrationCommand(rawValue: frame.field) else {
+            throw MigrationError(.unknownCommand, "request command \(frame.field) is not a migration command (1–6)")
         }
-        let magic = bytes.littleEndian(UInt32.self, at: 0) ?? 0
-        guard magic == MigrationProtocol.requestMagic else {
-            throw MigrationError(.badMagic, "request header starts with 0x\(hex(magic)), not the migration request magic 0x\(hex(MigrationProtocol.requestMagic)): the peer does not speak Ferry's migration protocol or the stream is out of step")
-        }
-        let rawCommand = bytes.littleEndian(UInt16.self, at: 4) ?? 0
-        guard let command = MigrationCommand(rawValue: rawCommand) else {
-            throw MigrationError(.unknownCommand, "request command \(rawCommand) is not a migration command (1–6)")
-        }
-        let reserved = bytes.littleEndian(UInt16.self, at: 6) ?? 0
-        guard reserved == 0 else {
-            throw MigrationError(.malformedHeader, "\(command) request has reserved field 0x\(hex(reserved)); it must be 0")
-        }
+        try frame.checkReserved(naming: "\(command) request")
         self.command = command
-        self.length = bytes.littleEndian(UInt64.self, at: 8) ?? 0
+        self.length = frame.length
     }
 
     /// Refuses a payload length the command never has or the limits do not allow.
@@ -158,33 +145,18 @@ public struct MigrationResponseHeader: Equatable, Sendable {
     }
 
     public var encoded: [UInt8] {
-        var bytes = LittleEndianBytes()
-        bytes.append(MigrationProtocol.responseMagic)
-        bytes.append(status.rawValue)
-        bytes.append(UInt16(0))
-        bytes.append(length)
-        return bytes.bytes
+        FrameHeader(magic: MigrationProtocol.responseMagic, field: status.rawValue, length: length).encoded
     }
 
     /// Decodes and checks a header: magic, status, reserved field, and a text length that is zero
     /// for ok and at most `MigrationProtocol.maximumErrorTextBytes` for an error.
     public init(decoding bytes: [UInt8]) throws(MigrationError) {
-        guard bytes.count == MigrationProtocol.responseHeaderSize else {
-            throw MigrationError(.malformedHeader, "a response header is \(MigrationProtocol.responseHeaderSize) bytes, not \(bytes.count)")
+        let frame = try FrameHeader(decoding: bytes, of: "response", magic: MigrationProtocol.responseMagic)
+        guard let status = Status(rawValue: frame.field) else {
+            throw MigrationError(.malformedHeader, "response status \(frame.field) is neither 0 (ok) nor 1 (error)")
         }
-        let magic = bytes.littleEndian(UInt32.self, at: 0) ?? 0
-        guard magic == MigrationProtocol.responseMagic else {
-            throw MigrationError(.badMagic, "response header starts with 0x\(hex(magic)), not the migration response magic 0x\(hex(MigrationProtocol.responseMagic))")
-        }
-        let rawStatus = bytes.littleEndian(UInt16.self, at: 4) ?? 0
-        guard let status = Status(rawValue: rawStatus) else {
-            throw MigrationError(.malformedHeader, "response status \(rawStatus) is neither 0 (ok) nor 1 (error)")
-        }
-        let reserved = bytes.littleEndian(UInt16.self, at: 6) ?? 0
-        guard reserved == 0 else {
-            throw MigrationError(.malformedHeader, "response has reserved field 0x\(hex(reserved)); it must be 0")
-        }
-        let length = bytes.littleEndian(UInt64.self, at: 8) ?? 0
+        try frame.checkReserved(naming: "response")
+        let length = frame.length
         switch status {
         case .ok where length != 0:
             throw MigrationError(.badPayloadLength, "ok response carries \(length) bytes; it carries none")
@@ -195,6 +167,51 @@ public struct MigrationResponseHeader: Equatable, Sendable {
         }
         self.status = status
         self.length = length
+    }
+}
+
+/// The 16 bytes that open requests and responses alike: magic u32, a u16 field (the command or the
+/// status), reserved u16, length u64.
+struct FrameHeader {
+    var magic: UInt32
+    var field: UInt16
+    var reserved: UInt16 = 0
+    var length: UInt64
+
+    init(magic: UInt32, field: UInt16, length: UInt64) {
+        self.magic = magic
+        self.field = field
+        self.length = length
+    }
+
+    var encoded: [UInt8] {
+        var bytes = LittleEndianBytes(capacity: MigrationProtocol.requestHeaderSize)
+        bytes.append(magic)
+        bytes.append(field)
+        bytes.append(reserved)
+        bytes.append(length)
+        return bytes.bytes
+    }
+
+    /// Reads a `kind` header ("request", "response") and refuses one of the wrong size or magic;
+    /// `notMagic` ends the message for a wrong magic.
+    init(decoding bytes: [UInt8], of kind: String, magic expected: UInt32, notMagic: String = "") throws(MigrationError) {
+        guard bytes.count == MigrationProtocol.requestHeaderSize else {
+            throw MigrationError(.malformedHeader, "a \(kind) header is \(MigrationProtocol.requestHeaderSize) bytes, not \(bytes.count)")
+        }
+        magic = bytes.littleEndian(UInt32.self, at: 0) ?? 0
+        guard magic == expected else {
+            throw MigrationError(.badMagic, "\(kind) header starts with 0x\(hex(magic)), not the migration \(kind) magic 0x\(hex(expected))\(notMagic)")
+        }
+        field = bytes.littleEndian(UInt16.self, at: 4) ?? 0
+        reserved = bytes.littleEndian(UInt16.self, at: 6) ?? 0
+        length = bytes.littleEndian(UInt64.self, at: 8) ?? 0
+    }
+
+    func checkReserved(naming name: String) throws(MigrationError) {
+        guard reserved == 0 else {
+            throw MigrationError(.malformedHeader, "\(name) has reserved field 0x\(hex(reserved)); it must be 0")
+        }
     }
 }
 

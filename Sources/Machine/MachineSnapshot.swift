@@ -2,13 +2,14 @@ import HostOS
 import KVM
 
 extension Machine {
-    /// Saves the state of every vCPU, the platform and every device. Only while paused: a paused
-    /// vCPU has finished its last exit (see `settle`), so what KVM reports is complete.
+    /// Saves the state of every vCPU, the platform and every device. Only while paused (a paused
+    /// vCPU has finished its last exit, see `settle`, so what KVM reports is complete) or ready
+    /// (no vCPU has run since it was booted or restored).
     ///
     /// Order: the vCPUs (each in the order `KVMVCPU.saveState(_:)` documents), then the platform
     /// state, then the devices, whose state no vCPU can change while they are parked.
     public func saveState() throws(MachineError) -> MachineState {
-        try control.whileIn(.paused, to: "save its state") { _ throws(MachineError) in
+        try control.whileIn(.paused, .ready, to: "save its state") { _ throws(MachineError) in
             do {
                 let vcpuStates = try vcpus.map { try $0.saveState(vcpuStateSupport) }
                 let platform = try vm.saveState()
@@ -20,10 +21,10 @@ extension Machine {
         }
     }
 
-    /// Writes guest RAM to a memory file (`GuestMemory.saveToFile(_:)`); only while paused.
+    /// Writes guest RAM to a memory file (`GuestMemory.saveToFile(_:)`); only while paused or ready.
     @discardableResult
     public func saveMemory(toFile path: String) throws(MachineError) -> MemoryFileSummary {
-        try control.whileIn(.paused, to: "save its memory") { _ throws(MachineError) in
+        try control.whileIn(.paused, .ready, to: "save its memory") { _ throws(MachineError) in
             try memory.saveToFile(path)
         }
     }

@@ -77,13 +77,15 @@ final class VCPUControl: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` while the machine is in `required` phase, holding the lock so that nothing else
-    /// changes the phase meanwhile; `body` may move it on. Refuses, naming the phase, otherwise.
-    func whileIn<T>(_ required: Machine.Phase, to operation: String,
+    /// Runs `body` while the machine is in one of the `allowed` phases, holding the lock so that
+    /// nothing else changes the phase meanwhile; `body` may move it on. Refuses, naming the phase,
+    /// otherwise.
+    func whileIn<T>(_ allowed: Machine.Phase..., to operation: String,
                     _ body: (inout Machine.Phase) throws(MachineError) -> T) throws(MachineError) -> T {
         try lock.withLock { () throws(MachineError) -> T in
-            guard phase == required else {
-                throw MachineError(.wrongPhase, "the VM is \(phase.rawValue); it must be \(required.rawValue) to \(operation)")
+            guard allowed.contains(phase) else {
+                let names = allowed.map(\.rawValue).joined(separator: " or ")
+                throw MachineError(.wrongPhase, "the VM is \(phase.rawValue); it must be \(names) to \(operation)")
             }
             return try body(&phase)
         }

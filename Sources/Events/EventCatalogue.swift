@@ -19,7 +19,7 @@ public enum EventCatalogue {
     }
 }
 
-/// Events about the VMM process itself (docs/events.md §3).
+/// Events about the VMM process itself (docs/events.md §4.1).
 public enum VMMEvent {
     /// The first event of every stream.
     public struct Starting: EventPayload {
@@ -59,7 +59,7 @@ public enum VMMEvent {
     }
 }
 
-/// Events about the virtual machine (docs/events.md §3 and §4).
+/// Events about the virtual machine (docs/events.md §4.2 to §4.5).
 public enum VMEvent {
     public struct Booting: EventPayload {
         public static let source = EventSource.vm

@@ -3,7 +3,7 @@ import Glibc
 #endif
 import HostOS
 
-/// The event monitor (docs/events.md §2, §3 and §6): timestamps events, queues them for the sink's
+/// The event monitor (docs/events.md §2 and §7): timestamps events, queues them for the sink's
 /// writer thread, keeps a bounded history and feeds any number of subscribers.
 ///
 /// Thread-safe: every method may be called from any thread, vCPU threads included. `emit` never
@@ -94,7 +94,7 @@ public final class EventMonitor: Sendable {
         emit(VMMEvent.Starting(version: version, pid: getpid(), wallClock: core.wallClockAtStart.rfc3339))
     }
 
-    /// A subscriber (docs/events.md §6): the events from now on, or with `sinceStart`, every event
+    /// A subscriber (docs/events.md §7): the events from now on, or with `sinceStart`, every event
     /// still in the history first. A subscriber that falls more than `bufferLimit` events behind
     /// (not counting the replayed history) is finished: its stream ends rather than slowing the VMM.
     /// After `close`, the stream replays the history if asked and then ends.

@@ -1,5 +1,5 @@
 /// Where the event stream goes: `--event-monitor path=PATH` or `--event-monitor fd=N`, spelled as
-/// Cloud Hypervisor spells them (events.md section 1).
+/// Cloud Hypervisor spells them (docs/events.md §1).
 public enum EventSinkTarget: Sendable, Equatable, CustomStringConvertible {
     /// A regular file (created or truncated, mode 0644) or an existing FIFO.
     case path(String)

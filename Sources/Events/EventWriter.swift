@@ -4,7 +4,7 @@ import Glibc
 import HostOS
 
 /// The dedicated OS thread that opens the sink and writes queued events to it, so that no caller of
-/// `EventMonitor.emit` ever waits for I/O (events.md guarantee 3). It never holds the monitor's lock
+/// `EventMonitor.emit` ever waits for I/O (docs/events.md §2, guarantee 3). It never holds the monitor's lock
 /// while it opens or writes.
 final class EventWriter {
     private let core: MonitorCore

@@ -6,7 +6,7 @@ import Machine
 import Synchronization
 
 /// The VMM core: owns the one VM, serialises every operation on it, and reports every lifecycle
-/// edge as an event (docs/events.md §3 and §4).
+/// edge as an event (docs/events.md §4).
 ///
 /// The VM's lifecycle is one value, `Lifecycle` (docs/architecture.md draws it): an operation
 /// checks the case it may start from, refuses any other without changing anything or emitting

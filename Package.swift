@@ -71,9 +71,10 @@ let package = Package(
         ),
         .target(
             name: "FerryTestSupport",
-            dependencies: ["Events", "APIModels", "FerryClient", "HostOS"],
+            dependencies: ["Events", "APIModels", "FerryClient", "HostOS", "CTestSupport"],
             path: "Tests/FerryTestSupport"
         ),
+        .target(name: "CTestSupport", path: "Tests/CTestSupport"),
         .testTarget(name: "HostOSTests", dependencies: ["HostOS", "FerryTestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "HostOS"]),
         .testTarget(name: "EventsTests", dependencies: ["Events", "HostOS", "FerryTestSupport"]),

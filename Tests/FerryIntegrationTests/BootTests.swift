@@ -121,7 +121,7 @@ struct TestGuestBootTests {
     func badFlagValueFailsBeforeAnythingStartsNamingTheFlag(arguments: [String], flag: String) throws {
         let directory = try TemporaryDirectory()
         let kernel = directory.path("kernel")
-        FileManager.default.createFile(atPath: kernel, contents: Data([0]))
+        _ = FileManager.default.createFile(atPath: kernel, contents: Data([0]))
         let events = directory.path("events.json")
         let ferry = try FerryProcess(arguments: ["--kernel", kernel, "--event-monitor", "path=\(events)"] + arguments)
         let status = ferry.waitForExit(timeout: .seconds(20))
@@ -141,7 +141,7 @@ struct TestGuestBootTests {
     func fileThatIsNoKernelIsRefusedWithAReason() throws {
         let directory = try TemporaryDirectory()
         let kernel = directory.path("not-a-kernel")
-        FileManager.default.createFile(atPath: kernel, contents: Data(repeating: 0x90, count: 8192))
+        _ = FileManager.default.createFile(atPath: kernel, contents: Data(repeating: 0x90, count: 8192))
         let ferry = try FerryProcess(arguments: ["--kernel", kernel])
         #expect(ferry.waitForExit(timeout: .seconds(20)) == 1)
         #expect(ferry.standardError.contains("neither an ELF with a PVH note nor a bzImage"))
@@ -153,7 +153,7 @@ struct TestGuestBootTests {
     func guestThatCannotContinueEndsTheRunWithExitReasonAndRIP() throws {
         let directory = try TemporaryDirectory()
         let kernel = directory.path("ud2.elf")
-        FileManager.default.createFile(atPath: kernel, contents: Data(pvhELF(code: [0x0F, 0x0B])))
+        _ = FileManager.default.createFile(atPath: kernel, contents: Data(pvhELF(code: [0x0F, 0x0B])))
         let events = directory.path("events.json")
         let ferry = try FerryProcess(arguments: ["--kernel", kernel, "--memory", "size=64M", "--event-monitor", "path=\(events)"])
         #expect(ferry.waitForExit(timeout: .seconds(30)) == 1)

@@ -2,21 +2,6 @@ import FerryTestSupport
 import Foundation
 import Testing
 
-/// Debian's kernel and a busybox initramfs, fetched and cached by `scripts/fetch-linux-guest`.
-enum LinuxGuest {
-    static let paths: Result<[String: String], any Error> = Result {
-        var paths: [String: String] = [:]
-        for line in try Repository.runScript("fetch-linux-guest") {
-            let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
-            if parts.count == 2 { paths[parts[0]] = parts[1] }
-        }
-        guard paths["vmlinux"] != nil, paths["initramfs"] != nil else {
-            throw TestFailure("fetch-linux-guest did not print vmlinux= and initramfs= paths")
-        }
-        return paths
-    }
-}
-
 /// Boots Debian's Linux kernel through PVH. On a nested KVM that emulates CPL-0 code (this project's
 /// CI machine) the first console line takes about 40 s and init is out of reach, so the test checks
 /// the first milestones of the boot (console, memory map, MP table); on a host with hardware

@@ -15,7 +15,7 @@ import Glibc
 /// break the protocol, and a seeded stream of mutated messages.
 ///
 /// After every fault the tests check the whole outcome: each side ended each migration with exactly
-/// one terminal event (events.md §4), the guest runs on the source and its memory still verifies,
+/// one terminal event (docs/events.md §5), the guest runs on the source and its memory still verifies,
 /// and a destination VMM that is still up answers, has no VM, and receives again. The time from a
 /// fault to each side's terminal event is printed as a `fault-timing:` line, never asserted.
 @Suite(.serialized, .enabled(if: Repository.kvmAvailable, needsKVM))
@@ -96,7 +96,7 @@ struct MigrationFaultTests {
         #expect(end.name == "vm.migration-receive-failed")
         #expect(end.properties["error"]?.contains("the sender went away") == true, "\(end.properties)")
         #expect(end.properties["phase"] == "memory-precopy")
-        Self.expectDestinationStream(destination)
+        await Self.expectDestinationStream(destination)
         try await Self.expectReceiveFailed(receive, containing: "the sender went away")
         try await Self.expectReadyToReceive(destination, "after the source was killed")
         #expect(await source.waitForExit(timeout: .seconds(10)) != nil)
@@ -180,13 +180,13 @@ struct MigrationFaultTests {
 
             // The destination ends its side: receive-failed if the start had arrived, else the call fails alone.
             try await Self.expectReceiveFailed(receive, containing: nil)
+            await Self.expectDestinationStream(destination)
             let received = destination.events().filter { $0.properties["migration_id"] == id }
             if let failed = received.first(where: { $0.name == "vm.migration-receive-failed" }) {
                 Self.report("cancel at \(label) → destination \(failed.name)", from: issued, to: destination.date(of: failed))
                 print("fault-detail: destination error after a cancel at \(label): \(failed.properties["error"] ?? "")")
             }
             #expect(!received.contains { $0.name == "vm.migration-receive-finished" })
-            Self.expectDestinationStream(destination)
             try await Self.expectReadyToReceive(destination, "after a cancel at \(label)")
             try await Self.expectGuestRuns(on: source, after: mark, cpus: TestGuestVM.busy.cpus, "after a cancel at \(label)")
         }
@@ -211,6 +211,10 @@ struct MigrationFaultTests {
             let began = Date()
             try await abuse.act(receive.url, id, destination)
             let error = try await Self.expectReceiveFailed(receive, containing: abuse.error, "\(abuse)")
+            if abuse.starts {
+                // The call's answer can overtake the event on its way to the file: wait for it.
+                try await destination.waitForEvent(Self.destinationTerminals, id: id.uuidString.lowercased(), after: mark, timeout: .seconds(30))
+            }
 
             let events = Array(destination.events()[mark...])
             let started = events.filter { $0.name == "vm.migration-receive-started" }
@@ -271,6 +275,27 @@ struct MigrationFaultTests {
         let failed = try await destination.waitForEvent(Self.destinationTerminals, id: id.uuidString.lowercased())
         #expect(failed.name == "vm.migration-receive-failed" && failed.properties["phase"] == "memory-precopy")
         try await Self.expectReadyToReceive(destination, "after an abandoned receive")
+    }
+
+    /// What a sender sends describes the guest; where the destination writes anything is the
+    /// destination's own choice. A configuration that names a console file is taken, and the file
+    /// is never created.
+    @Test func aSenderCannotMakeTheDestinationOpenAFile() async throws {
+        let directory = try TemporaryDirectory()
+        let destination = try await TestVMM("destination", in: directory)
+        let named = directory.path("named-by-the-sender.log")
+        let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0", serial: nil)
+        let id = UUID()
+        let peer = try FakeSender(receive.url)
+        #expect(try peer.start(id) == .ok)
+        let config = #"{"machine":{"cpus":1,"memorySize":268435456,"kernel":"/nonexistent/kernel","commandLine":"","serialPort":true},"serial":{"file":{"_0":"\#(named)"}},"console":{"file":{"_0":"\#(named)"}}}"#
+        #expect(try peer.request(.config, Array(config.utf8)) == .ok, "the guest's configuration is taken")
+        #expect(try peer.request(.abandon) == .ok)
+        peer.finish()
+        try await Self.expectReceiveFailed(receive, containing: "abandoned")
+        #expect(!FileManager.default.fileExists(atPath: named), "the destination opened nothing the sender named")
+        #expect(!destination.openFiles().contains(named))
+        try await Self.expectReadyToReceive(destination, "after a sender named a file")
     }
 
     // MARK: 5. Destinations that cannot be reached or are not Ferry
@@ -396,12 +421,12 @@ struct MigrationFaultTests {
         let elapsed = ContinuousClock.now - began
         let openFilesLate = Self.openFiles(of: destination)
 
+        await Self.expectDestinationStream(destination)
         let events = destination.events()
         let started = events.filter { $0.name == "vm.migration-receive-started" }.count
         let failed = events.filter { $0.name == "vm.migration-receive-failed" }
         #expect(started == failed.count, "every started receive failed once")
         #expect(!events.contains { $0.name == "vm.migration-receive-finished" })
-        Self.expectDestinationStream(destination)
         var phases: [String: Int] = [:]
         var kinds: [String: Int] = [:]
         for event in failed {
@@ -451,7 +476,7 @@ extension MigrationFaultTests {
         try await expectGuestRuns(on: destination, after: 0, cpus: cpus, "on the destination of the follow-up migration")
         #expect(!destination.process.consoleLines.contains { $0.hasPrefix("ferry-test-guest: boot") }, "the guest did not boot again",
                 sourceLocation: sourceLocation)
-        expectDestinationStream(destination, sourceLocation: sourceLocation)
+        await expectDestinationStream(destination, sourceLocation: sourceLocation)
     }
 
     /// Where pre-copy is, from `vm.migration-progress`.
@@ -538,7 +563,7 @@ extension MigrationFaultTests {
 
     // MARK: Checks
 
-    /// Checks migration `id` in the source's stream against events.md §4: exactly one terminal
+    /// Checks migration `id` in the source's stream against docs/events.md §5: exactly one terminal
     /// event, `terminal`, with nothing of the migration after it; passes numbered from 0; and the
     /// guest paused (and resumed, unless it finished) only once the switch-over began.
     static func expectSourceStream(_ node: TestVMM, id: String, endsWith terminal: String, switchedOver: Bool?,
@@ -569,8 +594,14 @@ extension MigrationFaultTests {
                 sourceLocation: sourceLocation)
     }
 
-    /// Every receive that started in `node`'s stream ended exactly once, after it started.
-    static func expectDestinationStream(_ node: TestVMM, sourceLocation: SourceLocation = #_sourceLocation) {
+    /// Every receive that started in `node`'s stream ended exactly once, after it started. Waits
+    /// for terminal events still on their way to the file (an API answer can overtake them).
+    static func expectDestinationStream(_ node: TestVMM, sourceLocation: SourceLocation = #_sourceLocation) async {
+        _ = await waitUntil(.seconds(30)) {
+            let events = node.events()
+            return events.filter { $0.name == "vm.migration-receive-started" }.count
+                <= events.filter { destinationTerminals.contains($0.name) }.count
+        }
         let events = node.events()
         for (index, started) in events.enumerated() where started.name == "vm.migration-receive-started" {
             let id = started.properties["migration_id"]

@@ -6,7 +6,7 @@ import Testing
 
 // A harness for live-migration tests between two real `ferry` processes on this host: start the
 // VMMs, boot the test guest on the source, receive and send, and check what happened against
-// events.md section 4. Every wait polls with a deadline; nothing sleeps a fixed time.
+// docs/events.md §4 and §5. Every wait polls with a deadline; nothing sleeps a fixed time.
 
 /// How a migration travels between two VMMs on this host.
 enum MigrationTransport: String, CaseIterable, Sendable {
@@ -260,7 +260,7 @@ struct FinishedMigration: Sendable {
     var downtimeMs: UInt64
 }
 
-/// Checks event streams against events.md section 4: the exact order of names, one
+/// Checks event streams against docs/events.md §4 and §5: the exact order of names, one
 /// `migration_id` joining both sides, every listed property present, and numbers that add up.
 enum MigrationStreams {
     static let sourceTerminal: Set = ["vm.migration-finished", "vm.migration-failed", "vm.migration-cancelled"]

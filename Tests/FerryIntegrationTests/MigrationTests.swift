@@ -6,7 +6,7 @@ import Testing
 
 /// Live migration between two real `ferry` processes on this host, over TCP on loopback and over
 /// a Unix socket: the guest continues on the destination where it stopped on the source, and both
-/// event streams are exactly those of events.md section 4.
+/// event streams are exactly those of docs/events.md §4 and §5.
 ///
 /// Serialized: each test runs two VMMs with guests of up to two busy vCPUs (and a relay), which
 /// is all a two-core machine has; in parallel they would slow each other down for no gain in
@@ -74,12 +74,65 @@ struct MigrationTests {
         #expect(try await pair.destination.info().state == "Paused", "the guest arrives paused")
         #expect(pair.destination.process.consoleLines.heartbeats.isEmpty, "the paused guest has not run on the destination")
 
+        let beforeResume = pair.destination.events().count
         try await pair.destination.api.send(.vmResume)
         try await MigrationHarness.expectGuestContinued(from: pair.source.process, on: pair.destination.process, cpus: pair.guest.cpus)
         #expect(try await pair.destination.info().state == "Running")
+        try await pair.destination.waitForEvents(["vm.resuming", "vm.resumed"], after: beforeResume)
         #expect(pair.destination.events().map(\.name).suffix(3)
                 == ["vm.migration-receive-finished", "vm.resuming", "vm.resumed"], "the API resume, and only it, resumes the guest")
         #expect(await pair.destination.shutDown(), "\(pair.destination.name) shuts down cleanly: \(pair.destination.process.standardError.suffix(2000))")
+    }
+
+    // MARK: Host-local settings
+
+    /// The guest's console goes where each host says: the source's file stays the source's, the
+    /// destination writes where its own receive request says, and without one it opens nothing.
+    @Test func theGuestsConsoleGoesWhereEachDestinationSaysNeverWhereTheSourceDid() async throws {
+        let directory = try TemporaryDirectory()
+        let sourceConsole = directory.path("source-console.log")
+        let destinationConsole = directory.path("destination-console.log")
+        let guest = TestGuestVM(cpus: 1, memoryMiB: 256, workload: "workset_mib=16 dirty_rate=1000")
+        let source = try await TestVMM("source", in: directory)
+        try await source.api.send(.vmCreate, body: guest.configuration(kernel: try TestGuest.path.get(),
+                                                                     serial: #"{"mode": "File", "file": "\#(sourceConsole)"}"#))
+        try await source.api.send(.vmBoot)
+        #expect(await waitUntil(.seconds(120)) { Self.heartbeats(in: sourceConsole).count >= 2 }, "the guest runs on the source")
+
+        // First hop: the destination writes the console to a file of its own.
+        let destination = try await TestVMM("destination", in: directory)
+        let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0",
+                                                         serial: VmConfig.Console(mode: "File", file: destinationConsole))
+        let id = try await source.startSend(to: receive.url)
+        let end = try await source.waitForEvent(MigrationStreams.sourceTerminal, id: id)
+        #expect(end.name == "vm.migration-finished", "\(end.properties)")
+        #expect(await receive.outcome() == nil)
+        #expect(await source.waitForExit(timeout: .seconds(60)) == 0)
+        let sourceLines = Self.heartbeats(in: sourceConsole)
+        #expect(await waitUntil(.seconds(60)) { Self.heartbeats(in: destinationConsole).count >= 2 },
+                "the destination writes the guest's console where its receive said")
+        let last = try #require(sourceLines.last)
+        let first = try #require(Self.heartbeats(in: destinationConsole).first)
+        #expect(first.seq > last.seq && first.seq <= last.seq + 2, "the heartbeats go on: \(last.seq) → \(first.seq)")
+        #expect(Self.heartbeats(in: sourceConsole) == sourceLines, "nothing is written to the source's console file after the migration")
+        #expect(!destination.openFiles().contains(sourceConsole), "the destination never opened the source's console file")
+        #expect(try await destination.info().config.serial == VmConfig.Console(mode: "File", file: destinationConsole))
+
+        // Second hop: a receive that says nothing discards the console and opens no file.
+        let third = try await TestVMM("third", in: directory)
+        let bare = try await third.startReceive(at: "tcp:127.0.0.1:0", serial: nil)
+        let secondID = try await destination.startSend(to: bare.url)
+        #expect(try await destination.waitForEvent(MigrationStreams.sourceTerminal, id: secondID).name == "vm.migration-finished")
+        #expect(await bare.outcome() == nil)
+        #expect(try await third.info().state == "Running")
+        #expect(try await third.info().config.serial == VmConfig.Console(mode: "Null"))
+        let opened = third.openFiles().filter { $0.hasPrefix(directory.url.path) && !$0.hasSuffix(".events") && !$0.hasSuffix(".sock") }
+        #expect(opened.isEmpty, "the third VMM opened no file in the test's directory besides its own: \(opened)")
+        #expect(await third.shutDown())
+    }
+
+    static func heartbeats(in path: String) -> [Heartbeat] {
+        ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").split(separator: "\n").compactMap { Heartbeat(String($0)) }
     }
 
     // MARK: timeout_strategy

@@ -9,12 +9,10 @@ import Testing
 /// its counters and timer ticks, and its memory verifies.
 @Suite(.enabled(if: Repository.kvmAvailable, needsKVM))
 struct SnapshotRestoreTests {
-    static func startVMM(_ directory: TemporaryDirectory, _ name: String) throws -> (FerryProcess, APIClient, String) {
-        let socket = directory.path("\(name).sock")
-        let events = directory.path("\(name).events")
-        let ferry = try FerryProcess(arguments: ["--api-socket", "path=\(socket)", "--event-monitor", "path=\(events)"])
-        guard APILifecycleTests.waitForFile(socket, timeout: .seconds(20)) else { throw TestFailure("no API socket") }
-        return (ferry, APIClient(socketPath: socket), events)
+    /// A `ferry` (the shared `TestVMM`), as the process, its API client and its event file.
+    static func startVMM(_ directory: TemporaryDirectory, _ name: String) async throws -> (FerryProcess, APIClient, String) {
+        let vmm = try await TestVMM(name, in: directory)
+        return (vmm.process, vmm.api, vmm.eventFile)
     }
 
     @Test(arguments: [1, 2])
@@ -22,7 +20,7 @@ struct SnapshotRestoreTests {
         let guest = try TestGuest.path.get()
         let directory = try TemporaryDirectory()
         let snapshot = directory.path("snapshot")
-        let (source, sourceAPI, sourceEvents) = try Self.startVMM(directory, "source")
+        let (source, sourceAPI, sourceEvents) = try await Self.startVMM(directory, "source")
         let config = #"{"cpus": {"boot_vcpus": \#(cpus)}, "memory": {"size": 268435456}, "payload": {"kernel": "\#(guest)", "cmdline": "workset_mib=16 dirty_rate=1000 heartbeat_ms=200 verify_ms=400"}, "serial": {"mode": "Tty"}}"#
         try await sourceAPI.send(.vmCreate, body: Data(config.utf8))
         try await sourceAPI.send(.vmBoot)
@@ -33,7 +31,7 @@ struct SnapshotRestoreTests {
         try await sourceAPI.send(.vmmShutdown)
         #expect(source.waitForExit(timeout: .seconds(30)) == 0)
 
-        let (target, targetAPI, targetEvents) = try Self.startVMM(directory, "target")
+        let (target, targetAPI, targetEvents) = try await Self.startVMM(directory, "target")
         try await targetAPI.send(.vmRestore, body: Data(#"{"source_url": "file://\#(snapshot)"}"#.utf8))
         let restored = try JSONDecoder().decode(VmInfo.self, from: try await targetAPI.send(.vmInfo))
         #expect(restored.state == "Paused" && restored.config.cpus?.boot_vcpus == cpus)
@@ -67,7 +65,7 @@ struct SnapshotRestoreTests {
         let guest = try TestGuest.path.get()
         let directory = try TemporaryDirectory()
         let good = directory.path("good")
-        let (source, sourceAPI, _) = try Self.startVMM(directory, "source")
+        let (source, sourceAPI, _) = try await Self.startVMM(directory, "source")
         let config = #"{"memory": {"size": 134217728}, "payload": {"kernel": "\#(guest)", "cmdline": "workset_mib=8 heartbeat_ms=200"}, "serial": {"mode": "Null"}}"#
         try await sourceAPI.send(.vmCreate, body: Data(config.utf8))
         try await sourceAPI.send(.vmBoot)
@@ -95,7 +93,7 @@ struct SnapshotRestoreTests {
                 try text.write(to: url, atomically: true, encoding: .utf8)
             }, "format version 99"),
         ]
-        let (target, targetAPI, targetEvents) = try Self.startVMM(directory, "target")
+        let (target, targetAPI, targetEvents) = try await Self.startVMM(directory, "target")
         for (path, message) in cases {
             await #expect {
                 try await targetAPI.send(.vmRestore, body: Data(#"{"source_url": "file://\#(path)"}"#.utf8))
@@ -117,7 +115,7 @@ struct SnapshotRestoreTests {
     @Test func apiAnswersWhileASnapshotIsWritten() async throws {
         let guest = try TestGuest.path.get()
         let directory = try TemporaryDirectory()
-        let (ferry, api, _) = try Self.startVMM(directory, "vmm")
+        let (ferry, api, _) = try await Self.startVMM(directory, "vmm")
         let config = #"{"memory": {"size": 1073741824}, "payload": {"kernel": "\#(guest)", "cmdline": "workset_mib=384 heartbeat_ms=200"}, "serial": {"mode": "Tty"}}"#
         try await api.send(.vmCreate, body: Data(config.utf8))
         try await api.send(.vmBoot)

@@ -46,6 +46,22 @@ public enum TestGuest {
     }
 }
 
+/// Debian's kernel (`vmlinux`, `bzimage`) and a busybox initramfs, fetched and cached by
+/// `scripts/fetch-linux-guest`.
+public enum LinuxGuest {
+    public static let paths: Result<[String: String], any Error> = Result {
+        var paths: [String: String] = [:]
+        for line in try Repository.runScript("fetch-linux-guest") {
+            let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
+            if parts.count == 2 { paths[parts[0]] = parts[1] }
+        }
+        guard paths["vmlinux"] != nil, paths["initramfs"] != nil else {
+            throw TestFailure("fetch-linux-guest did not print vmlinux= and initramfs= paths")
+        }
+        return paths
+    }
+}
+
 /// A temporary directory removed when the value goes away.
 public final class TemporaryDirectory: Sendable {
     public let url: URL

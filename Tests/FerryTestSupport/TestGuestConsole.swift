@@ -18,6 +18,19 @@ public struct Heartbeat: Equatable, Sendable {
     }
 }
 
+/// Parses `VERIFY OK cpu=C pass=K pages=P`.
+public struct VerifyOK: Equatable, Sendable {
+    public var cpu: Int
+    public var pass: Int
+
+    public init?(_ line: String) {
+        guard line.hasPrefix("VERIFY OK ") else { return nil }
+        let fields = keyValues(line)
+        guard let cpu = fields["cpu"].flatMap(Int.init), let pass = fields["pass"].flatMap(Int.init) else { return nil }
+        (self.cpu, self.pass) = (cpu, pass)
+    }
+}
+
 /// `key=value` fields of a console line.
 public func keyValues(_ line: String) -> [String: String] {
     var fields: [String: String] = [:]

@@ -1,8 +1,48 @@
 import FerryTestSupport
 import Foundation
 import HostOS
+import Synchronization
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
+/// The owned descriptor: closed once, and a shutdown from another thread never reaches a
+/// descriptor number that a concurrent close freed and the process reused.
 @Suite struct FileDescriptorTests {
-    @Test func placeholder() {}
+    static func socketPair() throws -> (FileDescriptor, FileDescriptor) { try ShutdownRace.socketPair() }
+    static func carries(_ pair: (FileDescriptor, FileDescriptor)) -> Bool { ShutdownRace.carries(pair) }
+
+    @Test func closeIsOnceAndShutdownAfterCloseTouchesNothing() throws {
+        let (first, second) = try Self.socketPair()
+        let number = first.rawValue
+        first.close()
+        first.close()
+        #expect(!first.isOpen)
+        // The number is free: the next socket takes it. A late shutdown of the closed descriptor
+        // must not reach the new socket.
+        let reused = try Self.socketPair()
+        #expect(reused.0.rawValue == number, "the freed number is reused (lowest free descriptor)")
+        first.shutdown()
+        #expect(Self.carries(reused), "the new socket was not shut down")
+        withExtendedLifetime(second) {}
+    }
+
+    @Test func aDescriptorBorrowedIsNeverClosed() throws {
+        let (first, second) = try Self.socketPair()
+        let borrowed = FileDescriptor(borrowing: first.rawValue)
+        borrowed.close()
+        #expect(fcntl(first.rawValue, F_GETFD) >= 0, "closing a borrowed descriptor leaves it open")
+        withExtendedLifetime(second) {}
+    }
+
+    /// A thread keeps shutting a descriptor down while its owner closes it and opens a new socket,
+    /// which takes the freed number (`ShutdownRace`). With close and shutdown ordered by one lock,
+    /// the new socket is never shut down.
+    @Test func shutdownRacingCloseNeverReachesTheNextSocketOnTheSameNumber() throws {
+        let outcome = try ShutdownRace.run(rounds: 2000, own: { $0 }, close: { $0.close() }, shutdown: { $0.shutdown() })
+        print("shutdown race (FileDescriptor): \(outcome)")
+        #expect(outcome.reusedNumbers > outcome.rounds / 2, "the freed number was taken by the next socket")
+        #expect(outcome.hits == 0, "a shutdown of a closed descriptor reached a socket opened after it, \(outcome.hits) times")
+    }
 }

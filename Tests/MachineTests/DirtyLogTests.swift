@@ -66,7 +66,7 @@ import Testing
         let guest = try TestGuest.path.get()
         let configuration = MachineConfiguration(cpus: 2, memorySize: 256 << 20, kernel: guest,
                                                  commandLine: "workset_mib=32 dirty_rate=4000 heartbeat_ms=100")
-        let console = Console()
+        let console = GuestConsole()
         let machine = try Machine.forBoot(configuration: configuration, serialOutput: console.output, onStop: { _, _ in })
         try machine.start()
         defer { machine.stop() }

@@ -116,7 +116,7 @@ struct MachineRestoreRefusalTests {
 
     @Test func savingIsRefusedUnlessPausedNamingTheState() throws {
         let machine = try receivingMachine()
-        #expect { _ = try machine.saveState() } throws: { "\($0)".contains("the VM is awaiting a saved state; it must be paused to save its state") }
+        #expect { _ = try machine.saveState() } throws: { "\($0)".contains("the VM is awaiting a saved state; it must be paused or ready to save its state") }
         #expect(throws: MachineError.self) { try machine.saveMemory(toFile: "/nonexistent/memory") }
     }
 }

@@ -5,93 +5,6 @@ import Synchronization
 import Testing
 @testable import Machine
 
-/// A guest console: bytes from the UART, split into lines at LF, from any thread.
-final class Console: Sendable {
-    private let state = Mutex<(lines: [String], partial: [UInt8])>(([], []))
-
-    /// Starts with the unfinished line of another console: a restored guest finishes the line the
-    /// saved one was in the middle of.
-    init(continuing previous: Console? = nil) {
-        if let previous {
-            let partial = previous.partial
-            state.withLock { $0.partial = partial }
-        }
-    }
-
-    var output: @Sendable ([UInt8]) -> Void {
-        { [self] bytes in
-            state.withLock { state in
-                for byte in bytes {
-                    if byte == UInt8(ascii: "\n") {
-                        state.lines.append(String(decoding: state.partial, as: UTF8.self))
-                        state.partial.removeAll(keepingCapacity: true)
-                    } else {
-                        state.partial.append(byte)
-                    }
-                }
-            }
-        }
-    }
-
-    var lines: [String] { state.withLock { $0.lines } }
-    var partial: [UInt8] { state.withLock { $0.partial } }
-
-    /// Waits until the guest is in the middle of printing a line; returns whether it was caught so.
-    func waitUntilMidLine(timeout: Duration) -> Bool {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if !partial.isEmpty { return true }
-            Thread.sleep(forTimeInterval: 0.0005)
-        }
-        return false
-    }
-
-    /// Waits until `done` holds for the lines so far; returns whether it did before the deadline.
-    func wait(timeout: Duration, until done: ([String]) -> Bool) -> Bool {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if done(lines) { return true }
-            Thread.sleep(forTimeInterval: 0.05)
-        }
-        return done(lines)
-    }
-}
-
-/// `HEARTBEAT cpu=C seq=N ticks=T sum=H written=W` (Guests/test-guest/README.md).
-struct Heartbeat: Equatable {
-    var cpu: Int, seq: Int, ticks: Int, written: Int
-
-    init?(_ line: String) {
-        guard line.hasPrefix("HEARTBEAT ") else { return nil }
-        let fields = keyValues(line)
-        guard let cpu = fields["cpu"].flatMap(Int.init), let seq = fields["seq"].flatMap(Int.init),
-              let ticks = fields["ticks"].flatMap(Int.init), let written = fields["written"].flatMap(Int.init)
-        else { return nil }
-        (self.cpu, self.seq, self.ticks, self.written) = (cpu, seq, ticks, written)
-    }
-}
-
-/// `VERIFY OK cpu=C pass=K pages=P`.
-struct VerifyOK: Equatable {
-    var cpu: Int, pass: Int
-
-    init?(_ line: String) {
-        guard line.hasPrefix("VERIFY OK ") else { return nil }
-        let fields = keyValues(line)
-        guard let cpu = fields["cpu"].flatMap(Int.init), let pass = fields["pass"].flatMap(Int.init) else { return nil }
-        (self.cpu, self.pass) = (cpu, pass)
-    }
-}
-
-func keyValues(_ line: String) -> [String: String] {
-    var fields: [String: String] = [:]
-    for word in line.split(separator: " ") {
-        let parts = word.split(separator: "=", maxSplits: 1)
-        if parts.count == 2 { fields[String(parts[0])] = String(parts[1]) }
-    }
-    return fields
-}
-
 /// Collects how machines stopped.
 final class StopRecorder: Sendable {
     private let reasons = Mutex<[MachineStop]>([])
@@ -120,7 +33,7 @@ struct SnapshotRestoreTests {
             commandLine: "workset_mib=16 dirty_rate=\(dirtyRate) heartbeat_ms=\(Self.heartbeatMilliseconds) verify_ms=400")
 
         // Run the guest until every CPU has verified its memory and sent a few heartbeats, then save it.
-        let console = Console()
+        let console = GuestConsole()
         let stops = StopRecorder()
         let original = try Machine.forBoot(configuration: configuration, serialOutput: console.output, onStop: stops.handler)
         defer { original.stop() }
@@ -148,7 +61,7 @@ struct SnapshotRestoreTests {
         let stored = try JSONEncoder().encode(state)
         let decoded = try JSONDecoder().decode(MachineState.self, from: stored)
         #expect(decoded == state)
-        let resumedConsole = Console(continuing: console)
+        let resumedConsole = GuestConsole(continuing: console)
         let restored = try Machine.forRestore(configuration: decoded.configuration, serialOutput: resumedConsole.output,
                                               onStop: stops.handler)
         defer { restored.stop() }

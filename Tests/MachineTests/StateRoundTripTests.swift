@@ -18,7 +18,7 @@ struct RoundTripSubject: Sendable, CustomTestStringConvertible {
     ///   - fresh: a new instance in its initial state.
     ///   - prepare: moves an instance away from its initial state, so the test proves something.
     ///   - normalize: blanks what the component re-bases on restore by design (time stamps).
-    static func make<Component, Saved: Codable & Equatable>(
+    static func make<Component, Saved: Codable & Equatable & Sendable>(
         _ name: String,
         fresh: @escaping @Sendable () throws -> Component,
         prepare: @escaping @Sendable (Component) throws -> Void,

@@ -158,3 +158,16 @@ import Testing
                             devices: [DeviceState(id: "serial0", json: "{}")])
     }
 }
+
+/// `vm.cancel-migration` shuts a migration's connection down from another thread while the
+/// migration's own thread may be closing it (`ShutdownRace`): the shutdown never reaches a socket
+/// that took the closed connection's descriptor number.
+@Suite struct ConnectionShutdownTests {
+    @Test func aCancelRacingTheCloseNeverShutsDownTheNextSocket() throws {
+        let outcome = try ShutdownRace.run(rounds: 2000, own: { MigrationConnection(SocketTransport($0)) },
+                                           close: { $0.close() }, shutdown: { $0.shutdown() })
+        print("shutdown race (MigrationConnection): \(outcome)")
+        #expect(outcome.reusedNumbers > outcome.rounds / 2, "the freed number was taken by the next socket")
+        #expect(outcome.hits == 0, "a shutdown of a closed connection reached a socket opened after it, \(outcome.hits) times")
+    }
+}

@@ -173,7 +173,7 @@ public actor VirtualMachineMonitor {
 
     /// The error for an operation the lifecycle's current case does not allow: no VM, a
     /// migration under way, or `requirement` (e.g. "only a Running VM can pause").
-    func refusal(_ requirement: String) -> VMMError {
+    func refusal(_ requirement: String = "it cannot do that") -> VMMError {
         switch lifecycle {
         case .noVM:
             VMMError(.noVM, "no VM has been created")
@@ -189,10 +189,10 @@ public actor VirtualMachineMonitor {
     // MARK: Operations
 
     public func create(_ configuration: VMConfiguration) throws(VMMError) {
-        guard case .noVM = lifecycle else {
-            if case .migratingOut = lifecycle { throw refusal("") }
-            if case .migratingIn = lifecycle { throw refusal("") }
-            throw VMMError(.wrongState, "a VM already exists; delete it first")
+        switch lifecycle {
+        case .noVM: break
+        case .migratingOut, .migratingIn: throw refusal()
+        default: throw VMMError(.wrongState, "a VM already exists; delete it first")
         }
         let machine = configuration.machine
         do {
@@ -298,7 +298,7 @@ public actor VirtualMachineMonitor {
             stop(vm)
             events.emit(VMEvent.Shutdown(reason: .api))
         case .noVM, .migratingOut, .migratingIn:
-            throw refusal("")
+            throw refusal()
         }
         lifecycle = .noVM
         events.emit(VMEvent.Deleted())
@@ -333,10 +333,10 @@ public actor VirtualMachineMonitor {
 
     /// Creates the VM from a snapshot directory; it runs if `resume`, and is Paused otherwise.
     public func restore(from directory: String, resume: Bool) throws(VMMError) {
-        guard case .noVM = lifecycle else {
-            if case .migratingOut = lifecycle { throw refusal("") }
-            if case .migratingIn = lifecycle { throw refusal("") }
-            throw VMMError(.wrongState, "a VM already exists; restore needs a VMM without one")
+        switch lifecycle {
+        case .noVM: break
+        case .migratingOut, .migratingIn: throw refusal()
+        default: throw VMMError(.wrongState, "a VM already exists; restore needs a VMM without one")
         }
         let snapshot = try Snapshot.read(from: directory)
         do {

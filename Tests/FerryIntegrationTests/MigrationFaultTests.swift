@@ -50,9 +50,14 @@ struct MigrationFaultTests {
         let destination = try await TestVMM("destination", in: directory)
         let receive = try await destination.startReceive(at: "tcp:127.0.0.1:0")
         let residentBefore = Self.residentBytes(of: destination)
+        // Over loopback pass 0 of even the large guest is over in a fraction of a second, too short
+        // for a kill aimed at it to land there on a loaded host; a 100 MB/s link stretches it to seconds.
+        let link = moment == .firstPass
+            ? try ThrottledLink(to: receive.url, transport: .tcp, in: directory, bytesPerSecond: Self.firstPassLinkBytesPerSecond)
+            : nil
         // The busy guest seldom converges under a 1 ms limit; for the switch-over the 2 s timeout with
         // the Ignore strategy forces one, with what the last pass dirtied still to send.
-        let id = try await source.startSend(to: receive.url, downtimeMs: 1,
+        let id = try await source.startSend(to: link?.url ?? receive.url, downtimeMs: 1,
                                           timeoutS: moment == .switchOver ? 2 : 60,
                                           strategy: moment == .switchOver ? "Ignore" : "Cancel")
         try await Self.reach(moment, of: id, on: source, to: destination, residentBefore: residentBefore)
@@ -501,6 +506,9 @@ extension MigrationFaultTests {
     static func residentBytes(of node: TestVMM) -> UInt64 {
         (node.statusKilobytes("VmRSS") ?? 0) << 10
     }
+
+    /// The link a fault aimed at pass 0 goes through.
+    static let firstPassLinkBytesPerSecond = 100_000_000
 
     /// What "bytes flowing" means for pass 0: the destination's resident memory grew this much
     /// since the send began.

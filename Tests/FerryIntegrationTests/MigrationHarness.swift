@@ -101,8 +101,9 @@ struct MigrationPair: Sendable {
 /// A link of limited bandwidth between a sender and a destination on this host: a relay process
 /// that listens as the destination would (port 0 on loopback, or a Unix socket), connects to the
 /// destination for each sender and forwards the sender's bytes at no more than `bytesPerSecond`
-/// (the answers unthrottled). Closing one side half-closes the other, so an abandon, a cancel or
-/// a vanished peer reaches the far end as it would over a direct connection.
+/// (the answers unthrottled). Closing one side half-closes the other and a reset one resets the
+/// other, so an abandon, a cancel or a killed peer reaches the far end as it would over a direct
+/// connection.
 ///
 /// On this host the guest cannot outrun loopback: while dirty logging is on, every first write to
 /// a page traps to KVM, which caps a vCPU at a few hundred MB/s, about what a loopback socket
@@ -114,7 +115,7 @@ struct ThrottledLink: Sendable {
 
     /// Python's socket module keeps the relay short; it is not part of what is tested.
     private static let program = """
-        import socket, sys, threading, time
+        import socket, struct, sys, threading, time
         listen_url, target_url, rate = sys.argv[1], sys.argv[2], float(sys.argv[3])
         def address(url):
             scheme, rest = url.split(":", 1)
@@ -138,7 +139,15 @@ struct ThrottledLink: Sendable {
                         due = max(due, time.monotonic()) + len(data) / limit
                         time.sleep(max(0.0, due - time.monotonic()))
             except OSError:
-                pass
+                # A peer reset its connection (it was killed): reset the other one too.
+                for sock in (source, sink):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        sock.shutdown(socket.SHUT_RDWR)
+                        sock.close()
+                    except OSError:
+                        pass
+                return
             for sock, how in ((sink, socket.SHUT_WR), (source, socket.SHUT_RD)):
                 try:
                     sock.shutdown(how)

@@ -32,11 +32,16 @@ public enum StreamTransferError: Error, Equatable, Sendable, CustomStringConvert
 /// transfer gives up once the peer has made no progress for `progressTimeout` — so a large
 /// transfer on a slow link is never mistaken for a stalled peer. `SIGPIPE` is never raised.
 public enum StreamIO {
+    /// The most one send(2) or recv(2) moves. A migration range is tens of MiB: asked for whole,
+    /// the kernel copies megabytes per call under the socket's lock, and over loopback pass 0
+    /// measured 5–7% slower than with 1 MiB steps.
+    static let maximumStep = 1 << 20
+
     /// Sends every byte of `bytes`.
     public static func send(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, progressTimeout: Duration) throws(StreamTransferError) {
         guard let base = bytes.baseAddress else { return }
         try transfer(fd, count: bytes.count, waitingFor: Int16(POLLOUT), progressTimeout: progressTimeout, name: "send") { done in
-            Glibc.send(fd, base + done, bytes.count - done, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+            Glibc.send(fd, base + done, min(bytes.count - done, maximumStep), Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
         }
     }
 
@@ -44,7 +49,7 @@ public enum StreamIO {
     public static func receive(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, progressTimeout: Duration) throws(StreamTransferError) {
         guard let base = buffer.baseAddress else { return }
         try transfer(fd, count: buffer.count, waitingFor: Int16(POLLIN), progressTimeout: progressTimeout, name: "recv") { done in
-            Glibc.recv(fd, base + done, buffer.count - done, Int32(MSG_DONTWAIT))
+            Glibc.recv(fd, base + done, min(buffer.count - done, maximumStep), Int32(MSG_DONTWAIT))
         }
     }
 

@@ -146,7 +146,19 @@ public final class MigrationReceiver: Sendable {
 
             enter(.memoryPrecopy)
             let limits = MigrationLimits(guestRAM: machine.memory.ranges)
-            var request = try connection.receiveRequest(limits: limits)
+            /// The request after the config or a memory batch. Of these only the state carries a
+            /// document: one that does not decode is a state this machine cannot restore, and the
+            /// switch-over the sender began with it has failed.
+            func nextRequest() throws -> MigrationRequest {
+                do {
+                    return try connection.receiveRequest(limits: limits)
+                } catch {
+                    guard error.kind == .malformedPayload else { throw error }
+                    enter(.completing)
+                    throw Refusal(description: "the machine state cannot be restored: \(error.message)")
+                }
+            }
+            var request = try nextRequest()
             while case .memory(let table) = request {
                 let batchStart = ContinuousClock.now
                 try connection.receiveMemory(table, into: machine.memory)
@@ -158,7 +170,7 @@ public final class MigrationReceiver: Sendable {
                     $0.memory.bytesPerSecond = bytesPerSecond
                 }
                 try connection.sendResponse(.ok)
-                request = try connection.receiveRequest(limits: limits)
+                request = try nextRequest()
             }
 
             guard case .state(let state) = request else { throw unexpected(request, expected: "memory or state") }

@@ -842,13 +842,11 @@ extension MigrationFaultTests {
                 refused(try peer.request(.complete), naming: "expected memory or state")
                 peer.finish()
             },
-            // The wire layer refuses a state document that does not decode before the receiver
-            // acts on it, so the receive is still in its memory phase.
-            Abuse(description: "a state that does not decode", starts: true, error: "the state payload does not decode", phase: "memory-precopy") { url, id, _ in
+            Abuse(description: "a state that does not decode", starts: true, error: "the machine state cannot be restored", phase: "completing") { url, id, _ in
                 let peer = try configured(url, id)
                 #expect(peer.write(memoryHead([MigrationMemoryRange(address: 0x10_0000, length: 0x1000)]) + [UInt8](repeating: 0x5A, count: 0x1000)))
                 #expect(try peer.connection.receiveResponse() == .ok)
-                refused(try peer.request(.state, Array(#"{"machine": 42, "guestRunning": true}"#.utf8)), naming: "does not decode")
+                refused(try peer.request(.state, Array(#"{"machine": 42, "guestRunning": true}"#.utf8)), naming: "cannot be restored")
                 peer.finish()
             },
             Abuse(description: "an abandon after the config", starts: true, error: "the sender abandoned the migration", phase: "memory-precopy") { url, id, _ in

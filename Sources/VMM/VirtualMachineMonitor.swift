@@ -117,6 +117,16 @@ public actor VirtualMachineMonitor {
             }
         }
 
+        /// Where a VM lands once no migration holds it: running or paused as its guest is, or
+        /// shut down if the guest stopped meanwhile.
+        static func settled(_ vm: LiveVM, _ guest: GuestActivity) -> Lifecycle {
+            switch guest {
+            case .running: .running(vm)
+            case .paused: .paused(vm)
+            case .stopped: .shutDown(vm.configuration)
+            }
+        }
+
         var liveVM: LiveVM? {
             switch self {
             case let .running(vm), let .paused(vm), let .migratingOut(vm, _, _): vm

@@ -360,6 +360,30 @@ struct MigrationFaultTests {
         try await Self.migrateSuccessfully(from: source, to: try await TestVMM("destination", in: directory), cpus: TestGuestVM.calm.cpus)
     }
 
+    /// The guest powers off while `vm.send-migration` waits for its connection: the send fails,
+    /// no migration starts, and the VM is Shutdown (not Paused or Running) and can boot again.
+    @Test func aGuestThatPowersOffWhileTheSendConnectsLeavesAShutdownVM() async throws {
+        let directory = try TemporaryDirectory()
+        let source = try await TestVMM("source", in: directory)
+        try await source.boot(TestGuestVM(cpus: 1, memoryMiB: 64, workload: "workset_mib=1 poweroff_s=3"))
+        let blackHole = try Loopback.BlackHole()
+        let body = try JSONEncoder().encode(SendMigrationData(destination_url: "tcp:127.0.0.1:\(blackHole.port)"))
+        await #expect {
+            try await source.api.send(.vmSendMigration, body: body)
+        } throws: { error in
+            print("fault-detail: send while the guest powered off: \(error)")
+            return (error as? APIError)?.status == 500
+        }
+        withExtendedLifetime(blackHole) {}
+        let shutdown = try await source.waitForEvent("vm.shutdown", timeout: .seconds(30))
+        #expect(shutdown.properties["reason"] == "guest")
+        let names = source.events().map(\.name)
+        #expect(!names.contains { $0.hasPrefix("vm.migration") }, "no migration started: \(names)")
+        #expect(try await source.info().state == "Shutdown")
+        try await source.api.send(.vmBoot)
+        #expect(try await source.info().state == "Running", "the VM boots again")
+    }
+
     @Test func sendsToPeersThatAreNotFerryFailInTheStartingPhaseAndNeverStopTheGuest() async throws {
         let directory = try TemporaryDirectory()
         let source = try await TestVMM("source", in: directory)

@@ -45,26 +45,36 @@ extension VirtualMachineMonitor {
                 try MigrationConnection.connect(to: destination, timeout: Self.migrationConnectTimeout)
             }
         }
+        // Every other operation is refused while connecting; only the guest stopping
+        // (`machineStopped`) and `vm.cancel-migration` change the case meanwhile.
         guard case let .migratingOut(vm, guest, .connecting(cancelRequested)) = lifecycle else {
-            // Only the guest stopping or the VMM exiting change the lifecycle meanwhile.
             try? connected.get().close()
             migrationEnded()
-            throw VMMError(.wrongState, exitReason != nil ? "the VMM is shutting down" : "the VM stopped while connecting to the destination")
+            throw VMMError(.internalFailure, "the VM changed while connecting to the destination")
         }
         let connection: MigrationConnection
         do {
             connection = try connected.get()
         } catch {
-            lifecycle = guest == .running ? .running(vm) : .paused(vm)
+            lifecycle = .settled(vm, guest)
             migrationEnded()
             throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure,
                            "cannot reach the destination: \(error.message)", cause: error)
         }
-        if exitReason != nil || cancelRequested {
+        let abandoned: String? = if exitReason != nil {
+            "the VMM is shutting down"
+        } else if guest == .stopped {
+            "the VM stopped while connecting to the destination"
+        } else if cancelRequested {
+            "cancelled (vm.cancel-migration) while connecting"
+        } else {
+            nil
+        }
+        if let abandoned {
             connection.close()
-            lifecycle = guest == .running ? .running(vm) : .paused(vm)
+            lifecycle = .settled(vm, guest)
             migrationEnded()
-            throw VMMError(.wrongState, exitReason != nil ? "the VMM is shutting down" : "cancelled (vm.cancel-migration) while connecting")
+            throw VMMError(.wrongState, abandoned)
         }
         let sender = MigrationSender(
             options: options, machine: vm.machine, connection: connection, events: events, guestWasRunning: guest == .running,
@@ -121,11 +131,7 @@ extension VirtualMachineMonitor {
             events.emit(VMEvent.Deleted())
             if !keepAlive { requestExit(.migrated) }
         } else {
-            lifecycle = switch guest {
-            case .running: .running(vm)
-            case .paused: .paused(vm)
-            case .stopped: .shutDown(vm.configuration)
-            }
+            lifecycle = .settled(vm, guest)
         }
         migrationEnded()
     }
@@ -170,12 +176,7 @@ extension VirtualMachineMonitor {
         receiver.announce()
         let ending = await onOwnThread(named: "migration-receive") { receiver.run() }
         if case .migratingIn(let incoming) = lifecycle {
-            lifecycle = switch incoming.arrived {
-            case nil: .noVM
-            case let (vm, .running)?: .running(vm)
-            case let (vm, .paused)?: .paused(vm)
-            case let (vm, .stopped)?: .shutDown(vm.configuration)
-            }
+            lifecycle = incoming.arrived.map { .settled($0.vm, $0.guest) } ?? .noVM
         }
         migrationEnded()
         if case .failed(let message) = ending {

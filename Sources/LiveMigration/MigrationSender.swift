@@ -174,10 +174,8 @@ public final class MigrationSender: Sendable {
         } catch {
             // After the connection itself failed, an abandon could only wait out another I/O
             // timeout behind a full send buffer.
-            if let failure = error as? MigrationError, failure.kind == .timedOut || failure.kind == .peerWentAway {
-            } else {
-                try? connection.sendRequest(.abandon)
-            }
+            let connectionFailed = (error as? MigrationError).map { $0.kind == .timedOut || $0.kind == .peerWentAway } ?? false
+            if !connectionFailed { try? connection.sendRequest(.abandon) }
             connection.close()
             try? machine.setDirtyLogging(false)
             if pausedByMigration { sourceVM.resume() }
@@ -306,11 +304,10 @@ public final class MigrationSender: Sendable {
     }
 
     /// One line for `vm.migration-failed`'s `error`: what went wrong, and for a lost connection
-    /// that the destination went away.
+    /// that the destination went away. (A cancel ends in `vm.migration-cancelled` instead.)
     private func describe(_ error: any Error) -> String {
         let stop = control.withLock { $0.stopReason }
         switch (stop, error) {
-        case (.cancelled?, _): return "cancelled"
         case (.vmmExiting?, _): return "the source VMM is shutting down"
         case (.guestStopped?, _): return "the guest stopped on the source during the migration"
         case (_, let error as MigrationError) where error.kind == .peerWentAway:

@@ -304,9 +304,8 @@ public actor VirtualMachineMonitor {
         switch lifecycle {
         case .created, .shutDown:
             break
-        case .running(let vm), .paused(let vm):
-            stop(vm)
-            events.emit(VMEvent.Shutdown(reason: .api))
+        case .running, .paused:
+            try shutdown()
         case .noVM, .migratingOut, .migratingIn:
             throw refusal()
         }
@@ -392,11 +391,7 @@ public actor VirtualMachineMonitor {
     /// `vmm.shutdown` and closes the event monitor.
     public func finish() async {
         await endMigration()
-        if let vm = stoppableVM() {
-            stop(vm)
-            lifecycle = .shutDown(vm.configuration)
-            events.emit(VMEvent.Shutdown(reason: .api))
-        }
+        if stoppableVM() != nil { try? shutdown() }
         events.emit(VMMEvent.Shutdown())
         events.close()
     }

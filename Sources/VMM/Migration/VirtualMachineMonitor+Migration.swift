@@ -58,8 +58,7 @@ extension VirtualMachineMonitor {
         } catch {
             lifecycle = .settled(vm, guest)
             migrationEnded()
-            throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure,
-                           "cannot reach the destination: \(error.message)", cause: error)
+            throw VMMError("cannot reach the destination", error)
         }
         let abandoned: String? = if exitReason != nil {
             "the VMM is shutting down"

@@ -31,7 +31,7 @@ let package = Package(
         .target(name: "CKVM"),
         .target(name: "HostOS"),
         .target(name: "KVM", dependencies: ["CKVM", "HostOS"]),
-        .target(name: "Machine", dependencies: ["KVM", "HostOS"]),
+        .target(name: "Machine", dependencies: ["KVM", "CKVM", "HostOS"]),
         .target(name: "Events", dependencies: ["HostOS"]),
         .target(name: "MigrationWire", dependencies: ["Machine", "HostOS"]),
         .target(name: "LiveMigration", dependencies: ["MigrationWire", "Machine", "Events", "HostOS"]),
@@ -84,7 +84,7 @@ let package = Package(
             name: "LiveMigrationTests",
             dependencies: ["LiveMigration", "MigrationWire", "Machine", "Events", "HostOS", "FerryTestSupport"]
         ),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "Events"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "Machine", "Events"]),
         .testTarget(
             name: "APITests",
             dependencies: ["API", "APIModels", "VMM", "Events", "FerryTestSupport",

@@ -36,3 +36,19 @@ public enum Poll {
         }
     }
 }
+
+extension Poll {
+    /// Waits until one of `descriptors` is readable (or `timeout` passes, nil: forever) and returns
+    /// the indices of the readable ones; empty after a timeout. Interrupted waits go on.
+    public static func readable(_ descriptors: [Int32], timeout: Duration?) throws(SystemError) -> [Int] {
+        var fds = descriptors.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        let milliseconds = timeout.map { Int32(clamping: $0.roundedUpMilliseconds) } ?? -1
+        while true {
+            let ready = Glibc.poll(&fds, nfds_t(fds.count), milliseconds)
+            if ready >= 0 { break }
+            let code = errno
+            if code != EINTR { throw SystemError("poll", errno: code) }
+        }
+        return fds.indices.filter { fds[$0].revents != 0 }
+    }
+}

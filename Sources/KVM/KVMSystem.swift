@@ -87,4 +87,7 @@ public enum KVMCapability {
     public static let immediateExit = CKVM_CAP_IMMEDIATE_EXIT
     public static let maxVCPUs = CKVM_CAP_MAX_VCPUS
     public static let pit2 = CKVM_CAP_PIT2
+    public static let ioeventfd = CKVM_CAP_IOEVENTFD
+    public static let irqfd = CKVM_CAP_IRQFD
+    public static let irqRouting = CKVM_CAP_IRQ_ROUTING
 }

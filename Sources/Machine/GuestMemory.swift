@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import HostOS
+import Synchronization
 
 /// A contiguous range of guest-physical RAM.
 public struct GuestRAMRange: Equatable, Sendable, Codable {
@@ -54,6 +55,15 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     let regions: [Region]
+    /// Pages the VMM's devices wrote while tracking is on: KVM's dirty log sees only the guest's
+    /// own stores, so without this a migration would leave the destination with stale copies of
+    /// what a device wrote (a read request's data, a used ring). One bitmap per region.
+    private let deviceWrites: Mutex<[[UInt64]]?> = Mutex(nil)
+
+    /// The debug switch that turns device-write tracking off, to show what it prevents:
+    /// `FERRY_DEBUG_UNTRACKED_DEVICE_WRITES=1` in the environment. Never for real use.
+    static let deviceWriteTrackingDisabled = getenv("FERRY_DEBUG_UNTRACKED_DEVICE_WRITES").map { String(cString: $0) == "1" } ?? false
+
     public var ranges: [GuestRAMRange] { regions.map(\.range) }
     public var size: UInt64 { regions.reduce(0) { $0 + $1.range.size } }
 
@@ -123,6 +133,40 @@ public final class GuestMemory: @unchecked Sendable {
     public func write<T: FixedWidthInteger>(_ value: T, at address: UInt64) throws(MachineError) {
         let destination = try buffer(at: address, count: MemoryLayout<T>.size)
         destination.storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    // MARK: Device writes
+
+    /// Starts (clearing what was recorded) or stops recording the pages devices write.
+    public func trackDeviceWrites(_ on: Bool) {
+        let bitmaps = on && !Self.deviceWriteTrackingDisabled
+            ? regions.map { [UInt64](repeating: 0, count: Int(($0.range.size / PageRuns.pageSize + 63) / 64)) } : nil
+        deviceWrites.withLock { $0 = bitmaps }
+    }
+
+    /// Notes that a device wrote the `count` bytes at `address` (in guest RAM).
+    public func recordDeviceWrite(at address: UInt64, count: Int) {
+        guard count > 0 else { return }
+        deviceWrites.withLock { bitmaps in
+            guard bitmaps != nil else { return }
+            for (index, region) in regions.enumerated() where address >= region.range.start && address < region.range.end {
+                let first = (address - region.range.start) / PageRuns.pageSize
+                let last = min(address + UInt64(count) - 1, region.range.end - 1)
+                for page in first...((last - region.range.start) / PageRuns.pageSize) {
+                    bitmaps![index][Int(page / 64)] |= 1 << (page % 64)
+                }
+            }
+        }
+    }
+
+    /// The pages devices wrote since tracking started or since the last call, one bitmap per
+    /// region (in the layout of KVM's dirty log), and clears them; nil when not tracking.
+    func takeDeviceWrites() -> [[UInt64]]? {
+        deviceWrites.withLock { bitmaps in
+            guard let taken = bitmaps else { return nil }
+            bitmaps = taken.map { [UInt64](repeating: 0, count: $0.count) }
+            return taken
+        }
     }
 
     public func read<T: FixedWidthInteger>(_: T.Type, at address: UInt64) throws(MachineError) -> T {

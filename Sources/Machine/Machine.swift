@@ -52,6 +52,10 @@ public final class Machine: Sendable {
     let serial: Serial8250
     let i8042: I8042
     let bus: PortIOBus
+    let pciBus: PCIBus
+    /// The virtio devices on the PCI bus, in slot order from slot 1.
+    let virtioDevices: [VirtioPCIDevice]
+    let interruptRouter: InterruptRouter
     /// Every device with saved state, under the id its state carries in a `MachineState`.
     let statefulDevices: [(id: String, device: any StatefulDevice)]
     /// What KVM on this host saves of a vCPU.
@@ -70,9 +74,12 @@ public final class Machine: Sendable {
     ///   - serialOutput: receives the bytes the guest writes to its UART (if it has one).
     ///   - onStop: called once, from a vCPU thread, with this machine's `id`, when the guest stops
     ///     by itself or fails (not when `stop()` stops it).
+    ///   - consoleOutput: receives the bytes the guest writes to its virtio console (if it has one).
     public static func forBoot(configuration: MachineConfiguration, serialOutput: @escaping @Sendable ([UInt8]) -> Void,
+                               consoleOutput: @escaping @Sendable ([UInt8]) -> Void = { _ in },
                                onStop: @escaping @Sendable (ID, MachineStop) -> Void) throws(MachineError) -> Machine {
-        let machine = try Machine(configuration: configuration, serialOutput: serialOutput, onStop: onStop, phase: .ready)
+        let machine = try Machine(configuration: configuration, serialOutput: serialOutput, consoleOutput: consoleOutput,
+                                  onStop: onStop, phase: .ready)
         try machine.prepareToBoot()
         return machine
     }
@@ -82,12 +89,15 @@ public final class Machine: Sendable {
     /// `loadMemory(fromFile:)` (or by writing `memory` directly), apply a state with `restore(_:)`,
     /// then `start()` it.
     public static func forRestore(configuration: MachineConfiguration, serialOutput: @escaping @Sendable ([UInt8]) -> Void,
+                                  consoleOutput: @escaping @Sendable ([UInt8]) -> Void = { _ in },
                                   onStop: @escaping @Sendable (ID, MachineStop) -> Void) throws(MachineError) -> Machine {
-        try Machine(configuration: configuration, serialOutput: serialOutput, onStop: onStop, phase: .awaitingState)
+        try Machine(configuration: configuration, serialOutput: serialOutput, consoleOutput: consoleOutput, onStop: onStop,
+                    phase: .awaitingState)
     }
 
     /// What both builders share: KVM, RAM, interrupt controllers, vCPUs and devices.
     private init(configuration: MachineConfiguration, serialOutput: @escaping @Sendable ([UInt8]) -> Void,
+                 consoleOutput: @escaping @Sendable ([UInt8]) -> Void,
                  onStop: @escaping @Sendable (ID, MachineStop) -> Void, phase: Phase) throws(MachineError) {
         try configuration.validate()
         self.configuration = configuration
@@ -95,6 +105,9 @@ public final class Machine: Sendable {
             kvm = try KVMSystem()
             try kvm.require(KVMCapability.irqchip, named: "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)")
             try kvm.require(KVMCapability.immediateExit, named: "KVM_CAP_IMMEDIATE_EXIT")
+            try kvm.require(KVMCapability.ioeventfd, named: "doorbells by eventfd (KVM_CAP_IOEVENTFD)")
+            try kvm.require(KVMCapability.irqfd, named: "interrupts by eventfd (KVM_CAP_IRQFD)")
+            try kvm.require(KVMCapability.irqRouting, named: "interrupt routing (KVM_CAP_IRQ_ROUTING)")
         } catch {
             throw MachineError.host("opening KVM", error)
         }
@@ -133,10 +146,43 @@ public final class Machine: Sendable {
         i8042 = I8042(onReset: { [control] in
             if stopOnce.fire(.guest) { control.requestExit() }
         })
-        var devices: [(ports: ClosedRange<UInt16>, device: any PortIODevice)] = [(I8042.ports, i8042)]
+        interruptRouter = InterruptRouter(vm: vm)
+        let (virtioDevices, virtioIDs) = try Self.makeVirtioDevices(configuration, memory: memory, router: interruptRouter,
+                                                                    consoleOutput: consoleOutput)
+        self.virtioDevices = virtioDevices
+        pciBus = PCIBus(devices: virtioDevices)
+        var devices: [(ports: ClosedRange<UInt16>, device: any PortIODevice)] = [(I8042.ports, i8042), (PCIBus.ports, pciBus)]
         if configuration.serialPort { devices.append((Serial8250.ports, serial)) }
         bus = PortIOBus(devices)
-        statefulDevices = [(DeviceID.serial, serial), (DeviceID.i8042, i8042)]
+        statefulDevices = [(DeviceID.serial, serial), (DeviceID.i8042, i8042)] + zip(virtioIDs, virtioDevices).map { ($0, $1) }
+    }
+
+    /// The configuration's virtio devices — disks, then the entropy device, then the console —
+    /// with their BARs placed, and the ids their states carry.
+    private static func makeVirtioDevices(_ configuration: MachineConfiguration, memory: GuestMemory, router: InterruptRouter,
+                                          consoleOutput: @escaping @Sendable ([UInt8]) -> Void) throws(MachineError)
+        -> ([VirtioPCIDevice], [String]) {
+        var backends: [(String, any VirtioBackend)] = []
+        for disk in configuration.disks { backends.append(("virtio-blk:\(disk.id)", try VirtioBlock(disk))) }
+        if let source = configuration.entropySource { backends.append(("virtio-rng", try VirtioEntropy(source: source))) }
+        if configuration.virtioConsole { backends.append(("virtio-console", try VirtioConsole(output: consoleOutput))) }
+        var allocator = BARAllocator(endOfRAM: memory.ranges.map(\.end).max() ?? 0)
+        var devices: [VirtioPCIDevice] = []
+        for (_, backend) in backends {
+            do {
+                devices.append(try VirtioPCIDevice(backend: backend, memory: memory, router: router,
+                                                   barAddress: try allocator.allocate(size: VirtioPCI.barSize),
+                                                   log: Self.logDeviceError))
+            } catch {
+                throw MachineError.host("creating \(backend.name)", error)
+            }
+        }
+        return (devices, backends.map(\.0))
+    }
+
+    /// Where devices report what a guest did wrong: the VMM's standard error.
+    private static let logDeviceError: @Sendable (String) -> Void = { message in
+        FileHandle.standardError.write(Data("ferry: \(message)\n".utf8))
     }
 
     /// Loads the kernel and boot tables and sets every vCPU to its power-on state, the first one
@@ -172,6 +218,7 @@ public final class Machine: Sendable {
     /// `ready` → `running`: starts every vCPU on its own thread.
     public func start() throws(MachineError) {
         try control.start {
+            for device in virtioDevices { device.startIO() }
             VCPUControl.installKickSignalHandler()
             for vcpu in vcpus {
                 let thread = Thread { [self] in runLoop(vcpu) }
@@ -183,13 +230,17 @@ public final class Machine: Sendable {
     }
 
     /// `running` → `paused`: stops every vCPU at its next exit and returns once all are parked.
+    /// Device I/O stops too, after the requests in hand complete, so that what a saved state or
+    /// a final memory copy sees is final.
     public func pause() throws(MachineError) {
         try control.pause()
+        for device in virtioDevices { device.pauseIO() }
     }
 
     /// `paused` → `running`.
     public func resume() throws(MachineError) {
         try control.resume()
+        for device in virtioDevices { device.startIO() }
     }
 
     /// Ends every vCPU thread and waits for them, at most `timeout`; returns whether all ended.
@@ -197,12 +248,21 @@ public final class Machine: Sendable {
     @discardableResult
     public func stop(timeout: Duration = .seconds(5)) -> Bool {
         stopLatch.fire(.requested)
-        return control.exitAll(timeout: timeout)
+        let ended = control.exitAll(timeout: timeout)
+        for device in virtioDevices { device.stopIO() }
+        return ended
     }
 
-    /// Feeds host input to the guest's console.
+    /// Feeds host input to the guest's serial console.
     public func sendConsoleInput(_ bytes: [UInt8]) {
         serial.enqueueInput(bytes)
+    }
+
+    /// Feeds host input to the guest's virtio console, if it has one.
+    public func sendVirtioConsoleInput(_ bytes: [UInt8]) {
+        for device in virtioDevices {
+            (device.backend as? VirtioConsole)?.enqueueInput(bytes)
+        }
     }
 
     // MARK: vCPU threads
@@ -258,9 +318,12 @@ public final class Machine: Sendable {
                 vcpu.completeRead(bytes)
             }
             return nil
-        case .mmio(_, _, let isWrite, _):
-            // No MMIO devices besides the in-kernel APICs: reads see an absent device, writes vanish.
-            if !isWrite { vcpu.completeRead([]) }
+        case let .mmio(address, size, isWrite, data):
+            // PCI: ECAM and device BARs. Elsewhere (besides the in-kernel APICs) nothing answers:
+            // reads see an absent device, writes vanish.
+            var bytes = isWrite ? data : [UInt8](repeating: 0xFF, count: size)
+            let claimed = pciBus.handleMemory(address: address, isWrite: isWrite, data: &bytes)
+            if !isWrite { vcpu.completeRead(claimed ? bytes : []) }
             return nil
         case .interrupted, .halt:
             return nil

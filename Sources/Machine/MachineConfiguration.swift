@@ -11,18 +11,46 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
     public var commandLine: String
     /// Whether the guest has the COM1 UART (`--serial off` leaves it out).
     public var serialPort: Bool
+    /// virtio-blk disks, in PCI slot order from slot 1.
+    public var disks: [DiskConfiguration]
+    /// A virtio-rng device reading this host file (`/dev/urandom`), or none.
+    public var entropySource: String?
+    /// Whether the guest has a virtio console (`--console off` leaves it out).
+    public var virtioConsole: Bool
 
     /// At most 254 vCPUs: APIC id 255 is the broadcast id and the IOAPIC takes the id after the last CPU.
     public static let maximumCPUs = 254
 
     public init(cpus: Int = 1, memorySize: UInt64 = 512 << 20, kernel: String, initramfs: String? = nil,
-                commandLine: String = "", serialPort: Bool = true) {
+                commandLine: String = "", serialPort: Bool = true, disks: [DiskConfiguration] = [],
+                entropySource: String? = nil, virtioConsole: Bool = false) {
         self.cpus = cpus
         self.memorySize = memorySize
         self.kernel = kernel
         self.initramfs = initramfs
         self.commandLine = commandLine
         self.serialPort = serialPort
+        self.disks = disks
+        self.entropySource = entropySource
+        self.virtioConsole = virtioConsole
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case cpus, memorySize, kernel, initramfs, commandLine, serialPort, disks, entropySource, virtioConsole
+    }
+
+    /// A guest without devices may leave the device fields out.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(cpus: try container.decode(Int.self, forKey: .cpus),
+                  memorySize: try container.decode(UInt64.self, forKey: .memorySize),
+                  kernel: try container.decode(String.self, forKey: .kernel),
+                  initramfs: try container.decodeIfPresent(String.self, forKey: .initramfs),
+                  commandLine: try container.decode(String.self, forKey: .commandLine),
+                  serialPort: try container.decode(Bool.self, forKey: .serialPort),
+                  disks: try container.decodeIfPresent([DiskConfiguration].self, forKey: .disks) ?? [],
+                  entropySource: try container.decodeIfPresent(String.self, forKey: .entropySource),
+                  virtioConsole: try container.decodeIfPresent(Bool.self, forKey: .virtioConsole) ?? false)
     }
 
     /// This host's RAM: no guest may have more.
@@ -38,6 +66,21 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
         }
         guard memorySize % 4096 == 0 else {
             throw Self.invalid("memory size: \(memorySize) bytes is not a multiple of 4 KiB")
+        }
+        var ids = Set<String>()
+        for disk in disks {
+            guard !disk.id.isEmpty, disk.id.utf8.count <= 20 else {
+                throw Self.invalid("disks: the id '\(disk.id)' must have 1 to 20 bytes (the guest reads it with get-id)")
+            }
+            guard ids.insert(disk.id).inserted else { throw Self.invalid("disks: two disks have the id '\(disk.id)'") }
+        }
+        try VirtioBlock.checkFiles(disks)
+        if let entropySource, !FileManager.default.isReadableFile(atPath: entropySource) {
+            throw Self.invalid("rng.src: \(entropySource) does not exist or is not readable")
+        }
+        let pciDevices = disks.count + (entropySource == nil ? 0 : 1) + (virtioConsole ? 1 : 0)
+        guard pciDevices < PCIBus.slotCount else {
+            throw Self.invalid("disks: \(pciDevices) PCI devices do not fit in the \(PCIBus.slotCount - 1) slots of PCI bus 0")
         }
         if let hostMemory, memorySize > hostMemory {
             throw Self.invalid("memory size: \(memorySize >> 20) MiB exceeds this host's \(hostMemory >> 20) MiB of RAM")

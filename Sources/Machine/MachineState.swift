@@ -7,7 +7,7 @@ import KVM
 public struct MachineState: Codable, Equatable, Sendable {
     /// The format this Ferry writes and reads. Any change to this type or to a type inside it that
     /// an older Ferry could not read raises it; a state of another version is refused.
-    public static let currentFormatVersion = 2
+    public static let currentFormatVersion = 3
 
     public var formatVersion: Int
     public var configuration: MachineConfiguration

@@ -92,19 +92,25 @@ extension Machine {
         } catch {
             throw MachineError.host("turning dirty logging \(on ? "on" : "off")", error)
         }
+        memory.trackDeviceWrites(on)
     }
 
-    /// The pages written since logging started or since the last call, and clears the log.
-    /// Dirty logging must be on.
+    /// The pages written since logging started or since the last call — by the guest (KVM's
+    /// log) or by a device (`GuestMemory.recordDeviceWrite`) — and clears both logs. Dirty
+    /// logging must be on.
     public func collectDirtyPages() throws(MachineError) -> PageRuns {
         var runs: [GuestRAMRange] = []
+        let deviceWrites = memory.takeDeviceWrites()
         for (slot, region) in memory.regions.enumerated() {
             let pages = Int(region.range.size / PageRuns.pageSize)
-            let bitmap: [UInt64]
+            var bitmap: [UInt64]
             do {
                 bitmap = try vm.dirtyLog(slot: UInt32(slot), pageCount: pages)
             } catch {
                 throw MachineError.host("collecting the dirty log", error)
+            }
+            if let written = deviceWrites?[slot] {
+                for word in bitmap.indices { bitmap[word] |= written[word] }
             }
             runs += PageRuns.runs(bitmap: bitmap, slotStart: region.range.start, pageCount: pages)
         }

@@ -2,11 +2,14 @@
 //
 // Swift cannot import function-like macros such as _IOW, so every request number Ferry uses is
 // re-exported here as a constant. ioctl(2) is variadic, which Swift cannot call either; the two
-// inline wrappers give it a fixed signature. Nothing else lives here.
+// inline wrappers give it a fixed signature. Besides: the system calls around KVM that Swift's
+// view of the C library lacks (eventfd, O_DIRECT, fallocate).
 #ifndef FERRY_CKVM_H
 #define FERRY_CKVM_H
 
 #include <linux/kvm.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 
 static inline int ckvm_ioctl_ptr(int fd, unsigned long request, void *argument) {
@@ -16,6 +19,27 @@ static inline int ckvm_ioctl_ptr(int fd, unsigned long request, void *argument) 
 static inline int ckvm_ioctl_value(int fd, unsigned long request, unsigned long argument) {
     return ioctl(fd, request, argument);
 }
+
+// KVM_SET_GSI_ROUTING takes a header followed by a flexible array, which Swift cannot build.
+static inline int ckvm_set_gsi_routing(int fd, const struct kvm_irq_routing_entry *entries, unsigned count) {
+    struct kvm_irq_routing *table = calloc(1, sizeof(*table) + count * sizeof(*entries));
+    if (!table) return -1;
+    table->nr = count;
+    for (unsigned i = 0; i < count; i++) table->entries[i] = entries[i];
+    int result = ioctl(fd, KVM_SET_GSI_ROUTING, table);
+    free(table);
+    return result;
+}
+
+// eventfd(2): <sys/eventfd.h> does not reach Swift through Glibc. Close-on-exec, non-blocking.
+static inline int ckvm_eventfd(void) {
+    return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+}
+
+// File I/O for disk images (shim.c): O_DIRECT, and fallocate(2) punching a hole (discard) or
+// zeroing a range (write-zeroes) without changing the file's size.
+int ckvm_open_direct_flag(void);
+int ckvm_fallocate(int fd, int punch_hole, long long offset, long long length);
 
 // System ioctls.
 static const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;
@@ -40,6 +64,9 @@ static const unsigned long CKVM_GET_PIT2 = KVM_GET_PIT2;
 static const unsigned long CKVM_SET_PIT2 = KVM_SET_PIT2;
 static const unsigned long CKVM_GET_CLOCK = KVM_GET_CLOCK;
 static const unsigned long CKVM_SET_CLOCK = KVM_SET_CLOCK;
+static const unsigned long CKVM_IOEVENTFD = KVM_IOEVENTFD;
+static const unsigned long CKVM_IRQFD = KVM_IRQFD;
+static const unsigned long CKVM_SIGNAL_MSI = KVM_SIGNAL_MSI;
 
 // vCPU ioctls.
 static const unsigned long CKVM_RUN = KVM_RUN;
@@ -82,5 +109,14 @@ static const int CKVM_CAP_XCRS = KVM_CAP_XCRS;
 static const int CKVM_CAP_ADJUST_CLOCK = KVM_CAP_ADJUST_CLOCK;
 static const int CKVM_CAP_TSC_CONTROL = KVM_CAP_TSC_CONTROL;
 static const int CKVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
+static const int CKVM_CAP_IOEVENTFD = KVM_CAP_IOEVENTFD;
+static const int CKVM_CAP_IRQFD = KVM_CAP_IRQFD;
+static const int CKVM_CAP_IRQ_ROUTING = KVM_CAP_IRQ_ROUTING;
+
+// Interrupt routing and eventfd bindings.
+static const unsigned CKVM_IRQ_ROUTING_IRQCHIP = KVM_IRQ_ROUTING_IRQCHIP;
+static const unsigned CKVM_IRQ_ROUTING_MSI = KVM_IRQ_ROUTING_MSI;
+static const unsigned CKVM_IOEVENTFD_FLAG_DEASSIGN = KVM_IOEVENTFD_FLAG_DEASSIGN;
+static const unsigned CKVM_IRQFD_FLAG_DEASSIGN = KVM_IRQFD_FLAG_DEASSIGN;
 
 #endif

@@ -27,21 +27,27 @@ extension VmConfig {
         guard let kernel = payload.kernel, !kernel.isEmpty else {
             throw VMMError(.invalidRequest, "payload.kernel: required (an ELF with a PVH note, or a bzImage)")
         }
+        if let field = unsupportedDeviceFields.first {
+            throw VMMError(.invalidRequest, "\(field): Ferry has no such devices yet; remove the field")
+        }
         let serialMode = try SerialMode(serial, field: "serial", allowed: [.off, .null, .tty, .file])
-        try Self.checkConsole(console)
+        // Absent: no virtio console (Cloud Hypervisor's default is Tty; see docs/openapi.yaml).
+        let consoleMode = console == nil ? .off : try SerialMode(console, field: "console", allowed: [.off, .null, .tty, .file])
+        var diskConfigurations: [DiskConfiguration] = []
+        for (index, disk) in (disks ?? []).enumerated() {
+            guard let path = disk.path, !path.isEmpty else {
+                throw VMMError(.invalidRequest, "disks[\(index)].path: required (a raw image file)")
+            }
+            diskConfigurations.append(DiskConfiguration(id: disk.id ?? "disk\(index)", path: path,
+                                                        readOnly: disk.readonly ?? false, direct: disk.direct ?? false))
+        }
         let memorySize = memory?.size ?? Int64(Self.defaultMemory)
         guard memorySize > 0 else { throw VMMError(.invalidRequest, "memory.size: \(memorySize) is not a positive number of bytes") }
         let machine = MachineConfiguration(cpus: cpuCount, memorySize: UInt64(memorySize), kernel: kernel,
                                            initramfs: payload.initramfs,
-                                           commandLine: payload.cmdline ?? VMConfiguration.defaultCommandLine)
-        return VMConfiguration(machine: machine, serial: serialMode)
-    }
-
-    /// `console`: Ferry has no virtio console, so only `Off` and `Null` are accepted.
-    static func checkConsole(_ console: Console?) throws(VMMError) {
-        if let mode = console?.mode, mode != "Off", mode != "Null" {
-            throw VMMError(.invalidRequest, "console.mode: \(mode) is not available: Ferry has no virtio console; use Off")
-        }
+                                           commandLine: payload.cmdline ?? VMConfiguration.defaultCommandLine,
+                                           disks: diskConfigurations, entropySource: rng?.src)
+        return VMConfiguration(machine: machine, serial: serialMode, console: consoleMode)
     }
 
     init(_ configuration: VMConfiguration) {
@@ -50,7 +56,11 @@ extension VmConfig {
                   memory: Memory(size: Int64(machine.memorySize)),
                   payload: Payload(kernel: machine.kernel, initramfs: machine.initramfs, cmdline: machine.commandLine),
                   serial: Console(configuration.serial),
-                  console: Console(mode: "Off"))
+                  console: Console(configuration.console),
+                  disks: machine.disks.isEmpty ? nil : machine.disks.map {
+                      Disk(path: $0.path, readonly: $0.readOnly, direct: $0.direct, id: $0.id)
+                  },
+                  rng: machine.entropySource.map { Rng(src: $0) })
     }
 }
 
@@ -127,8 +137,17 @@ extension ReceiveMigrationData {
         let url = try MigrationURL(receiver_url, field: "receiver_url")
         // Off would take the UART from a guest that has one: to discard its output, use Null.
         let serialMode = try SerialMode(serial, field: "serial", allowed: [.null, .tty, .file])
-        try VmConfig.checkConsole(console)
-        return ReceiveMigrationOptions(url: url, serial: serialMode)
+        let consoleMode = try SerialMode(console, field: "console", allowed: [.null, .tty, .file])
+        var paths: [String: String] = [:]
+        for (index, disk) in (disks ?? []).enumerated() {
+            guard !disk.id.isEmpty, !disk.path.isEmpty else {
+                throw VMMError(.invalidRequest, "disks[\(index)]: both id and path are required")
+            }
+            guard paths.updateValue(disk.path, forKey: disk.id) == nil else {
+                throw VMMError(.invalidRequest, "disks[\(index)].id: disk \(disk.id) is placed twice")
+            }
+        }
+        return ReceiveMigrationOptions(url: url, serial: serialMode, console: consoleMode, diskPaths: paths)
     }
 }
 

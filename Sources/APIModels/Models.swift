@@ -48,18 +48,92 @@ public struct VmConfig: Codable, Equatable, Sendable {
         }
     }
 
+    /// A virtio-blk disk on a raw image file (Cloud Hypervisor's `DiskConfig`, the fields Ferry uses).
+    public struct Disk: Codable, Equatable, Sendable {
+        public var path: String?
+        public var readonly: Bool?
+        public var direct: Bool?
+        /// Defaults to `disk<index>`.
+        public var id: String?
+
+        public init(path: String?, readonly: Bool? = nil, direct: Bool? = nil, id: String? = nil) {
+            self.path = path
+            self.readonly = readonly
+            self.direct = direct
+            self.id = id
+        }
+    }
+
+    /// A virtio-rng device reading `src` on the host.
+    public struct Rng: Codable, Equatable, Sendable {
+        public var src: String
+
+        public init(src: String) {
+            self.src = src
+        }
+    }
+
+    /// A field of Cloud Hypervisor's `VmConfig` naming a kind of device Ferry does not have: any
+    /// value is read, so that the request can be refused naming the field rather than silently
+    /// losing the device. `null` and `[]` count as absent.
+    public struct UnsupportedDevices: Codable, Equatable, Sendable {
+        public var isEmpty: Bool
+
+        public init(from decoder: any Decoder) throws {
+            let container = try decoder.singleValueContainer()
+            isEmpty = container.decodeNil() || (try? container.decode([UnsupportedDevices].self))?.isEmpty == true
+        }
+
+        public func encode(to encoder: any Encoder) throws {
+            var container = encoder.singleValueContainer()
+            try container.encodeNil()
+        }
+    }
+
     public var cpus: Cpus?
     public var memory: Memory?
     public var payload: Payload
     public var serial: Console?
     public var console: Console?
+    public var disks: [Disk]?
+    public var rng: Rng?
+    /// Device kinds Ferry does not have yet; a request naming one is refused.
+    public var net, fs, pmem, vsock, devices, user_devices, vdpa, sgx_epc, numa, pci_segments: UnsupportedDevices?
 
-    public init(cpus: Cpus?, memory: Memory?, payload: Payload, serial: Console?, console: Console?) {
+    /// The unsupported device fields a request has, by name.
+    public var unsupportedDeviceFields: [String] {
+        let fields: [(String, UnsupportedDevices?)] = [
+            ("net", net), ("fs", fs), ("pmem", pmem), ("vsock", vsock), ("devices", devices), ("user_devices", user_devices),
+            ("vdpa", vdpa), ("sgx_epc", sgx_epc), ("numa", numa), ("pci_segments", pci_segments),
+        ]
+        return fields.compactMap { name, value in value.map { $0.isEmpty ? nil : name } ?? nil }
+    }
+
+    public init(cpus: Cpus?, memory: Memory?, payload: Payload, serial: Console?, console: Console?,
+                disks: [Disk]? = nil, rng: Rng? = nil) {
         self.cpus = cpus
         self.memory = memory
         self.payload = payload
         self.serial = serial
         self.console = console
+        self.disks = disks
+        self.rng = rng
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case cpus, memory, payload, serial, console, disks, rng
+        case net, fs, pmem, vsock, devices, user_devices, vdpa, sgx_epc, numa, pci_segments
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encodeIfPresent(cpus, forKey: .cpus)
+        try container.encodeIfPresent(memory, forKey: .memory)
+        try container.encode(payload, forKey: .payload)
+        try container.encodeIfPresent(serial, forKey: .serial)
+        try container.encodeIfPresent(console, forKey: .console)
+        try container.encodeIfPresent(disks, forKey: .disks)
+        try container.encodeIfPresent(rng, forKey: .rng)
     }
 }
 
@@ -153,12 +227,27 @@ public struct ReceiveMigrationData: Codable, Equatable, Sendable {
     public var receiver_url: String
     /// `Null` (the default), `Tty` or `File` with `file`.
     public var serial: VmConfig.Console?
-    /// `Off` or `Null`: Ferry has no virtio console.
+    /// Where the guest's virtio console goes, if it has one: as `serial`.
     public var console: VmConfig.Console?
+    /// Where each of the arriving guest's disks is on this host, by the disk's id (shared storage:
+    /// the file the source used, under this host's path). Every disk must be placed.
+    public var disks: [DiskPlacement]?
 
-    public init(receiver_url: String, serial: VmConfig.Console? = nil, console: VmConfig.Console? = nil) {
+    public struct DiskPlacement: Codable, Equatable, Sendable {
+        public var id: String
+        public var path: String
+
+        public init(id: String, path: String) {
+            self.id = id
+            self.path = path
+        }
+    }
+
+    public init(receiver_url: String, serial: VmConfig.Console? = nil, console: VmConfig.Console? = nil,
+                disks: [DiskPlacement]? = nil) {
         self.receiver_url = receiver_url
         self.serial = serial
         self.console = console
+        self.disks = disks
     }
 }

@@ -14,7 +14,8 @@ final class ConsoleOutput: Sendable {
 
     /// - Parameter appending: whether a `file` console keeps what it holds; a VM that arrives by
     ///   migration or restore appends, a booted one starts the file anew.
-    init(mode: SerialMode, appending: Bool = false) throws(VMMError) {
+    /// - Parameter field: names the console in errors (`serial` or `console`).
+    init(mode: SerialMode, field: String = "serial", appending: Bool = false) throws(VMMError) {
         switch mode {
         case .off, .null:
             file = nil
@@ -28,7 +29,7 @@ final class ConsoleOutput: Sendable {
             do {
                 descriptor = FileDescriptor(try systemCall("open(\(path))") { open(path, flags, 0o644) })
             } catch {
-                throw VMMError(.invalidRequest, "serial: cannot open \(path): \(errnoDescription(error.errno))", cause: error)
+                throw VMMError(.invalidRequest, "\(field): cannot open \(path): \(errnoDescription(error.errno))", cause: error)
             }
             file = descriptor
             write = { bytes in try? descriptor.writeAll(bytes) }
@@ -42,6 +43,8 @@ final class ConsoleOutput: Sendable {
 final class TerminalInput: Sendable {
     private struct State {
         var target: Machine?
+        /// Whether keystrokes go to the virtio console rather than the UART.
+        var toVirtioConsole = false
         var readerStarted = false
     }
 
@@ -59,11 +62,12 @@ final class TerminalInput: Sendable {
         savedSettings = settings
     }
 
-    /// Sends the terminal's keystrokes to `machine` from now on, in raw mode.
-    func attach(_ machine: Machine) {
+    /// Sends the terminal's keystrokes to `machine`'s UART (or virtio console) from now on, in raw mode.
+    func attach(_ machine: Machine, virtioConsole: Bool = false) {
         guard var raw = savedSettings else { return }
         let startReader = state.withLock { state in
             state.target = machine
+            state.toVirtioConsole = virtioConsole
             defer { state.readerStarted = true }
             return !state.readerStarted
         }
@@ -92,7 +96,8 @@ final class TerminalInput: Sendable {
             }
             if count <= 0 { return }
             let keys = Array(buffer[0..<count])
-            state.withLock { $0.target }?.sendConsoleInput(keys)
+            let (target, virtio) = state.withLock { ($0.target, $0.toVirtioConsole) }
+            if virtio { target?.sendVirtioConsoleInput(keys) } else { target?.sendConsoleInput(keys) }
         }
     }
 }

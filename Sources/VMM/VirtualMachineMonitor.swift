@@ -46,8 +46,10 @@ public actor VirtualMachineMonitor {
     struct LiveVM: Sendable {
         var configuration: VMConfiguration
         var machine: Machine
-        /// Where its console output goes; closed when the VM is gone.
+        /// Where its serial console output goes; closed when the VM is gone.
         var console: ConsoleOutput
+        /// Where its virtio console output goes.
+        var virtioConsole: ConsoleOutput
     }
 
     /// What the guest of a VM that is migrating does meanwhile.
@@ -401,9 +403,10 @@ public actor VirtualMachineMonitor {
     /// Builds and starts a machine that boots `configuration`'s kernel.
     private func startMachine(_ configuration: VMConfiguration) throws -> LiveVM {
         let console = try ConsoleOutput(mode: configuration.serial)
+        let virtioConsole = try ConsoleOutput(mode: configuration.console, field: "console")
         let machine = try Machine.forBoot(configuration: configuration.machine, serialOutput: console.write,
-                                          onStop: stopHandler())
-        let vm = LiveVM(configuration: configuration, machine: machine, console: console)
+                                          consoleOutput: virtioConsole.write, onStop: stopHandler())
+        let vm = LiveVM(configuration: configuration, machine: machine, console: console, virtioConsole: virtioConsole)
         try machine.start()
         install(vm)
         logger.info("VM booted", metadata: ["cpus": "\(configuration.machine.cpus)",
@@ -414,9 +417,10 @@ public actor VirtualMachineMonitor {
     /// A machine that waits for a saved state (restore, or an incoming migration), with its console.
     nonisolated func prepareMachine(_ configuration: VMConfiguration, appendingToConsole: Bool) throws -> LiveVM {
         let console = try ConsoleOutput(mode: configuration.serial, appending: appendingToConsole)
+        let virtioConsole = try ConsoleOutput(mode: configuration.console, field: "console", appending: appendingToConsole)
         let machine = try Machine.forRestore(configuration: configuration.machine, serialOutput: console.write,
-                                             onStop: stopHandler())
-        return LiveVM(configuration: configuration, machine: machine, console: console)
+                                             consoleOutput: virtioConsole.write, onStop: stopHandler())
+        return LiveVM(configuration: configuration, machine: machine, console: console, virtioConsole: virtioConsole)
     }
 
     /// What a machine calls when its guest stops by itself: a report to this VMM, naming the machine.
@@ -428,12 +432,16 @@ public actor VirtualMachineMonitor {
 
     /// `vm` has become this VMM's VM: its console takes the terminal's keystrokes if it is `tty`.
     func install(_ vm: LiveVM) {
-        if vm.configuration.serial == .tty { terminal.attach(vm.machine) }
+        if vm.configuration.serial == .tty {
+            terminal.attach(vm.machine)
+        } else if vm.configuration.console == .tty {
+            terminal.attach(vm.machine, virtioConsole: true)
+        }
     }
 
     /// Stops `vm`'s machine and lets go of its console and the terminal.
     func stop(_ vm: LiveVM) {
-        if vm.configuration.serial == .tty { terminal.detach() }
+        if vm.configuration.serial == .tty || vm.configuration.console == .tty { terminal.detach() }
         if !vm.machine.stop() {
             logger.warning("a vCPU did not stop within the grace period; continuing without it")
         }

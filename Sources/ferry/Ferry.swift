@@ -51,8 +51,16 @@ struct Ferry: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Guest serial console (COM1): tty (standard output), file=PATH, null or off.", valueName: "mode"))
     var serial: String = "tty"
 
-    @Option(help: ArgumentHelp("virtio console: only off, Ferry has none; use --serial.", valueName: "mode"))
+    @Option(help: ArgumentHelp("virtio console: tty (standard output), file=PATH, null or off (no device).", valueName: "mode"))
     var console: String = "off"
+
+    @Option(parsing: .singleValue,
+            help: ArgumentHelp("A virtio-blk disk on a raw image (repeatable): path=FILE[,readonly=on][,id=ID][,direct=on].",
+                               valueName: "path=FILE,..."))
+    var disk: [String] = []
+
+    @Option(help: ArgumentHelp("A virtio-rng device reading src=PATH (e.g. /dev/urandom).", valueName: "src=PATH"))
+    var rng: String?
 
     @Option(name: .customLong("event-monitor"),
             help: ArgumentHelp("Write lifecycle events (Cloud Hypervisor's format) to path=PATH (file or FIFO) or fd=N.", valueName: "path=PATH|fd=N"))
@@ -65,7 +73,7 @@ struct Ferry: AsyncParsableCommand {
     private var parsed: (vm: VMConfiguration?, events: EventSinkTarget?, socket: APIServer.Socket?)?
 
     enum CodingKeys: String, CodingKey {
-        case apiSocket, kernel, initramfs, cmdline, cpus, memory, serial, console, eventMonitor, logLevel
+        case apiSocket, kernel, initramfs, cmdline, cpus, memory, serial, console, disk, rng, eventMonitor, logLevel
     }
 
     mutating func validate() throws {
@@ -73,7 +81,11 @@ struct Ferry: AsyncParsableCommand {
             let cpuCount = try VMConfiguration.parseCPUs(cpus)
             let memorySize = try VMConfiguration.parseMemory(memory)
             let serialMode = try SerialMode(parsing: serial)
-            try VMConfiguration.parseConsole(console)
+            let consoleMode = try SerialMode(parsing: console, flag: "--console")
+            let disks = try disk.enumerated().map { (index, text) throws(ConfigurationError) in
+                try DiskConfiguration(parsing: text, index: index)
+            }
+            let entropySource = try rng.map(parseEntropySource)
             let sink = try eventMonitor.map(VMConfiguration.parseEventMonitor)
             let socket = try apiSocket.map(Self.parseAPISocket)
             guard let kernel else {
@@ -90,8 +102,16 @@ struct Ferry: AsyncParsableCommand {
                 throw ConfigurationError(flag: "--initramfs", "\(initramfs) does not exist or is not readable")
             }
             let machine = MachineConfiguration(cpus: cpuCount, memorySize: memorySize, kernel: kernel,
-                                               initramfs: initramfs, commandLine: cmdline)
-            parsed = (VMConfiguration(machine: machine, serial: serialMode), sink, socket)
+                                               initramfs: initramfs, commandLine: cmdline, disks: disks,
+                                               entropySource: entropySource)
+            do {
+                try machine.validate()
+            } catch {
+                let flag = ["disk": "--disk", "rng": "--rng", "cpus": "--cpus", "memory": "--memory"]
+                    .first { error.message.hasPrefix($0.key) }?.value ?? "--kernel"
+                throw ConfigurationError(flag: flag, error.message)
+            }
+            parsed = (VMConfiguration(machine: machine, serial: serialMode, console: consoleMode), sink, socket)
         } catch let error as ConfigurationError {
             throw ValidationError(error.description)
         }

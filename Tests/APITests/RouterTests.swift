@@ -102,7 +102,13 @@ import VMM
         (#"{"payload": {"kernel": "\#(kernel)", "initramfs": "/nonexistent/initrd"}}"#, "payload.initramfs"),
         (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "File"}}"#, "serial.file: required"),
         (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "Pty"}}"#, "serial.mode: Pty is not supported"),
-        (#"{"payload": {"kernel": "\#(kernel)"}, "console": {"mode": "Tty"}}"#, "console.mode: Tty"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "console": {"mode": "Pty"}}"#, "console.mode: Pty"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "disks": [{"path": "/nonexistent.img"}]}"#, "disk disk0: cannot open /nonexistent.img"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "disks": [{"readonly": true}]}"#, "disks[0].path: required"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "disks": [{"path": "/proc/self/exe", "id": "a"}, {"path": "/proc/self/exe", "id": "b"}]}"#, "disks: b and a are the same file"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "net": [{"mac": "12:34:56:78:9a:bc"}]}"#, "net: Ferry has no such devices yet"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "vsock": {"cid": 3, "socket": "/tmp/v"}}"#, "vsock: Ferry has no such devices yet"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "rng": {"src": "/nonexistent"}}"#, "rng.src: /nonexistent does not exist"),
     ])
     func invalidCreateBodyGets400NamingTheProblemAndCreatesNothing(body: String, message: String) async throws {
         try await withRouter { client, vmm in
@@ -199,7 +205,7 @@ import VMM
 
     @Test func unknownFieldsAreIgnoredAsCloudHypervisorDoes() async throws {
         try await withRouter { client, _ in
-            let body = #"{"payload": {"kernel": "\#(Self.bootableKernel)", "firmware": null}, "disks": [{"path": "/x"}], "rng": {"src": "/dev/urandom"}}"#
+            let body = #"{"payload": {"kernel": "\#(Self.bootableKernel)", "firmware": null}, "iommu": false, "net": [], "platform": {"num_pci_segments": 1}}"#
             try await client.execute(uri: "/api/v1/vm.create", method: .put, body: ByteBuffer(string: body)) { response in
                 #expect(response.status == .noContent)
             }

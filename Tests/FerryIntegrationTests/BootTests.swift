@@ -115,7 +115,10 @@ struct TestGuestBootTests {
         (["--memory", "size=1X"], "--memory"),
         (["--memory", "size=16M"], "--memory"),
         (["--serial", "pty"], "--serial"),
-        (["--console", "tty"], "--console"),
+        (["--console", "pty"], "--console"),
+        (["--disk", "path=/nonexistent.img"], "--disk"),
+        (["--disk", "size=1G"], "--disk"),
+        (["--rng", "src=/nonexistent"], "--rng"),
         (["--event-monitor", "socket=/x"], "--event-monitor"),
     ])
     func badFlagValueFailsBeforeAnythingStartsNamingTheFlag(arguments: [String], flag: String) throws {

@@ -1,4 +1,5 @@
 import Events
+import Machine
 import Testing
 @testable import VMM
 
@@ -42,9 +43,28 @@ import Testing
         }
     }
 
-    @Test func consoleAcceptsOnlyOff() throws {
-        try VMConfiguration.parseConsole("off")
-        #expect(throws: ConfigurationError.self) { try VMConfiguration.parseConsole("tty") }
+    @Test func consoleModesParseAndErrorsNameTheFlag() throws {
+        #expect(try SerialMode(parsing: "file=/tmp/vc.log", flag: "--console") == .file("/tmp/vc.log"))
+        #expect {
+            _ = try SerialMode(parsing: "pty", flag: "--console")
+        } throws: { "\($0)".hasPrefix("--console: ") }
+    }
+
+    @Test func diskFlagParsesCloudHypervisorsKeys() throws {
+        #expect(try DiskConfiguration(parsing: "path=/tmp/a.img", index: 0)
+                == DiskConfiguration(id: "disk0", path: "/tmp/a.img"))
+        #expect(try DiskConfiguration(parsing: "path=/tmp/b.img,readonly=on,id=root,direct=on", index: 1)
+                == DiskConfiguration(id: "root", path: "/tmp/b.img", readOnly: true, direct: true))
+        for bad in ["/tmp/a.img", "path=", "path=/a,readonly=yes", "path=/a,size=1G", "id=x"] {
+            #expect {
+                _ = try DiskConfiguration(parsing: bad, index: 0)
+            } throws: { "\($0)".hasPrefix("--disk: ") }
+        }
+    }
+
+    @Test func rngFlagNeedsASource() throws {
+        #expect(try parseEntropySource("src=/dev/urandom") == "/dev/urandom")
+        #expect(throws: ConfigurationError.self) { try parseEntropySource("/dev/urandom") }
     }
 
     @Test func eventMonitorAcceptsPathAndFD() throws {

@@ -12,10 +12,16 @@ public struct ReceiveMigrationOptions: Equatable, Sendable {
     public var url: MigrationURL
     /// `null` (the default), `tty` or `file`; not `off`, which would take a device from the guest.
     public var serial: SerialMode
+    /// Where the arriving guest's virtio console goes, if it has one: as `serial`.
+    public var console: SerialMode
+    /// The file of each arriving disk on this host, by disk id.
+    public var diskPaths: [String: String]
 
-    public init(url: MigrationURL, serial: SerialMode = .null) {
+    public init(url: MigrationURL, serial: SerialMode = .null, console: SerialMode = .null, diskPaths: [String: String] = [:]) {
         self.url = url
         self.serial = serial
+        self.console = console
+        self.diskPaths = diskPaths
     }
 }
 
@@ -153,14 +159,15 @@ extension VirtualMachineMonitor {
         } catch {
             throw VMMError(error.kind == .invalidURL ? .invalidRequest : .internalFailure, error.message, cause: error)
         }
-        let serial = options.serial
         let prepared = PreparedVM()
         let receiver = MigrationReceiver(
             listener: listener, events: events,
             destinationVM: MigrationReceiver.DestinationVM(
                 prepare: { [weak self] machine in
                     guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }
-                    let vm = try prepareMachine(VMConfiguration(arriving: machine, serial: serial), appendingToConsole: true)
+                    let configuration = try VMConfiguration(arriving: machine, serial: options.serial, console: options.console,
+                                                            diskPaths: options.diskPaths)
+                    let vm = try prepareMachine(configuration, appendingToConsole: true)
                     prepared.vm.withLock { $0 = vm }
                     return vm.machine
                 },

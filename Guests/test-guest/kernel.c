@@ -1,8 +1,10 @@
 /*
- * kernel.c - the CPL-0 start-up sequence of the BSP and the APs, the
- * workload's memory plan, and power-off.
+ * kernel.c - the CPL-0 start-up sequence of the BSP and the APs, free
+ * memory (for virtio buffers and the working set), the workload's memory
+ * plan, and power-off.
  */
 #include "kernel.h"
+#include "virtio.h"
 
 #define I8042_STATUS        0x64    /* i8042 status (read) / command (write) port */
 #define I8042_INPUT_FULL    0x02    /* status: input buffer full, controller busy */
@@ -36,13 +38,14 @@ static u64 ram_total_bytes(void)
 }
 
 /*
- * Free memory = RAM above the end of the image, in whole pages. It holds the
+ * Free memory = RAM above the end of the image, in whole pages, as a list of
+ * ranges (wl_config.ranges). Virtio rings and buffers are taken off the
+ * front of a range first (take_free_pages); what is left holds the
  * generation array (one u64 per working-set page) followed by the working set.
  */
-static void plan_workload(void)
+static void collect_free_ranges(void)
 {
     const u64 first_free = ((u64)__kernel_end + PAGE_SIZE - 1) & ~(u64)(PAGE_SIZE - 1);
-    u64 free_pages = 0;
     struct workload_config *c = &wl_config;
 
     for (u32 i = 0; i < ram_range_count && c->nranges < MAX_FREE_RANGES; i++) {
@@ -56,9 +59,48 @@ static void plan_workload(void)
             continue;
         c->ranges[c->nranges].base = start;
         c->ranges[c->nranges].pages = (end - start) / PAGE_SIZE;
-        free_pages += c->ranges[c->nranges].pages;
         c->nranges++;
     }
+}
+
+u64 take_free_pages(u64 pages)
+{
+    for (u32 i = 0; i < wl_config.nranges; i++) {
+        struct free_range *r = &wl_config.ranges[i];
+        if (r->pages >= pages) {
+            u64 base = r->base;
+            r->base += pages * PAGE_SIZE;
+            r->pages -= pages;
+            return base;
+        }
+    }
+    return 0;
+}
+
+u64 largest_free_pages(void)
+{
+    u64 most = 0;
+    for (u32 i = 0; i < wl_config.nranges; i++) {
+        if (wl_config.ranges[i].pages > most)
+            most = wl_config.ranges[i].pages;
+    }
+    return most;
+}
+
+/* Eight bytes per store: CPL-0 code may be emulated, and fmt.c's memset goes byte by byte. */
+void clear_page(u64 page)
+{
+    volatile u64 *words = (volatile u64 *)page;
+    for (u32 i = 0; i < PAGE_SIZE / sizeof(u64); i++)
+        words[i] = 0;
+}
+
+static void plan_workload(void)
+{
+    u64 free_pages = 0;
+    struct workload_config *c = &wl_config;
+    for (u32 i = 0; i < c->nranges; i++)
+        free_pages += c->ranges[i].pages;
 
     u64 want = boot_params.workset_mib * PAGES_PER_MIB;
     /* Largest whole number of MiB whose pages plus generation array fit. */
@@ -83,6 +125,8 @@ static void plan_workload(void)
     c->dirty_rate = boot_params.dirty_rate;
     c->heartbeat_ticks = ms_to_ticks(boot_params.heartbeat_ms);
     c->verify_ticks = ms_to_ticks(boot_params.verify_ms);
+    blk_area.rate = boot_params.block_rate;
+    blk_area.verify_ticks = ms_to_ticks(boot_params.block_verify_ms);
     poweroff_ticks = boot_params.poweroff_s * TICK_HZ;
 }
 
@@ -106,6 +150,17 @@ static void print_boot_line(void)
     line_dec(&l, boot_params.verify_ms);
     line_str(&l, " poweroff_s=");
     line_dec(&l, boot_params.poweroff_s);
+    if (virtio_blk.ready) {                 /* only with a disk: tests parse the plain line */
+        line_str(&l, " block_blocks=");
+        line_dec(&l, boot_params.block_blocks);
+        line_str(&l, " block_rate=");
+        if (boot_params.block_rate == BLOCK_RATE_MAX)
+            line_str(&l, "max");
+        else
+            line_dec(&l, boot_params.block_rate);
+        line_str(&l, " block_verify_ms=");
+        line_dec(&l, boot_params.block_verify_ms);
+    }
     kprint(&l);
 }
 
@@ -131,6 +186,7 @@ void __attribute__((noreturn)) bsp_main(u32 start_info_paddr)
     pic_disable();
     pvh_parse(start_info_paddr);
     cpus_discover();
+    pci_scan();                             /* before paging: the BARs in use get mapped */
 
     u64 cr3 = paging_init();
     write_cr3(cr3);
@@ -138,6 +194,8 @@ void __attribute__((noreturn)) bsp_main(u32 start_info_paddr)
     cpu_tables_load(0);
     lapic_init_cpu();
 
+    collect_free_ranges();
+    virtio_setup();                         /* takes its RAM before the working set is sized */
     plan_workload();
     print_boot_line();
     print_online(0);

@@ -25,6 +25,30 @@ static inline u8 inb(u16 port)
     return value;
 }
 
+static inline void outw(u16 port, u16 value)
+{
+    __asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline u16 inw(u16 port)
+{
+    u16 value;
+    __asm__ volatile("inw %1, %0" : "=a"(value) : "Nd"(port));
+    return value;
+}
+
+static inline void outl(u16 port, u32 value)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline u32 inl(u16 port)
+{
+    u32 value;
+    __asm__ volatile("inl %1, %0" : "=a"(value) : "Nd"(port));
+    return value;
+}
+
 static inline void write_cr3(u64 value)
 {
     __asm__ volatile("mov %0, %%cr3" : : "r"(value) : "memory");
@@ -57,6 +81,9 @@ struct boot_params {
     u64 heartbeat_ms;
     u64 verify_ms;
     u64 poweroff_s;
+    u64 block_blocks;
+    u64 block_rate;             /* BLOCK_RATE_MAX for "max" */
+    u64 block_verify_ms;
 };
 
 extern u64 pvh_rsdp_paddr;                      /* ACPI RSDP from hvm_start_info (0 = none) */
@@ -78,6 +105,48 @@ void kprint_msg(const char *text);              /* "ferry-test-guest: <text>\n" 
 /* ---- Paging (paging.c) -------------------------------------------------- */
 
 u64 paging_init(void);                          /* returns the new CR3 */
+
+/* ---- PCI (pci.c) ---------------------------------------------------------- */
+
+#define PCI_MAX_MMIO_RANGES 8
+
+struct pci_mmio_range {
+    u64 base;
+    u64 size;
+};
+
+/* BAR ranges of the devices in use; paging.c maps them uncached. */
+extern struct pci_mmio_range pci_mmio_ranges[PCI_MAX_MMIO_RANGES];
+extern u32 pci_mmio_range_count;
+
+u32 pci_read32(u32 bdf, u32 offset);
+u16 pci_read16(u32 bdf, u32 offset);
+u8 pci_read8(u32 bdf, u32 offset);
+void pci_write32(u32 bdf, u32 offset, u32 value);
+void pci_write16(u32 bdf, u32 offset, u16 value);
+void pci_scan(void);                            /* finds the virtio functions, calls virtio_probe */
+u64 pci_bar_setup(u32 bdf, u32 index, u64 *size, const char **why);   /* base, 0 if unusable */
+void pci_enable(u32 bdf);                       /* memory decode, bus master, INTx off */
+void line_bdf(struct line *l, u32 bdf);         /* "bb:dd.f" */
+
+/* ---- Virtio (virtio_pci.c, virtio_setup.c; structures in virtio.h) ------- */
+
+struct virtio_dev;
+
+void virtio_probe(u32 bdf, u16 device_id);      /* before paging: caps, BARs */
+const char *virtio_begin(struct virtio_dev *d, u64 wanted);    /* reset .. FEATURES_OK; NULL = done */
+const char *virtio_queue(struct virtio_dev *d, u32 index);     /* NULL = queue enabled */
+u64 virtio_config64(const struct virtio_dev *d, u32 offset);
+void virtio_driver_ok(struct virtio_dev *d);
+void virtio_fail(struct virtio_dev *d, const char *why);       /* FAILED + a console line */
+void virtio_report_failure(const struct virtio_dev *d, const char *why);
+void virtio_setup(void);                        /* after paging, before the working set is sized */
+
+/* ---- Free memory (kernel.c) ------------------------------------------------ */
+
+u64 take_free_pages(u64 pages);                 /* contiguous, not zeroed; 0 if no range has room */
+u64 largest_free_pages(void);                   /* most pages take_free_pages can give at once */
+void clear_page(u64 page);
 
 /* ---- Descriptor tables (cpu.c) ------------------------------------------ */
 

@@ -18,6 +18,9 @@
 /* The boot page tables (boot.S) identity-map the first 4 GiB with 2 MiB pages (4 page directories). */
 #define BOOT_MAP_LIMIT          0x100000000
 #define BOOT_MAP_DIRECTORIES    4       /* BOOT_MAP_LIMIT / 1 GiB */
+/* The final page tables map physical addresses below this (RAM, and device BARs); above is ignored. */
+#define MAX_PHYS_GIB            64
+#define MAPPED_PHYS_LIMIT       (MAX_PHYS_GIB * 0x40000000UL)
 /* Local APIC MMIO base (architectural default of IA32_APIC_BASE, Intel SDM vol. 3 10.4.1). */
 #define LAPIC_PHYS_BASE         0xFEE00000
 

@@ -1,15 +1,15 @@
 /*
  * paging.c - the final page tables: identity-map every 2 MiB page that holds
  * RAM (from the memory map), the first 2 MiB (BIOS data area, EBDA, MP table,
- * AP trampoline) and the LAPIC page (uncached). Every mapping is writable and
- * user-accessible: the CPL-3 workload touches kernel-shared data directly.
+ * AP trampoline), the LAPIC page and the BARs of the virtio devices in use
+ * (both uncached). Every mapping is writable and user-accessible: the CPL-3
+ * workload touches kernel-shared data and rings the virtio doorbells directly.
  */
 #include "kernel.h"
 
 #define ENTRIES_PER_TABLE 512       /* 4 KiB table / 8-byte entries */
 #define PDPT_SHIFT        30        /* one PDPT entry (one page directory) maps 1 GiB */
 #define PD_SHIFT          21        /* one PD entry maps 2 MiB */
-#define MAX_PHYS_GIB      64        /* physical addresses mapped: 0 .. 64 GiB (RAM above is ignored) */
 #define TABLE_FLAGS       (PTE_PRESENT | PTE_WRITE | PTE_USER)
 
 typedef u64 page_table[ENTRIES_PER_TABLE] __attribute__((aligned(PAGE_SIZE)));
@@ -58,6 +58,13 @@ u64 paging_init(void)
             map_large_page(p, 0);
     }
     map_large_page(LAPIC_PHYS_BASE, PTE_PCD | PTE_PWT);
+    /* After RAM, so a 2 MiB page shared with RAM ends up uncached rather than device memory cached. */
+    for (u32 i = 0; i < pci_mmio_range_count; i++) {
+        u64 start = pci_mmio_ranges[i].base & ~(u64)(LARGE_PAGE_SIZE - 1);
+        u64 end = pci_mmio_ranges[i].base + pci_mmio_ranges[i].size;
+        for (u64 p = start; p < end; p += LARGE_PAGE_SIZE)
+            map_large_page(p, PTE_PCD | PTE_PWT);
+    }
 
     if (clipped)
         kprint_msg("RAM above 64 GiB is not used");

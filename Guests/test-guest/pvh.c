@@ -4,6 +4,7 @@
  * Runs on the boot page tables, so everything read must lie below BOOT_MAP_LIMIT (4 GiB).
  */
 #include "kernel.h"
+#include "virtio.h"
 
 #define HVM_START_MAGIC      0x336ec578 /* xen/include/public/arch-x86/hvm/start_info.h */
 #define HVM_START_MEMMAP_VERSION 1      /* memmap_paddr/memmap_entries exist from version 1 */
@@ -19,6 +20,9 @@
 #define DEFAULT_HEARTBEAT_MS 1000
 #define DEFAULT_VERIFY_MS    2000
 #define DEFAULT_POWEROFF_S   0
+#define DEFAULT_BLOCK_BLOCKS 1024
+#define DEFAULT_BLOCK_RATE   200
+#define DEFAULT_BLOCK_VERIFY_MS 2000
 
 struct hvm_start_info {
     u32 magic;
@@ -49,6 +53,9 @@ struct boot_params boot_params = {
     .heartbeat_ms = DEFAULT_HEARTBEAT_MS,
     .verify_ms = DEFAULT_VERIFY_MS,
     .poweroff_s = DEFAULT_POWEROFF_S,
+    .block_blocks = DEFAULT_BLOCK_BLOCKS,
+    .block_rate = DEFAULT_BLOCK_RATE,
+    .block_verify_ms = DEFAULT_BLOCK_VERIFY_MS,
 };
 
 static char cmdline[CMDLINE_MAX];
@@ -196,6 +203,9 @@ static void parse_option(const char *word, u32 len)
         { "verify_ms", &boot_params.verify_ms },
         { "poweroff_s", &boot_params.poweroff_s },
         { "dirty_rate", &boot_params.dirty_rate },
+        { "block_blocks", &boot_params.block_blocks },
+        { "block_rate", &boot_params.block_rate },
+        { "block_verify_ms", &boot_params.block_verify_ms },
     };
     u32 eq = 0;
     while (eq < len && word[eq] != '=')
@@ -206,6 +216,10 @@ static void parse_option(const char *word, u32 len)
     u32 value_len = len - eq - 1;
     if (key_is(word, eq, "dirty_rate") && key_is(value, value_len, "max")) {
         boot_params.dirty_rate = DIRTY_RATE_MAX;
+        return;
+    }
+    if (key_is(word, eq, "block_rate") && key_is(value, value_len, "max")) {
+        boot_params.block_rate = BLOCK_RATE_MAX;
         return;
     }
     for (u32 i = 0; i < ARRAY_SIZE(numeric); i++) {

@@ -11,9 +11,10 @@
  * pages, so after R rewrites local page j must be at generation
  * 1 + R / npages + (j < R % npages); verification checks the generation
  * array against that and every word against the generation.
+ *
+ * CPU 0 also runs the virtio data path (devices.c) between its chunks.
  */
-#include "shared.h"
-#include "fmt.h"
+#include "user.h"
 
 #define WORDS_PER_PAGE  (PAGE_SIZE / sizeof(u64))
 #define GEN_WORD_INDEX  WORDS_PER_PAGE      /* "word" reported when the generation entry is wrong */
@@ -21,10 +22,6 @@
 #define VERIFY_CHUNK    64                  /* pages verified between looks at the clock */
 #define PAGE_SHIFT_KEY  32                  /* page index goes above the generation in the key */
 #define FIRST_GENERATION 1                  /* generation written by the initial fill */
-/* splitmix64 (Steele, Lea, Flood 2014): increment and finalizer multipliers. */
-#define GOLDEN_GAMMA    0x9e3779b97f4a7c15UL
-#define MIX_MUL1        0xbf58476d1ce4e5b9UL
-#define MIX_MUL2        0x94d049bb133111ebUL
 
 static volatile u32 fill_done;      /* CPUs that finished the initial fill */
 static volatile u32 go;             /* set by CPU 0 after printing "ready" */
@@ -39,30 +36,9 @@ struct worker {
     u64 sum;                        /* running checksum of page keys written */
 };
 
-/* The splitmix64 finalizer (shift amounts and multipliers are the published ones). */
-static inline u64 mix64(u64 z)
-{
-    z ^= z >> 30;
-    z *= MIX_MUL1;
-    z ^= z >> 27;
-    z *= MIX_MUL2;
-    z ^= z >> 31;
-    return z;
-}
-
 static inline u64 page_key(u64 page, u64 gen)
 {
     return mix64((page << PAGE_SHIFT_KEY) ^ gen);
-}
-
-static inline u64 word_value(u64 key, u64 i)
-{
-    return mix64(key + (i + 1) * GOLDEN_GAMMA);
-}
-
-static inline void idle(void)
-{
-    __asm__ volatile("hlt" : : : "memory");     /* #GP at CPL 3: the kernel's idle trap */
 }
 
 /* Address of the index-th free page (free memory may be split in several ranges). */
@@ -112,17 +88,21 @@ static void rewrite_next(struct worker *w)
     w->rewrites++;
 }
 
-/* Hands a line to the kernel and waits until this CPU's timer interrupt printed it. */
-static void print(struct worker *w, struct line *l)
+void mbox_print(struct cpu_shared *shared, struct line *l)
 {
     if (l->len > MBOX_SIZE - 2)             /* room for the '\n' and the NUL */
         l->len = MBOX_SIZE - 2;
     line_end(l);
-    memcpy(w->shared->mbox, l->text, l->len + 1);
+    memcpy(shared->mbox, l->text, l->len + 1);
     __asm__ volatile("" : : : "memory");
-    w->shared->mbox_full = 1;
-    while (w->shared->mbox_full)
+    shared->mbox_full = 1;
+    while (shared->mbox_full)
         idle();
+}
+
+static void print(struct worker *w, struct line *l)
+{
+    mbox_print(w->shared, l);
 }
 
 struct verify_pass {
@@ -200,6 +180,8 @@ static void heartbeat(struct worker *w, u64 seq, u64 ticks)
     line_str(&l, " written=");
     line_dec(&l, w->written);
     print(w, &l);
+    if (w->cpu == 0)
+        devices_heartbeat(seq);
 }
 
 void user_main(u64 cpu)
@@ -222,6 +204,7 @@ void user_main(u64 cpu)
         line_start(&l, "ferry-test-guest: ready");
         print(&w, &l);
         __atomic_store_n(&go, 1, __ATOMIC_RELEASE);
+        devices_start(w.shared->ticks);
     } else {
         while (!go)
             idle();
@@ -276,6 +259,9 @@ void user_main(u64 cpu)
                 busy = 1;
             }
         }
+
+        if (cpu == 0 && devices_step(now))      /* the device data path lives on CPU 0 */
+            busy = 1;
 
         if (!busy)
             idle();

@@ -5,7 +5,7 @@ import Machine
 /// RAM in `GuestMemory`'s sparse file format).
 public struct Snapshot: Codable {
     /// Bumped whenever the layout of this value changes; other versions are refused.
-    static let currentFormatVersion = 2
+    static let currentFormatVersion = 3
     static let stateFile = "snapshot.json"
     static let memoryFile = "memory.bin"
 

@@ -85,8 +85,10 @@ struct ReceiveMigration: AsyncParsableCommand {
             port, which the first line names. Exit status 1 if the receive failed; the VMM can \
             receive again afterwards.
 
-            Where the guest's serial console goes here is this host's choice (--serial), never the \
-            source's: by default its output is discarded.
+            Where the guest's consoles go here is this host's choice (--serial, --console), never \
+            the source's: by default their output is discarded. Each of the guest's disks must be \
+            placed with --disk id=ID,path=PATH (shared storage: the file the source uses, under \
+            this host's path); a disk left unplaced fails the receive, naming it.
             """)
 
     @OptionGroup var connection: Connection
@@ -95,20 +97,46 @@ struct ReceiveMigration: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Where the arriving guest's serial console goes on this host: null (the default), tty (the VMM's standard output) or file=PATH.",
                                valueName: "null|tty|file=PATH"))
     var serial: String = "null"
+    @Option(help: ArgumentHelp("Where the arriving guest's virtio console goes, if it has one: as --serial.",
+                               valueName: "null|tty|file=PATH"))
+    var console: String = "null"
+    @Option(parsing: .singleValue,
+            help: ArgumentHelp("Where an arriving disk is on this host (repeat for each disk).", valueName: "id=ID,path=PATH"))
+    var disk: [String] = []
 
     func validate() throws {
-        _ = try serialConsole()
+        _ = try Self.console(serial, flag: "--serial")
+        _ = try Self.console(console, flag: "--console")
+        _ = try diskPlacements()
     }
 
-    /// `--serial` in `VmConfig`'s shape.
-    func serialConsole() throws -> VmConfig.Console {
-        switch serial {
+    /// `--serial` or `--console` in `VmConfig`'s shape.
+    static func console(_ text: String, flag: String) throws -> VmConfig.Console {
+        switch text {
         case "null": return VmConfig.Console(mode: "Null")
         case "tty": return VmConfig.Console(mode: "Tty")
         case let text where text.hasPrefix("file=") && text.count > "file=".count:
             return VmConfig.Console(mode: "File", file: String(text.dropFirst("file=".count)))
         default:
-            throw ValidationError("--serial: '\(serial)' is not a console; use null, tty or file=PATH")
+            throw ValidationError("\(flag): '\(text)' is not a console; use null, tty or file=PATH")
+        }
+    }
+
+    /// `--disk id=ID,path=PATH`, each.
+    func diskPlacements() throws -> [ReceiveMigrationData.DiskPlacement] {
+        try disk.map { text in
+            var fields: [String: String] = [:]
+            for item in text.split(separator: ",") {
+                let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+                guard parts.count == 2, ["id", "path"].contains(parts[0]), fields[parts[0]] == nil else {
+                    throw ValidationError("--disk: '\(text)' is not id=ID,path=PATH")
+                }
+                fields[parts[0]] = parts[1]
+            }
+            guard let id = fields["id"], !id.isEmpty, let path = fields["path"], !path.isEmpty else {
+                throw ValidationError("--disk: '\(text)' is not id=ID,path=PATH")
+            }
+            return ReceiveMigrationData.DiskPlacement(id: id, path: path)
         }
     }
 
@@ -133,7 +161,9 @@ struct ReceiveMigration: AsyncParsableCommand {
             }
             defer { narrator.cancel() }
             do {
-                let request = ReceiveMigrationData(receiver_url: receiver, serial: try serialConsole())
+                let request = ReceiveMigrationData(receiver_url: receiver, serial: try Self.console(serial, flag: "--serial"),
+                                                   console: try Self.console(console, flag: "--console"),
+                                                   disks: try diskPlacements())
                 try await client.send(.vmReceiveMigration, body: try body(request), timeout: APIClient.unlimited)
             } catch {
                 // A receive that failed after it began (500) has events still on their way.

@@ -47,7 +47,9 @@ struct MigrationPair: Sendable {
     /// Starts `vm.receive-migration` on the destination, with the arriving guest's console on the
     /// destination's standard output, and waits for the receive's `vm.migration-receive-ready`.
     func startReceive(socketName: String = "migration.sock") async throws -> IncomingMigration {
-        try await destination.startReceive(at: transport.receiverURL(in: directory, name: socketName))
+        try await destination.startReceive(at: transport.receiverURL(in: directory, name: socketName),
+                                           console: guest.devices.map { VmConfig.Console(mode: "File", file: $0.consolePath) },
+                                           disks: guest.devices?.placements)
     }
 
     /// `vm.send-migration` on the source; returns once the migration is under way.

@@ -22,6 +22,7 @@ struct MigrationTests {
                                     sourceBefore: [String] = bootedStream, destinationBefore: [String] = ["vmm.starting"],
                                     switchOver: MigrationExpectations.SwitchOver = .converged,
                                     sourceLocation: SourceLocation = #_sourceLocation,
+                                    afterContinuing: () async -> Void = {},
                                     _ request: (String) -> SendMigrationData) async throws {
         var (expected, sourceExit) = try await pair.migrate(receiveOccurrence: receiveOccurrence, incoming: incoming, request,
                                                             sourceLocation: sourceLocation)
@@ -39,6 +40,7 @@ struct MigrationTests {
         try await MigrationHarness.expectGuestContinued(from: pair.source.process, on: pair.destination.process, cpus: pair.guest.cpus,
                                                         sourceLocation: sourceLocation)
         #expect(try await pair.destination.info().state == "Running", sourceLocation: sourceLocation)
+        await afterContinuing()
         #expect(await pair.destination.shutDown(), "\(pair.destination.name) shuts down cleanly: \(pair.destination.process.standardError.suffix(2000))", sourceLocation: sourceLocation)
     }
 

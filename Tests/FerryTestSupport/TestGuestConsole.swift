@@ -45,4 +45,11 @@ extension Array where Element == String {
     public var heartbeats: [Heartbeat] { compactMap(Heartbeat.init) }
     public func verifyOK(cpu: Int) -> [String] { filter { $0.hasPrefix("VERIFY OK cpu=\(cpu) ") } }
     public var verifyFailures: [String] { filter { $0.hasPrefix("VERIFY FAIL") } }
+    /// The pass numbers of `BLOCK OK` lines: the guest's disk and the memory its disk wrote verified.
+    public var blockPasses: [Int] { filter { $0.hasPrefix("BLOCK OK ") }.compactMap { keyValues($0)["pass"].flatMap { Int($0) } } }
+    /// What the guest's device workloads found wrong: bad or stalled blocks, bad entropy, a device
+    /// that needs a reset.
+    public var deviceFailures: [String] {
+        filter { $0.hasPrefix("BLOCK BAD") || $0.hasPrefix("BLOCK STALL") || $0.hasPrefix("RNG BAD") || $0.contains("NEEDS_RESET") }
+    }
 }

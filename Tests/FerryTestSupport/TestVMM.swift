@@ -172,10 +172,12 @@ public final class TestVMM: Sendable {
     /// Starts `vm.receive-migration` at `url` and returns once the VMM emitted the
     /// `vm.migration-receive-ready` of this receive. The arriving guest's console goes where
     /// `serial` says (the VMM's standard output by default, so that tests see the guest there).
-    public func startReceive(at url: String, serial: VmConfig.Console? = VmConfig.Console(mode: "Tty")) async throws -> IncomingMigration {
+    public func startReceive(at url: String, serial: VmConfig.Console? = VmConfig.Console(mode: "Tty"),
+                             console: VmConfig.Console? = nil,
+                             disks: [ReceiveMigrationData.DiskPlacement]? = nil) async throws -> IncomingMigration {
         let mark = events().count
         let api = api
-        let body = try JSONEncoder().encode(ReceiveMigrationData(receiver_url: url, serial: serial))
+        let body = try JSONEncoder().encode(ReceiveMigrationData(receiver_url: url, serial: serial, console: console, disks: disks))
         let call = Task { _ = try await api.send(.vmReceiveMigration, body: body, timeout: APIClient.unlimited) }
         do {
             let ready = try await waitForEvent([VMEvent.MigrationReceiveReady.qualifiedName], after: mark, timeout: .seconds(30))
@@ -318,11 +320,37 @@ public struct TestGuestVM: Sendable {
     /// Frequent heartbeats and verification passes, so that a test sees the guest continue quickly.
     public var reporting = "heartbeat_ms=200 verify_ms=500"
 
-    public init(cpus: Int, memoryMiB: Int, workload: String, reporting: String = "heartbeat_ms=200 verify_ms=500") {
+    /// virtio devices: a disk on a raw image, an entropy device, a console into a file.
+    public struct Devices: Sendable {
+        public var diskPath: String
+        public var consolePath: String
+
+        public init(diskPath: String, consolePath: String) {
+            self.diskPath = diskPath
+            self.consolePath = consolePath
+        }
+
+        /// A zero-filled 64 MiB image and a console file in `directory`.
+        public init(in directory: TemporaryDirectory) throws {
+            diskPath = directory.path("disk0.img")
+            consolePath = directory.path("virtio-console.txt")
+            guard FileManager.default.createFile(atPath: diskPath, contents: nil),
+                  truncate(diskPath, 64 << 20) == 0 else { throw TestFailure("cannot make \(diskPath)") }
+        }
+
+        /// The disk's place for `vm.receive-migration` (shared storage on this one host).
+        public var placements: [ReceiveMigrationData.DiskPlacement] { [.init(id: "disk0", path: diskPath)] }
+    }
+
+    public var devices: Devices?
+
+    public init(cpus: Int, memoryMiB: Int, workload: String, reporting: String = "heartbeat_ms=200 verify_ms=500",
+                devices: Devices? = nil) {
         self.cpus = cpus
         self.memoryMiB = memoryMiB
         self.workload = workload
         self.reporting = reporting
+        self.devices = devices
     }
 
     public var memoryBytes: UInt64 { UInt64(memoryMiB) << 20 }
@@ -342,6 +370,10 @@ public struct TestGuestVM: Sendable {
 
     /// The `vm.create` body; the console goes to the VMM's standard output.
     public func configuration(kernel: String, serial: String = #"{"mode": "Tty"}"#) -> Data {
-        Data(#"{"cpus": {"boot_vcpus": \#(cpus)}, "memory": {"size": \#(memoryBytes)}, "payload": {"kernel": "\#(kernel)", "cmdline": "\#(workload) \#(reporting)"}, "serial": \#(serial)}"#.utf8)
+        var deviceFields = ""
+        if let devices {
+            deviceFields = #", "disks": [{"path": "\#(devices.diskPath)", "id": "disk0"}], "rng": {"src": "/dev/urandom"}, "console": {"mode": "File", "file": "\#(devices.consolePath)"}"#
+        }
+        return Data(#"{"cpus": {"boot_vcpus": \#(cpus)}, "memory": {"size": \#(memoryBytes)}, "payload": {"kernel": "\#(kernel)", "cmdline": "\#(workload) \#(reporting)"}, "serial": \#(serial)\#(deviceFields)}"#.utf8)
     }
 }

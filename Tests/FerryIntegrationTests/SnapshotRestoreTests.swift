@@ -89,7 +89,7 @@ struct SnapshotRestoreTests {
             (try damaged("truncated-state") { try Data(try Data(contentsOf: URL(fileURLWithPath: "\($0)/\(state)")).prefix(100)).write(to: URL(fileURLWithPath: "\($0)/\(state)")) }, "truncated or corrupted"),
             (try damaged("other-version") {
                 let url = URL(fileURLWithPath: "\($0)/\(state)")
-                let text = try String(contentsOf: url, encoding: .utf8).replacingOccurrences(of: #""formatVersion":2"#, with: #""formatVersion":99"#)
+                let text = try String(contentsOf: url, encoding: .utf8).replacingOccurrences(of: #""formatVersion":3"#, with: #""formatVersion":99"#)
                 try text.write(to: url, atomically: true, encoding: .utf8)
             }, "format version 99"),
         ]

@@ -84,6 +84,11 @@ struct boot_params {
     u64 block_blocks;
     u64 block_rate;             /* BLOCK_RATE_MAX for "max" */
     u64 block_verify_ms;
+    u64 block_bench;            /* 1 = CPU 0 runs the block benchmark instead of the block workload */
+    u64 bench_mib;
+    u64 bench_qd;
+    u64 bench_rand_qd;
+    u64 bench_ticks;
 };
 
 extern u64 pvh_rsdp_paddr;                      /* ACPI RSDP from hvm_start_info (0 = none) */
@@ -135,12 +140,14 @@ struct virtio_dev;
 
 void virtio_probe(u32 bdf, u16 device_id);      /* before paging: caps, BARs */
 const char *virtio_begin(struct virtio_dev *d, u64 wanted);    /* reset .. FEATURES_OK; NULL = done */
-const char *virtio_queue(struct virtio_dev *d, u32 index);     /* NULL = queue enabled */
+const char *virtio_queue(struct virtio_dev *d, u32 index, u32 limit);  /* NULL = queue enabled */
 u64 virtio_config64(const struct virtio_dev *d, u32 offset);
+u32 virtio_config32(const struct virtio_dev *d, u32 offset);
 void virtio_driver_ok(struct virtio_dev *d);
 void virtio_fail(struct virtio_dev *d, const char *why);       /* FAILED + a console line */
 void virtio_report_failure(const struct virtio_dev *d, const char *why);
 void virtio_setup(void);                        /* after paging, before the working set is sized */
+void bench_plan(struct virtio_dev *d);          /* block_bench=1: clamp the keys, carve the RAM (bench_setup.c) */
 
 /* ---- Free memory (kernel.c) ------------------------------------------------ */
 

@@ -23,6 +23,11 @@
 #define DEFAULT_BLOCK_BLOCKS 1024
 #define DEFAULT_BLOCK_RATE   200
 #define DEFAULT_BLOCK_VERIFY_MS 2000
+#define DEFAULT_BLOCK_BENCH  0
+#define DEFAULT_BENCH_MIB    256
+#define DEFAULT_BENCH_QD     4
+#define DEFAULT_BENCH_RAND_QD 32
+#define DEFAULT_BENCH_TICKS  200        /* 2 s at TICK_HZ */
 
 struct hvm_start_info {
     u32 magic;
@@ -56,6 +61,11 @@ struct boot_params boot_params = {
     .block_blocks = DEFAULT_BLOCK_BLOCKS,
     .block_rate = DEFAULT_BLOCK_RATE,
     .block_verify_ms = DEFAULT_BLOCK_VERIFY_MS,
+    .block_bench = DEFAULT_BLOCK_BENCH,
+    .bench_mib = DEFAULT_BENCH_MIB,
+    .bench_qd = DEFAULT_BENCH_QD,
+    .bench_rand_qd = DEFAULT_BENCH_RAND_QD,
+    .bench_ticks = DEFAULT_BENCH_TICKS,
 };
 
 static char cmdline[CMDLINE_MAX];
@@ -206,6 +216,11 @@ static void parse_option(const char *word, u32 len)
         { "block_blocks", &boot_params.block_blocks },
         { "block_rate", &boot_params.block_rate },
         { "block_verify_ms", &boot_params.block_verify_ms },
+        { "block_bench", &boot_params.block_bench },
+        { "bench_mib", &boot_params.bench_mib },
+        { "bench_qd", &boot_params.bench_qd },
+        { "bench_rand_qd", &boot_params.bench_rand_qd },
+        { "bench_ticks", &boot_params.bench_ticks },
     };
     u32 eq = 0;
     while (eq < len && word[eq] != '=')

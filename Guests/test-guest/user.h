@@ -51,12 +51,15 @@ void device_print(struct line *l);              /* through CPU 0's mailbox */
 
 struct virtq;
 void virtq_post(struct virtq *q, u16 head);     /* publish the chain at head; notify if wanted */
+void virtq_add(struct virtq *q, u16 head);      /* queue the chain at head, not yet visible to the device */
+void virtq_kick(struct virtq *q);               /* publish what virtq_add queued; notify if wanted */
 int virtq_take(struct virtq *q, u32 *id, u32 *len);    /* 1 = a used entry was consumed */
 
-/* ---- The parts (blk.c, rng.c, vcon.c) ---------------------------------- */
+/* ---- The parts (blk.c, bench.c, rng.c, vcon.c) ------------------------- */
 
 void blk_start(u64 now);
 int blk_step(u64 now);                          /* 1 = a request is in flight or work was done */
+int bench_run(void);                            /* the whole block benchmark if block_bench=1; 1 = it ran */
 void rng_start(u64 now, u64 period_ticks);
 void rng_step(u64 now);
 void vcon_send(const char *text);               /* one line; dropped if every buffer is busy */

@@ -1,8 +1,8 @@
 /*
  * virtio.h - virtio 1.x (virtio spec 1.2) definitions and the state shared
  * between the CPL-0 set-up (virtio_pci.c, virtio_setup.c) and the CPL-3
- * data path (virtq.c, blk.c, rng.c, vcon.c, devices.c). CPL 0 fills these
- * in at boot, before wl_boot_complete; afterwards only CPU 0's CPL-3 code
+ * data path (virtq.c, blk.c, bench.c, rng.c, vcon.c, devices.c). CPL 0
+ * fills these in at boot, before wl_boot_complete; afterwards only CPU 0's CPL-3 code
  * touches them. Rings, request headers and buffers live in RAM carved out
  * before the working set (kernel.c), so they migrate with guest memory.
  */
@@ -24,6 +24,8 @@
 #define VIRTIO_F_INDIRECT_DESC      (1UL << 28)
 #define VIRTIO_F_EVENT_IDX          (1UL << 29)
 #define VIRTIO_F_VERSION_1          (1UL << 32)
+#define VIRTIO_BLK_F_SIZE_MAX       (1UL << 1)
+#define VIRTIO_BLK_F_SEG_MAX        (1UL << 2)
 #define VIRTIO_BLK_F_RO             (1UL << 5)
 #define VIRTIO_BLK_F_FLUSH          (1UL << 9)
 
@@ -56,8 +58,9 @@
 #define VIRTQ_AVAIL_F_NO_INTERRUPT  1
 #define VIRTQ_USED_F_NO_NOTIFY      1
 #define VIRTQ_MAX_SIZE              64      /* entries used at most (desc 1 KiB + avail + used fit one page) */
-#define VIRTQ_AVAIL_OFFSET          1024    /* avail ring within the queue's page */
-#define VIRTQ_USED_OFFSET           2048    /* used ring within the queue's page (4-byte aligned) */
+#define VIRTQ_BENCH_MAX_SIZE        256     /* blk with block_bench=1: deep queues without INDIRECT_DESC too */
+#define VIRTQ_AVAIL_OFFSET          1024    /* avail ring within the queue's pages (after desc if that is larger) */
+#define VIRTQ_USED_OFFSET           2048    /* used ring: 1 KiB after the avail ring (4-byte aligned) */
 #define VIRTQ_EVENT_DISTANCE        0x8000  /* used_event this far ahead: the device never signals */
 #define VIRTQ_MAX_QUEUES            2
 
@@ -106,7 +109,7 @@ struct virtq_used {
 
 struct virtq {
     u16 index;                      /* queue number within the device */
-    u16 size;                       /* entries, a power of two <= VIRTQ_MAX_SIZE */
+    u16 size;                       /* entries, a power of two <= VIRTQ_MAX_SIZE (VIRTQ_BENCH_MAX_SIZE) */
     u16 avail_idx;                  /* CPL 3: the driver's free-running avail index */
     u16 last_used;                  /* CPL 3: next used index to consume (free-running) */
     u32 event_idx;                  /* VIRTIO_F_EVENT_IDX negotiated */
@@ -157,7 +160,40 @@ struct blk_area {
     u64 *write_buffer;              /* 4 KiB: the data of the write in flight */
 };
 
+/*
+ * The block benchmark (block_bench=1; bench.c). Each request slot holds a
+ * header, a status byte and an indirect table (used only with
+ * INDIRECT_DESC); without it a request's chain sits at descriptors
+ * slot * chain length .. of the queue.
+ */
+#define BENCH_REQUEST_BYTES         MIB     /* a sequential request */
+#define BENCH_RAND_BYTES            PAGE_SIZE   /* a random read */
+
+struct bench_slot {
+    u32 type;                       /* device-readable header (spec 5.2.6) */
+    u32 reserved;
+    u64 sector;
+    volatile u8 status;             /* device-writable */
+    u8 pad[15];
+    struct virtq_desc table[];      /* header, data segments, status (16-byte aligned) */
+};
+
+struct bench_area {
+    u32 enabled;                    /* block_bench=1, a writable disk and its memory */
+    u32 indirect;                   /* VIRTIO_F_INDIRECT_DESC negotiated */
+    u64 mib;                        /* region: the first `mib` MiB of the disk */
+    u64 qd;                         /* sequential requests in flight at most */
+    u64 rand_qd;                    /* random reads in flight at most */
+    u64 ticks;                      /* minimum length of a phase */
+    u64 segment_bytes;              /* a data descriptor covers this much at most (size_max) */
+    u64 slot_bytes;                 /* stride of the slots */
+    u8 *slots;                      /* max(qd, rand_qd) slots */
+    u8 *buffers;                    /* qd * 1 MiB, each physically contiguous */
+    u8 *rand_buffers;               /* rand_qd * 4 KiB */
+};
+
 extern struct virtio_dev virtio_blk, virtio_console, virtio_rng;
 extern struct blk_area blk_area;
+extern struct bench_area bench_area;
 
 #endif

@@ -268,35 +268,50 @@ u64 virtio_config64(const struct virtio_dev *d, u32 offset)
     return ((u64)hi << 32) | lo;
 }
 
+/* A 32-bit device-specific configuration field: one read is atomic, no generation check needed. */
+u32 virtio_config32(const struct virtio_dev *d, u32 offset)
+{
+    return *(volatile u32 *)(d->device_cfg + offset);
+}
+
 /*
- * Queue `index` (spec 4.1.5.1.3): one zeroed page holds the descriptor
- * table, the avail ring and the used ring; the size is the largest power of
- * two <= min(queue_size, VIRTQ_MAX_SIZE).
+ * Queue `index` (spec 4.1.5.1.3): the size is the largest power of two
+ * <= min(queue_size, limit). Zeroed contiguous pages hold the descriptor
+ * table, then the avail ring at VIRTQ_AVAIL_OFFSET (or right after a larger
+ * table) and the used ring 1 KiB after it: one page up to 64 entries, two
+ * for 128 or 256.
  */
-const char *virtio_queue(struct virtio_dev *d, u32 index)
+const char *virtio_queue(struct virtio_dev *d, u32 index, u32 limit)
 {
     set_common16(d, VIRTIO_COMMON_Q_SELECT, (u16)index);
     u32 max = common16(d, VIRTIO_COMMON_Q_SIZE);
     if (max == 0)
         return "queue missing";
-    u32 size = VIRTQ_MAX_SIZE;
+    u32 size = limit;
     while (size > max)
         size >>= 1;
     u32 notify_offset = (u32)common16(d, VIRTIO_COMMON_Q_NOFF) * d->notify_multiplier;
     if (notify_offset + sizeof(u16) > d->notify_length)
         return "queue notify address outside the notify capability";
-    u64 page = take_free_pages(1);
+    u64 avail_offset = size * sizeof(struct virtq_desc);
+    if (avail_offset < VIRTQ_AVAIL_OFFSET)
+        avail_offset = VIRTQ_AVAIL_OFFSET;
+    u64 used_offset = avail_offset + (VIRTQ_USED_OFFSET - VIRTQ_AVAIL_OFFSET);
+    u64 used_end = used_offset + sizeof(struct virtq_used) + (size + 1) * sizeof(struct virtq_used_elem);
+    u64 pages = (used_end + PAGE_SIZE - 1) / PAGE_SIZE;
+    u64 page = take_free_pages(pages);
     if (page == 0)
         return "no RAM for the queue";
-    clear_page(page);
+    for (u64 i = 0; i < pages; i++)
+        clear_page(page + i * PAGE_SIZE);
 
     struct virtq *q = &d->vq[index];
     q->index = (u16)index;
     q->size = (u16)size;
     q->event_idx = (d->features & VIRTIO_F_EVENT_IDX) != 0;
     q->desc = (struct virtq_desc *)page;
-    q->avail = (volatile struct virtq_avail *)(page + VIRTQ_AVAIL_OFFSET);
-    q->used = (volatile struct virtq_used *)(page + VIRTQ_USED_OFFSET);
+    q->avail = (volatile struct virtq_avail *)(page + avail_offset);
+    q->used = (volatile struct virtq_used *)(page + used_offset);
     q->notify = (volatile u16 *)(d->notify_base + notify_offset);
     /* Polling only: ask the device not to signal (flags with plain rings, used_event with EVENT_IDX). */
     if (q->event_idx)
@@ -306,8 +321,8 @@ const char *virtio_queue(struct virtio_dev *d, u32 index)
 
     set_common16(d, VIRTIO_COMMON_Q_SIZE, (u16)size);
     set_common64(d, VIRTIO_COMMON_Q_DESCLO, page);
-    set_common64(d, VIRTIO_COMMON_Q_AVAILLO, page + VIRTQ_AVAIL_OFFSET);
-    set_common64(d, VIRTIO_COMMON_Q_USEDLO, page + VIRTQ_USED_OFFSET);
+    set_common64(d, VIRTIO_COMMON_Q_AVAILLO, page + avail_offset);
+    set_common64(d, VIRTIO_COMMON_Q_USEDLO, page + used_offset);
     set_common16(d, VIRTIO_COMMON_Q_MSIX, VIRTIO_MSI_NO_VECTOR);
     set_common16(d, VIRTIO_COMMON_Q_ENABLE, 1);
     d->nqueues = index + 1;

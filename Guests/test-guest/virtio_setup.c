@@ -1,8 +1,9 @@
 /*
  * virtio_setup.c - CPL-0 set-up of the virtio devices the probe found:
  * features per device type, queues, the RAM their requests and the block
- * workload use (carved before the working set is sized), and one console
- * line per device. The data path is CPL 3 (devices.c and friends).
+ * workload use (carved before the working set is sized; the block
+ * benchmark's in bench_setup.c), and one console line per device. The data
+ * path is CPL 3 (devices.c and friends).
  */
 #include "kernel.h"
 #include "virtio.h"
@@ -10,6 +11,8 @@
 /* Ring features are taken whenever offered (spec 6); the data path uses them. */
 #define RING_FEATURES   (VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX)
 #define BLK_FEATURES    (RING_FEATURES | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_RO)
+/* The benchmark's 1 MiB requests must respect the device's segment limits, so it learns them. */
+#define BENCH_FEATURES  (BLK_FEATURES | VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX)
 #define BLK_CAPACITY    0               /* device config: capacity in 512-byte sectors (spec 5.2.4) */
 #define GEN_PER_PAGE    (PAGE_SIZE / sizeof(u64))
 #define CONSOLE_RECEIVEQ 0              /* port 0 without VIRTIO_CONSOLE_F_MULTIPORT (spec 5.3.2) */
@@ -89,19 +92,26 @@ static const char *plan_blocks(struct virtio_dev *d)
     return NULL;
 }
 
+/* With block_bench=1 the benchmark replaces the block workload: other features, a deeper queue, its own RAM. */
 static const char *setup_blk(struct virtio_dev *d)
 {
-    const char *why = virtio_begin(d, BLK_FEATURES);
+    int bench = boot_params.block_bench != 0;
+    const char *why = virtio_begin(d, bench ? BENCH_FEATURES : BLK_FEATURES);
     if (why)
         return why;
     if (d->device_cfg == NULL)
         return "no device configuration capability";
-    why = virtio_queue(d, 0);
+    why = virtio_queue(d, 0, bench ? VIRTQ_BENCH_MAX_SIZE : VIRTQ_MAX_SIZE);
     if (why)
         return why;
     if (!(d->features & VIRTIO_F_INDIRECT_DESC) && d->vq[0].size < 4)
         return "request queue too small";
-    return plan_blocks(d);
+    if (!bench)
+        return plan_blocks(d);
+    blk_area.capacity = virtio_config64(d, BLK_CAPACITY);
+    boot_params.block_blocks = 0;
+    bench_plan(d);
+    return NULL;
 }
 
 /* One page per device for its buffers (console: transmit buffers; rng: the request). */
@@ -119,9 +129,9 @@ static const char *setup_console(struct virtio_dev *d)
     /* VIRTIO_CONSOLE_F_MULTIPORT is not wanted: port 0 only, queues 0 and 1. */
     const char *why = virtio_begin(d, RING_FEATURES);
     if (!why)
-        why = virtio_queue(d, CONSOLE_RECEIVEQ);
+        why = virtio_queue(d, CONSOLE_RECEIVEQ, VIRTQ_MAX_SIZE);
     if (!why)
-        why = virtio_queue(d, CONSOLE_TRANSMITQ);
+        why = virtio_queue(d, CONSOLE_TRANSMITQ, VIRTQ_MAX_SIZE);
     return why ? why : setup_page(d);
 }
 
@@ -129,7 +139,7 @@ static const char *setup_rng(struct virtio_dev *d)
 {
     const char *why = virtio_begin(d, RING_FEATURES);
     if (!why)
-        why = virtio_queue(d, 0);
+        why = virtio_queue(d, 0, VIRTQ_MAX_SIZE);
     return why ? why : setup_page(d);
 }
 

@@ -1,7 +1,8 @@
 /*
  * virtq.c - the driver side of a split virtqueue (virtio spec 1.2, 2.7) at
- * CPL 3: publish a descriptor chain, ring the doorbell when the device asks
- * for it, consume used entries. No interrupts: callers poll virtq_take.
+ * CPL 3: publish descriptor chains (one, or a batch behind one avail index
+ * update), ring the doorbell when the device asks for it, consume used
+ * entries. No interrupts: callers poll virtq_take.
  *
  * Ordering on x86: stores are not reordered with stores nor loads with
  * loads, so a compiler barrier orders descriptor/ring writes before the
@@ -33,14 +34,20 @@ static volatile u16 *avail_event(struct virtq *q)
     return (volatile u16 *)&q->used->ring[q->size];
 }
 
-void virtq_post(struct virtq *q, u16 head)
+void virtq_add(struct virtq *q, u16 head)
 {
-    u16 old = q->avail_idx;
-    u16 next = (u16)(old + 1);
-    q->avail->ring[old & (q->size - 1)] = head;
+    q->avail->ring[q->avail_idx & (q->size - 1)] = head;
+    q->avail_idx++;
+}
+
+void virtq_kick(struct virtq *q)
+{
+    u16 old = q->avail->idx;
+    u16 next = q->avail_idx;
+    if (old == next)
+        return;
     compiler_barrier();
     q->avail->idx = next;
-    q->avail_idx = next;
     full_barrier();
 
     int kick;
@@ -50,6 +57,12 @@ void virtq_post(struct virtq *q, u16 head)
         kick = !(q->used->flags & VIRTQ_USED_F_NO_NOTIFY);
     if (kick)
         *q->notify = q->index;      /* a 16-bit write of the queue index, as Linux does */
+}
+
+void virtq_post(struct virtq *q, u16 head)
+{
+    virtq_add(q, head);
+    virtq_kick(q);
 }
 
 int virtq_take(struct virtq *q, u32 *id, u32 *len)

@@ -81,10 +81,13 @@ struct DeviceTests {
                 "the virtio console goes on writing on the destination without starting over")
     }
 
-    @Test func aDiskTheReceiveDoesNotPlaceFailsTheReceiveNamingItAndTheSourceKeepsTheGuest() async throws {
+    /// Unplaced, or placed where the destination cannot open it.
+    @Test(arguments: [[], [ReceiveMigrationData.DiskPlacement(id: "disk0", path: "/nonexistent/disk0.img")]])
+    func aDiskTheDestinationCannotHostFailsTheReceiveNamingItAndTheSourceKeepsTheGuest(
+        placements: [ReceiveMigrationData.DiskPlacement]) async throws {
         let directory = try TemporaryDirectory()
         let pair = try await MigrationPair(transport: .tcp, guest: try Self.guest(directory))
-        let incoming = try await pair.destination.startReceive(at: "tcp:127.0.0.1:0", disks: [])
+        let incoming = try await pair.destination.startReceive(at: "tcp:127.0.0.1:0", disks: placements)
         try await pair.send(SendMigrationData(destination_url: incoming.url))
         let failed = await pair.waitForDestinationEnd()
         #expect(failed?.name == "vm.migration-receive-failed")

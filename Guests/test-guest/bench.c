@@ -148,14 +148,6 @@ static void report(u64 elapsed)
 
 /* ---- Requests ---------------------------------------------------------- */
 
-static void set_desc(struct virtq_desc *d, u64 addr, u32 len, u16 flags, u16 next)
-{
-    d->addr = addr;
-    d->len = len;
-    d->flags = flags;
-    d->next = next;
-}
-
 /* Queues (virtq_add) the request in slot i; the caller kicks once for the batch. */
 static void submit(u64 i)
 {

@@ -153,14 +153,6 @@ static void print_id(void)
 
 /* ---- Requests ---------------------------------------------------------- */
 
-static void set_desc(struct virtq_desc *d, u64 addr, u32 len, u16 flags, u16 next)
-{
-    d->addr = addr;
-    d->len = len;
-    d->flags = flags;
-    d->next = next;
-}
-
 /*
  * Header, optional data, status (spec 5.2.6). With INDIRECT_DESC the chain
  * sits in the request's indirect table and descriptor 0 points at it;

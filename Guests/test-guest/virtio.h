@@ -90,6 +90,15 @@ struct virtq_desc {
     u16 next;
 };
 
+/* Fills one descriptor (used by the block workload and the block benchmark). */
+static inline void set_desc(struct virtq_desc *d, u64 addr, u32 len, u16 flags, u16 next)
+{
+    d->addr = addr;
+    d->len = len;
+    d->flags = flags;
+    d->next = next;
+}
+
 struct virtq_avail {
     u16 flags;
     u16 idx;

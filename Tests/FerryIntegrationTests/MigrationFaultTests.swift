@@ -44,6 +44,17 @@ struct MigrationFaultTests {
 
     @Test(arguments: Moment.allCases)
     func destinationKilledLeavesTheGuestRunningOnTheSource(during moment: Moment) async throws {
+        // On a loaded host the busy guest can converge and its migration finish before a kill aimed
+        // at a later pass lands: nothing was tested then, so the attempt is made again.
+        for attempt in 1...3 {
+            if try await destinationKilled(during: moment) { return }
+            print("fault-detail: attempt \(attempt): the migration finished before the kill during \(moment.rawValue) landed; again")
+        }
+        Issue.record("the migration finished before the kill during \(moment.rawValue) landed, three times")
+    }
+
+    /// One attempt; false if the migration finished before the destination was killed.
+    func destinationKilled(during moment: Moment) async throws -> Bool {
         let directory = try TemporaryDirectory()
         let source = try await TestVMM("source", in: directory)
         try await source.boot(moment == .firstPass ? .large : .busy)
@@ -65,6 +76,8 @@ struct MigrationFaultTests {
         destination.process.signal(SIGKILL)
 
         let end = try await source.waitForEvent(Self.sourceTerminals, id: id)
+        // Finished: the destination had acknowledged the last message before the kill reached it.
+        if end.name == "vm.migration-finished", moment != .firstPass { return false }
         let mark = source.process.consoleLines.count
         Self.report("destination SIGKILL during \(moment.rawValue) → source \(end.name)", from: fault, to: source.date(of: end))
         #expect(end.name == "vm.migration-failed", "\(end.properties)")
@@ -80,6 +93,7 @@ struct MigrationFaultTests {
         #expect(try await Self.progressState(of: source) == "Failed")
         // The source is not wedged: the same guest migrates to a new destination all the way.
         try await Self.migrateSuccessfully(from: source, to: try await TestVMM("destination-2", in: directory), cpus: TestGuestVM.busy.cpus)
+        return true
     }
 
     // MARK: 2. The source is killed

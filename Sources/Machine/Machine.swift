@@ -168,10 +168,14 @@ public final class Machine: Sendable {
         if configuration.virtioConsole { backends.append(("virtio-console", try VirtioConsole(output: consoleOutput))) }
         var allocator = BARAllocator(endOfRAM: memory.ranges.map(\.end).max() ?? 0)
         var devices: [VirtioPCIDevice] = []
-        for (_, backend) in backends {
+        let lines = INTxLines(router: router)
+        for (index, (_, backend)) in backends.enumerated() {
+            let slot = index + 1
             do {
                 devices.append(try VirtioPCIDevice(backend: backend, memory: memory, router: router,
                                                    barAddress: try allocator.allocate(size: VirtioPCI.barSize),
+                                                   interruptPin: PCIBus.interruptPin(slot: slot),
+                                                   setINTx: { lines.set(PCIBus.interruptPin(slot: slot), source: slot, high: $0) },
                                                    log: Self.logDeviceError))
             } catch {
                 throw MachineError.host("creating \(backend.name)", error)
@@ -189,7 +193,8 @@ public final class Machine: Sendable {
     /// at the kernel's entry point.
     private func prepareToBoot() throws(MachineError) {
         let entry = try BootLoader.load(kernelPath: configuration.kernel, initramfsPath: configuration.initramfs,
-                                        commandLine: configuration.commandLine, cpuCount: configuration.cpus, memory: memory)
+                                        commandLine: configuration.commandLine, cpuCount: configuration.cpus,
+                                        pciSlots: Array(virtioDevices.indices.map { $0 + 1 }), memory: memory)
         do {
             let supportedCPUID = try kvm.supportedCPUID()
             for vcpu in vcpus {

@@ -63,6 +63,28 @@ func le<T: FixedWidthInteger>(_ bytes: [UInt8], _ offset: Int, as _: T.Type = T.
         #expect(processors.first?.flags == 3, "vCPU 0 is the enabled boot processor")
         #expect(processors.dropFirst().allSatisfy { $0.flags == 1 })
     }
+
+    @Test func pciSlotsGetABusAndLevelTriggeredINTARoutes() {
+        let table = Array(MPTable.bytes(cpuCount: 1, pciSlots: [1, 2, 9], at: 0xF0000)[16...])
+        var offset = 44
+        var buses: [(id: UInt8, type: String)] = []
+        var pciRoutes: [(flags: UInt16, sourceIRQ: UInt8, pin: UInt8)] = []
+        while offset < table.count {
+            switch table[offset] {
+            case 0: offset += 20; continue
+            case 1: buses.append((table[offset + 1], String(decoding: table[(offset + 2)..<(offset + 8)], as: UTF8.self)))
+            case 3 where table[offset + 4] == 1:
+                pciRoutes.append((le(table, offset + 2, as: UInt16.self), table[offset + 5], table[offset + 7]))
+            default: break
+            }
+            offset += 8
+        }
+        #expect(buses.map(\.id) == [0, 1] && buses[1].type == "PCI   ")
+        #expect(pciRoutes.map(\.sourceIRQ) == [1 << 2, 2 << 2, 9 << 2], "device number in bits 2–6, INTA#")
+        #expect(pciRoutes.map(\.pin) == [16, 17, 16])
+        #expect(pciRoutes.allSatisfy { $0.flags == 0b1101 }, "level-triggered, active high")
+        #expect(table.reduce(UInt8(0), &+) == 0)
+    }
 }
 
 @Suite struct PageTableTests {

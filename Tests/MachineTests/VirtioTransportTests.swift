@@ -42,6 +42,13 @@ struct VirtioTransportTests {
         var status: UInt8 { UInt8(read(0x14, size: 1)) }
     }
 
+    /// The IOAPIC's interrupt request register: one bit per pin whose line is high
+    /// (`struct kvm_irqchip`: chip id and padding, then `kvm_ioapic_state`, whose `irr` is at 16).
+    static func ioapicIRR(_ machine: Machine) throws -> UInt32 {
+        let bytes = try machine.vm.interruptChipState(.ioapic)
+        return (0..<4).reduce(UInt32(0)) { $0 | UInt32(bytes[24 + $1]) << (8 * $1) }
+    }
+
     static func machine(_ directory: TemporaryDirectory) throws -> Machine {
         let image = directory.path("disk.img")
         #expect(FileManager.default.createFile(atPath: image, contents: Data(count: 1 << 20)))
@@ -98,6 +105,13 @@ struct VirtioTransportTests {
         driver.write(0x1C, 1, size: 2)
         #expect(driver.read(0x1C, size: 2) == 0, "the queue did not enable")
         #expect(driver.status & 0x40 != 0, "DEVICE_NEEDS_RESET")
+        // MSI-X is off, so the configuration change went out on INTx: IOAPIC pin 16 is high
+        // until the driver reads the ISR.
+        #expect(driver.configuration(slot: 1, offset: 0x3C) & 0xFFFF == 0x0110, "INTA#, line 16")
+        #expect(try Self.ioapicIRR(driver.machine) & (1 << 16) != 0, "INTx raised")
+        #expect(driver.read(0x1000, size: 1) == 2, "ISR: a configuration change")
+        #expect(try Self.ioapicIRR(driver.machine) & (1 << 16) == 0, "reading the ISR lowered INTx")
+
         driver.write(0x14, 0, size: 1)
         #expect(driver.status == 0 && driver.read(0x20, size: 8) == 0, "a reset clears status and queues")
 

@@ -44,22 +44,22 @@ public enum BootLoader {
     /// Loads the kernel and initramfs files into `memory` with the command line and the boot
     /// tables; returns where the boot vCPU enters the kernel.
     public static func load(kernelPath: String, initramfsPath: String?, commandLine: String, cpuCount: Int,
-                            memory: GuestMemory) throws(MachineError) -> BootEntry {
+                            pciSlots: [Int] = [], memory: GuestMemory) throws(MachineError) -> BootEntry {
         let kernel = try readFile(kernelPath, what: "kernel")
         let initramfs = try initramfsPath.map { path throws(MachineError) in try readFile(path, what: "initramfs") }
         return try load(kernel: kernel, named: kernelPath, initramfs: initramfs, commandLine: commandLine, cpuCount: cpuCount,
-                        memory: memory)
+                        pciSlots: pciSlots, memory: memory)
     }
 
     /// `load(kernelPath:…)` for images already in memory; `name` names the kernel in errors.
     static func load(kernel: [UInt8], named name: String, initramfs: [UInt8]?, commandLine: String, cpuCount: Int,
-                     memory: GuestMemory) throws(MachineError) -> BootEntry {
+                     pciSlots: [Int] = [], memory: GuestMemory) throws(MachineError) -> BootEntry {
         try checkCommandLine(commandLine)
         let plan = try plan(kernel: kernel, kernelPath: name, initramfsSize: initramfs.map { UInt64($0.count) },
                             ram: memory.ranges)
 
         try memory.write(Array(commandLine.utf8) + [0], at: BootLayout.commandLineAddress)
-        try memory.write(MPTable.bytes(cpuCount: cpuCount, at: BootLayout.mpTableAddress), at: BootLayout.mpTableAddress)
+        try memory.write(MPTable.bytes(cpuCount: cpuCount, pciSlots: pciSlots, at: BootLayout.mpTableAddress), at: BootLayout.mpTableAddress)
         try memory.write(BootCPUState.gdtBytes, at: BootLayout.gdtAddress)
         if let initramfs, let address = plan.initramfsAddress {
             try memory.write(initramfs, at: address)

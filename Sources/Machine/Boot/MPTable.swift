@@ -10,13 +10,18 @@ public enum MPTable {
     static let cpuSignature: UInt32 = 0x600        // family 6; informational only
     static let cpuFeatureFlags: UInt32 = 0x201     // FPU and APIC present (CPUID.1:EDX bits 0 and 9)
     static let isaInterruptCount: UInt8 = 16       // legacy IRQs 0–15 routed to IOAPIC pins 0–15
+    static let pciBusID: UInt8 = 1                 // bus 0 of PCI, as the MP table numbers buses
 
     enum EntryType: UInt8 { case processor = 0, bus = 1, ioAPIC = 2, ioInterrupt = 3, localInterrupt = 4 }
     enum InterruptType: UInt8 { case int = 0, nmi = 1, extINT = 3 }
     enum ProcessorFlags: UInt8 { case enabled = 1, bootProcessor = 3 }
 
+    /// PCI's INTx lines are level-triggered; with KVM's IOAPIC a raised line is an asserted one.
+    static let levelActiveHigh: UInt16 = 0b1101    // trigger level (11), polarity active high (01)
+
     /// The floating pointer structure followed by the configuration table, to be placed at `address`.
-    public static func bytes(cpuCount: Int, at address: UInt64) -> [UInt8] {
+    /// `pciSlots` are the slots of PCI bus 0 whose INTA# the table routes (`PCIBus.interruptPin`).
+    public static func bytes(cpuCount: Int, pciSlots: [Int] = [], at address: UInt64) -> [UInt8] {
         let ioAPICID = UInt8(cpuCount)   // IDs must differ from every LAPIC's
         var entries = LittleEndianBytes()
         var entryCount: UInt16 = 0
@@ -33,6 +38,10 @@ public enum MPTable {
         entries.append(EntryType.bus.rawValue)
         entries.append(UInt8(0))                                 // bus id
         entries.appendPadded("ISA", width: 6)
+        entryCount += 1
+        entries.append(EntryType.bus.rawValue)
+        entries.append(pciBusID)
+        entries.appendPadded("PCI", width: 6)
         entryCount += 1
         entries.append(EntryType.ioAPIC.rawValue)
         entries.append(ioAPICID)
@@ -54,6 +63,16 @@ public enum MPTable {
         }
         ioInterrupt(.extINT, irq: 0)
         for irq in 0..<isaInterruptCount { ioInterrupt(.int, irq: irq) }
+        for slot in pciSlots {
+            entries.append(EntryType.ioInterrupt.rawValue)
+            entries.append(InterruptType.int.rawValue)
+            entries.append(levelActiveHigh)
+            entries.append(pciBusID)
+            entries.append(UInt8(slot << 2))                     // device number, INTA#
+            entries.append(ioAPICID)
+            entries.append(UInt8(PCIBus.interruptPin(slot: slot)))
+            entryCount += 1
+        }
         func localInterrupt(_ type: InterruptType, pin: UInt8) {
             entries.append(EntryType.localInterrupt.rawValue)
             entries.append(type.rawValue)

@@ -26,6 +26,12 @@ public final class PCIBus: PortIODevice, Sendable {
     public static let barWindow: Range<UInt64> = 0xC000_0000..<0xE000_0000
     public static let slotCount = 32
 
+    /// The IOAPIC pin of a slot's INTA#: pins 16–23, past the ISA IRQs, in turn (slots 1 and 9
+    /// share pin 16). The MP table says so, and the interrupt line register holds it.
+    public static func interruptPin(slot: Int) -> UInt32 {
+        16 + UInt32((slot - 1) % 8)
+    }
+
     private let devices: [any PCIDevice]
     private let address = Mutex<UInt32>(0)
 

@@ -40,8 +40,31 @@ public final class InterruptRouter: Sendable {
         }
     }
 
+    /// Sets an IOAPIC pin's level (`KVM_IRQ_LINE`).
+    func setLine(_ pin: UInt32, high: Bool) { try? vm.setInterruptLine(pin, high: high) }
+
     func bind(_ event: EventFD, gsi: UInt32) throws { try vm.bindInterrupt(event, gsi: gsi) }
     func unbind(_ event: EventFD, gsi: UInt32) { try? vm.unbindInterrupt(event, gsi: gsi) }
     func bindDoorbell(_ event: EventFD, address: UInt64) throws { try vm.bindDoorbell(event, address: address, length: 2) }
     func unbindDoorbell(_ event: EventFD, address: UInt64) { try? vm.unbindDoorbell(event, address: address, length: 2) }
+}
+
+/// PCI INTx lines, which devices share (slots 1 and 9 both use pin 16): a pin is high while any
+/// of its devices asserts it, so one device lowering its INTx never hides another's.
+final class INTxLines: Sendable {
+    private let router: InterruptRouter
+    private let asserting = Mutex<[UInt32: Set<Int>]>([:])
+
+    init(router: InterruptRouter) {
+        self.router = router
+    }
+
+    func set(_ pin: UInt32, source: Int, high: Bool) {
+        asserting.withLock { asserting in
+            let wasHigh = !(asserting[pin] ?? []).isEmpty
+            if high { asserting[pin, default: []].insert(source) } else { asserting[pin]?.remove(source) }
+            let isHigh = !(asserting[pin] ?? []).isEmpty
+            if isHigh != wasHigh { router.setLine(pin, high: isHigh) }
+        }
+    }
 }

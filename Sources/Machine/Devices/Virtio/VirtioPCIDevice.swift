@@ -84,21 +84,30 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
     private let vectorGSIs: [UInt32]
     /// Where the queue doorbells are bound with ioeventfd now (nil: not bound).
     private let doorbells = Mutex<UInt64?>(nil)
+    /// Raises or lowers the device's INTx line, and whether it is raised now.
+    private let setINTx: @Sendable (Bool) -> Void
+    private let intxAsserted = Mutex(false)
     private let worker: DeviceWorker
 
+    /// - Parameters:
+    ///   - interruptPin: the IOAPIC pin of the device's INTA#, for the interrupt line register.
+    ///   - setINTx: raises or lowers that line (used while MSI-X is off).
     init(backend: any VirtioBackend, memory: GuestMemory, router: InterruptRouter, barAddress: UInt64,
+         interruptPin: UInt32, setINTx: @escaping @Sendable (Bool) -> Void,
          log: @escaping @Sendable (String) -> Void) throws {
         self.backend = backend
         self.memory = memory
         self.router = router
+        self.setINTx = setINTx
         self.log = log
         offeredFeatures = backend.features | VirtioPCI.transportFeatures
         let queueCount = backend.queueSizes.count
         let vectorCount = queueCount + 1
         var header = PCIConfigurationHeader(
             vendor: VirtioPCI.vendor, device: 0x1040 + backend.deviceType, classCode: backend.pciClass, revision: 1,
-            subsystemVendor: VirtioPCI.vendor, subsystem: 0x40,
+            subsystemVendor: VirtioPCI.vendor, subsystem: 0x40, interruptPin: 1,
             bars: [.init(index: VirtioPCI.bar, size: VirtioPCI.barSize, is64Bit: true)])
+        header.write(offset: 0x3C, size: 1, value: interruptPin)    // as firmware would
         func virtioCapability(_ type: UInt8, offset: UInt64, length: UInt64, extra: [UInt8] = []) -> (id: UInt8, body: [UInt8]) {
             var body = LittleEndianBytes()
             body.append(UInt8(16 + extra.count))     // cap_len, from the capability id on
@@ -230,7 +239,11 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
         let deliver = state.withLock { state -> Bool in
             state.isr |= cause
             let index = Int(vector)
-            guard state.msix.enabled, index < state.msix.entries.count else { return false }
+            guard state.msix.enabled else {
+                updateINTx(state)
+                return false
+            }
+            guard index < state.msix.entries.count else { return false }
             if state.msix.functionMask || state.msix.entries[index].masked {
                 state.msix.pending[index] = true
                 return false
@@ -238,6 +251,18 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             return true
         }
         if deliver { vectorEvents[Int(vector)].signal() }
+    }
+
+    /// INTx (PCI 3.0 §2.2.6), when MSI-X is off: the line is high while the ISR has a bit set and
+    /// the command register allows it; reading the ISR lowers it. Call with the state locked.
+    private func updateINTx(_ state: SavedState) {
+        let high = !state.msix.enabled && state.isr != 0
+            && state.header.command & PCIConfigurationHeader.commandINTxDisable == 0
+        intxAsserted.withLock { asserted in
+            guard asserted != high else { return }
+            asserted = high
+            setINTx(high)
+        }
     }
 
     /// Re-routes every vector after a change to the MSI-X table or control, and delivers what
@@ -306,6 +331,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             }
             state.header.write(offset: offset, size: size, value: value)
         }
+        state.withLock { updateINTx($0) }
         if vectorsChanged { updateVectors() }
         updateDoorbells()
     }
@@ -372,7 +398,10 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             return (0..<size).map { start + $0 < image.count ? image[start + $0] : 0 }
         case VirtioPCI.isrOffset:
             // Reading the ISR acknowledges it.
-            return bytes(UInt64(state.withLock { state in defer { state.isr = 0 }; return state.isr }), from: offset)
+            return bytes(UInt64(state.withLock { state in
+                defer { state.isr = 0; updateINTx(state) }
+                return state.isr
+            }), from: offset)
         case VirtioPCI.deviceOffset..<(VirtioPCI.deviceOffset + VirtioPCI.deviceSize):
             let configuration = backend.configuration()
             let start = Int(offset - VirtioPCI.deviceOffset)
@@ -560,6 +589,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             state.configurationVector = VirtioPCI.noVector
             state.isr = 0
             for index in state.queues.indices { state.queues[index].reset() }
+            updateINTx(state)
         }
         backend.reset()
         worker.resumeIfStarted()
@@ -587,6 +617,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             try header.restore(saved.header)
             state = saved
             state.header = header
+            updateINTx(state)
         }
         updateVectors()
         updateDoorbells()

@@ -103,6 +103,26 @@ import Testing
         #expect(Array(try memory.read(count: 9, at: Self.data)) == Array("test-disk".utf8))
     }
 
+    @Test func aReadOnlyDiskRefusesWritesWithAnIOErrorAndKeepsItsData() throws {
+        let memory = try GuestMemory(ranges: [GuestRAMRange(start: 0, size: Self.ram)])
+        let directory = try TemporaryDirectory()
+        let path = directory.path("ro.img")
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(repeating: 0xAB, count: 8 * 512)))
+        let disk = try VirtioBlock(DiskConfiguration(id: "ro", path: path, readOnly: true))
+        #expect(disk.features & VirtioBlock.featureReadOnly != 0)
+        var driver = try Driver(memory: memory)
+        for type in [UInt32(1), 11, 13] {   // write, discard, write-zeroes
+            try memory.fill(0, count: 512, at: Self.data)
+            try memory.write(UInt64(0), at: Self.data)                   // a discard segment: sector 0
+            try memory.write(UInt32(1), at: Self.data + 8)               // one sector
+            try driver.blockRequest(type: type, sector: 0, length: 512)
+            let chain = try #require(try driver.queue.pop(memory))
+            _ = try disk.handle(chain, queue: 0, memory: memory)
+            #expect(try memory.read(UInt8.self, at: Self.status) == 1, "type \(type): VIRTIO_BLK_S_IOERR")
+        }
+        #expect(FileManager.default.contents(atPath: path) == Data(repeating: 0xAB, count: 8 * 512))
+    }
+
     @Test func aDescriptorLoopIsCaught() throws {
         let memory = try GuestMemory(ranges: [GuestRAMRange(start: 0, size: Self.ram)])
         var driver = try Driver(memory: memory)

@@ -579,7 +579,8 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
     /// A driver's reset (writing 0 to device_status): back to the state before the driver found the
     /// device, except where the PCI function is placed and its MSI-X table, which belong to PCI.
     private func resetDevice() {
-        worker.pause()
+        // Paused here only if it was running: a worker the machine paused stays paused.
+        let pausedHere = worker.pause()
         state.withLock { state in
             state.deviceFeatureSelect = 0
             state.driverFeatureSelect = 0
@@ -592,7 +593,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             updateINTx(state)
         }
         backend.reset()
-        worker.resumeIfStarted()
+        if pausedHere { worker.resumeAfterPause() }
     }
 
     // MARK: Saved state
@@ -667,8 +668,8 @@ final class DeviceWorker: @unchecked Sendable {
         control.signal()
     }
 
-    /// Resumes a paused thread if the machine had started it (after a device reset).
-    func resumeIfStarted() {
+    /// Resumes a thread that `pause()` paused (after a device reset).
+    func resumeAfterPause() {
         lock.withLock {
             guard mode == .paused || mode == .pausing else { return }
             mode = .running
@@ -678,13 +679,16 @@ final class DeviceWorker: @unchecked Sendable {
         control.signal()
     }
 
-    func pause() {
+    /// Returns once the thread has parked; true if it was running until now.
+    @discardableResult
+    func pause() -> Bool {
         lock.withLock {
-            guard mode == .running else { return }
+            guard mode == .running else { return false }
             mode = .pausing
             pauseFlag.withLock { $0 = true }
             control.signal()
             while mode == .pausing { changed.wait() }
+            return true
         }
     }
 

@@ -140,8 +140,8 @@ public final class VirtioBlock: VirtioBackend {
         guard header.count == Self.headerSize else {
             throw VirtioError("a block request header (descriptor \(chain.head)) has \(header.count) bytes, not \(Self.headerSize)")
         }
-        let type = header[0..<4].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) }
-        let sector = header[8..<16].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
+        let type = header.littleEndian(UInt32.self, at: 0) ?? 0
+        let sector = header.littleEndian(UInt64.self, at: 8) ?? 0
         // Data buffers: after the header among the readable ones, before the status among the writable.
         let dataIn = Array(writable.dropLast()).withStatusTrimmed(statusBuffer)
         let dataOut = readable.droppingPrefix(bytes: Self.headerSize)
@@ -206,8 +206,8 @@ public final class VirtioBlock: VirtioBackend {
     private func zeroRanges(_ buffers: [VirtioBuffer], discard: Bool, memory: GuestMemory) throws(VirtioError) -> UInt8 {
         let segment = try ChainIO.gather(buffers, count: 16, from: memory)
         guard segment.count == 16 else { return Self.statusIOError }
-        let sector = segment[0..<8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
-        let count = segment[8..<12].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
+        let sector = segment.littleEndian(UInt64.self, at: 0) ?? 0
+        let count = UInt64(segment.littleEndian(UInt32.self, at: 8) ?? 0)
         guard sector <= sectors, count <= sectors - sector else { return Self.statusIOError }
         let result = ckvm_fallocate(file.rawValue, discard ? 1 : 0, Int64(sector * Self.sectorSize), Int64(count * Self.sectorSize))
         // Discard is a hint: a file system that cannot punch holes has still done no harm.

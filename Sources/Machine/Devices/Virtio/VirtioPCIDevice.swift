@@ -348,7 +348,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             barWrite(index: 0, offset: offset, data: (0..<length).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) })
             return 0
         }
-        return barRead(index: 0, offset: offset, size: length).enumerated().reduce(0) { $0 | UInt32($1.element) << (8 * $1.offset) }
+        return barRead(index: 0, offset: offset, size: length).reversed().reduce(0) { $0 << 8 | UInt32($1) }
     }
 
     public func decodedBARs() -> [(index: Int, start: UInt64, size: UInt64)] {

@@ -79,6 +79,14 @@ struct VirtioTransportTests {
             next = Int(header >> 8 & 0xFF)
         }
         #expect(types == [0x111, 1, 3, 4, 2, 5])
+
+        // The VIRTIO_PCI_CAP_PCI_CFG window reaches BAR 0 through configuration space: num_queues.
+        var window = Int(driver.configuration(slot: 1, offset: 0x34) & 0xFF)
+        while driver.configuration(slot: 1, offset: window) >> 24 != 5 { window = Int(driver.configuration(slot: 1, offset: window) >> 8 & 0xFF) }
+        driver.setConfiguration(slot: 1, offset: window + 4, 0)        // bar 0
+        driver.setConfiguration(slot: 1, offset: window + 8, 0x12)     // offset of num_queues
+        driver.setConfiguration(slot: 1, offset: window + 12, 2)       // length
+        #expect(driver.configuration(slot: 1, offset: window + 16) & 0xFFFF == 1, "one queue, read through the window")
     }
 
     @Test func negotiationRefusesWhatWasNotOfferedAndABrokenQueueNeedsAReset() throws {

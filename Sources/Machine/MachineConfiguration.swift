@@ -53,11 +53,13 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
                   virtioConsole: try container.decodeIfPresent(Bool.self, forKey: .virtioConsole) ?? false)
     }
 
-    /// This host's RAM: no guest may have more.
-    public static var hostMemory: UInt64 { ProcessInfo.processInfo.physicalMemory }
+    /// The largest guest: 4 TiB. Guest RAM is mapped without reserving host memory (as Cloud
+    /// Hypervisor maps it): pages the guest never touches cost nothing, and whether the host can
+    /// back those it touches is its overcommit policy's decision, as with every VMM.
+    public static let maximumMemorySize: UInt64 = 4 << 40
 
-    /// Checks the values against what Ferry and this host can run; the message names the field.
-    public func validate(hostMemory: UInt64? = MachineConfiguration.hostMemory) throws(MachineError) {
+    /// Checks the values against what Ferry can run; the message names the field.
+    public func validate() throws(MachineError) {
         guard (1...Self.maximumCPUs).contains(cpus) else {
             throw Self.invalid("cpus: \(cpus) is not between 1 and \(Self.maximumCPUs)")
         }
@@ -82,8 +84,8 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
         guard pciDevices < PCIBus.slotCount else {
             throw Self.invalid("disks: \(pciDevices) PCI devices do not fit in the \(PCIBus.slotCount - 1) slots of PCI bus 0")
         }
-        if let hostMemory, memorySize > hostMemory {
-            throw Self.invalid("memory size: \(memorySize >> 20) MiB exceeds this host's \(hostMemory >> 20) MiB of RAM")
+        guard memorySize <= Self.maximumMemorySize else {
+            throw Self.invalid("memory size: \(memorySize >> 20) MiB is above the maximum of \(Self.maximumMemorySize >> 30) GiB")
         }
     }
 

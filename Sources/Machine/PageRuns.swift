@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import HostOS
 import KVM
 
 /// A set of guest pages as runs of consecutive 4 KiB pages: the pages KVM's dirty log reports
@@ -49,8 +50,33 @@ public struct PageRuns: Equatable, Sendable {
 
     /// Turns one slot's KVM dirty bitmap (bit n = page n of the slot, least significant bit of
     /// word 0 first) into runs of guest-physical pages.
+    /// Words with no bit set are skipped whole, so a large, quiet slot costs a pass over its
+    /// bitmap's words, not over its pages.
     static func runs(bitmap: [UInt64], slotStart: UInt64, pageCount: Int) -> [GuestRAMRange] {
-        runs(start: slotStart, pageCount: pageCount) { bitmap[$0 / 64] & (1 << UInt64($0 % 64)) != 0 }
+        var runs: [GuestRAMRange] = []
+        var runStart: Int?
+        func close(at page: Int) {
+            guard let first = runStart else { return }
+            runs.append(GuestRAMRange(start: slotStart + UInt64(first) * pageSize, size: UInt64(page - first) * pageSize))
+            runStart = nil
+        }
+        for (index, word) in bitmap.enumerated() where index * 64 < pageCount {
+            let base = index * 64
+            if word == 0 { close(at: base); continue }
+            if word == .max, base + 64 <= pageCount {
+                if runStart == nil { runStart = base }
+                continue
+            }
+            for bit in 0..<min(64, pageCount - base) {
+                if word & (1 << UInt64(bit)) != 0 {
+                    if runStart == nil { runStart = base + bit }
+                } else {
+                    close(at: base + bit)
+                }
+            }
+        }
+        close(at: pageCount)
+        return runs
     }
 }
 
@@ -63,8 +89,9 @@ extension GuestMemory {
     }()
 
     /// Every page of guest RAM that holds a byte other than zero, as runs in address order: what
-    /// a first pass over memory must send to a destination whose RAM starts zeroed. Pages never
-    /// touched read as the kernel's shared zero page, so scanning them costs no memory.
+    /// a first pass over memory must send to a destination whose RAM starts zeroed. Pages the host
+    /// never backed (`PageMap`: neither in RAM nor in swap) are skipped unread, so the scan costs
+    /// what the guest uses, not its size.
     public func nonZeroPages() -> PageRuns {
         PageRuns(runs: ranges.flatMap { nonZeroPages(in: $0).runs })
     }
@@ -74,8 +101,10 @@ extension GuestMemory {
     public func nonZeroPages(in range: GuestRAMRange) -> PageRuns {
         let page = Int(PageRuns.pageSize)
         guard let base = try? buffer(at: range.start, count: Int(range.size)).baseAddress else { return PageRuns(runs: []) }
-        return PageRuns(runs: PageRuns.runs(start: range.start, pageCount: Int(range.size) / page) { index in
-            memcmp(base + index * page, Self.zeroPage, page) != 0
+        let pageCount = Int(range.size) / page
+        let backed = PageMap.backedPages(at: base, count: pageCount)
+        return PageRuns(runs: PageRuns.runs(start: range.start, pageCount: pageCount) { index in
+            (backed?[index] ?? true) && memcmp(base + index * page, Self.zeroPage, page) != 0
         })
     }
 }

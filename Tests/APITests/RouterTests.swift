@@ -95,7 +95,7 @@ import VMM
         (#"{"payload": {}}"#, "payload.kernel: required"),
         (#"{"cpus": {"boot_vcpus": 0}, "payload": {"kernel": "\#(kernel)"}}"#, "cpus.boot_vcpus: 0 is not between 1 and 254"),
         (#"{"cpus": {"boot_vcpus": 2, "max_vcpus": 4}, "payload": {"kernel": "\#(kernel)"}}"#, "cpus.max_vcpus"),
-        (#"{"memory": {"size": 1099511627776}, "payload": {"kernel": "\#(kernel)"}}"#, "exceeds this host"),
+        (#"{"memory": {"size": 8796093022208}, "payload": {"kernel": "\#(kernel)"}}"#, "above the maximum of 4096 GiB"),
         (#"{"memory": {"size": 1048576}, "payload": {"kernel": "\#(kernel)"}}"#, "below the minimum"),
         (#"{"memory": {"size": -5}, "payload": {"kernel": "\#(kernel)"}}"#, "memory.size"),
         (#"{"payload": {"kernel": "/nonexistent/vmlinux"}}"#, "payload.kernel: /nonexistent/vmlinux does not exist"),

@@ -53,6 +53,19 @@ struct MigrationTests {
         try await Self.expectLiveMigration(pair) { SendMigrationData(destination_url: $0) }
     }
 
+    /// A 64 GiB guest that uses 64 MiB: guest RAM is mapped without reserving host memory, pass 0
+    /// skips the pages the host never backed, and they stay unbacked on the destination.
+    @Test func sparseSixtyFourGiBGuestMovesAndStaysSparse() async throws {
+        let pair = try await MigrationPair(transport: .tcp,
+                                           guest: TestGuestVM(cpus: 1, memoryMiB: 64 << 10, workload: "workset_mib=64 dirty_rate=10"))
+        let resident = { (node: TestVMM) in (node.statusKilobytes("VmRSS") ?? 0) << 10 }
+        #expect(resident(pair.source) < 2 << 30, "the source backs what the guest used: \(resident(pair.source) >> 20) MiB")
+        try await Self.expectLiveMigration(pair, afterContinuing: {
+            #expect(resident(pair.destination) < 2 << 30,
+                    "the destination backs what arrived: \(resident(pair.destination) >> 20) MiB")
+        }) { SendMigrationData(destination_url: $0) }
+    }
+
     @Test(arguments: MigrationTransport.allCases)
     func twoVCPUGuestRewriting64MiBConvergesAndContinuesOnTheDestination(transport: MigrationTransport) async throws {
         let pair = try await MigrationPair(transport: transport,

@@ -51,3 +51,16 @@ import Glibc
         #expect(outcome.hits == 0, "a shutdown of a closed descriptor reached a socket opened after it, \(outcome.hits) times")
     }
 }
+
+/// The pagemap tells touched pages from untouched ones without touching them.
+@Suite struct PageMapTests {
+    @Test func onlyTouchedPagesAreBacked() throws {
+        let pages = 1024
+        let mapping = try #require(mmap(nil, pages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        defer { munmap(mapping, pages * 4096) }
+        madvise(mapping, pages * 4096, MADV_NOHUGEPAGE)   // one touch must not back a whole huge page
+        for page in [3, 700] { mapping.storeBytes(of: 1, toByteOffset: page * 4096, as: UInt8.self) }
+        let backed = try #require(PageMap.backedPages(at: mapping, count: pages))
+        #expect(backed.indices.filter { backed[$0] } == [3, 700])
+    }
+}

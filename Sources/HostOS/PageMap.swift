@@ -1,0 +1,38 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Which pages of this process's memory hold anything: `/proc/self/pagemap`, one 64-bit entry
+/// per 4 KiB page of virtual memory, bit 63 set when the page is in RAM and bit 62 when it is in
+/// swap. A page with neither was never touched (or was discarded) and reads as zeros: a scan of
+/// guest RAM can skip it without reading it, which keeps the scan of a large, mostly untouched
+/// guest short and does not fault its pages in.
+public enum PageMap {
+    static let entrySize = 8
+    static let present: UInt64 = 1 << 63, swapped: UInt64 = 1 << 62
+
+    private static let file: FileDescriptor? = {
+        let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        return fd >= 0 ? FileDescriptor(fd) : nil
+    }()
+
+    /// For each of the `count` pages from `address` (page-aligned), whether it may hold data (in
+    /// RAM or in swap). Nil if the pagemap cannot be read; then every page may.
+    public static func backedPages(at address: UnsafeRawPointer, count: Int) -> [Bool]? {
+        guard let file, count > 0 else { return nil }
+        var entries = [UInt64](repeating: 0, count: count)
+        let offset = off_t(UInt(bitPattern: address) / 4096) * off_t(entrySize)
+        let wanted = count * entrySize
+        var done = 0
+        let complete = entries.withUnsafeMutableBytes { buffer -> Bool in
+            while done < wanted {
+                let result = pread(file.rawValue, buffer.baseAddress! + done, wanted - done, offset + off_t(done))
+                if result < 0, errno == EINTR { continue }
+                guard result > 0 else { return false }
+                done += result
+            }
+            return true
+        }
+        return complete ? entries.map { $0 & (present | swapped) != 0 } : nil
+    }
+}

@@ -19,6 +19,15 @@ public enum PageMap {
     /// For each of the `count` pages from `address` (page-aligned), whether it may hold data (in
     /// RAM or in swap). Nil if the pagemap cannot be read; then every page may.
     public static func backedPages(at address: UnsafeRawPointer, count: Int) -> [Bool]? {
+        entries(at: address, count: count)?.map(isBacked)
+    }
+
+    /// Whether a pagemap entry's page may hold data.
+    @inline(__always)
+    public static func isBacked(_ entry: UInt64) -> Bool { entry & (present | swapped) != 0 }
+
+    /// The raw pagemap entries of the `count` pages from `address`, or nil.
+    public static func entries(at address: UnsafeRawPointer, count: Int) -> [UInt64]? {
         guard let file, count > 0 else { return nil }
         var entries = [UInt64](repeating: 0, count: count)
         let offset = off_t(UInt(bitPattern: address) / 4096) * off_t(entrySize)
@@ -33,6 +42,6 @@ public enum PageMap {
             }
             return true
         }
-        return complete ? entries.map { $0 & (present | swapped) != 0 } : nil
+        return complete ? entries : nil
     }
 }

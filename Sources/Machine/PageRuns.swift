@@ -102,9 +102,13 @@ extension GuestMemory {
         let page = Int(PageRuns.pageSize)
         guard let base = try? buffer(at: range.start, count: Int(range.size)).baseAddress else { return PageRuns(runs: []) }
         let pageCount = Int(range.size) / page
-        let backed = PageMap.backedPages(at: base, count: pageCount)
+        guard let entries = PageMap.entries(at: base, count: pageCount) else {
+            return PageRuns(runs: PageRuns.runs(start: range.start, pageCount: pageCount) { index in
+                memcmp(base + index * page, Self.zeroPage, page) != 0
+            })
+        }
         return PageRuns(runs: PageRuns.runs(start: range.start, pageCount: pageCount) { index in
-            (backed?[index] ?? true) && memcmp(base + index * page, Self.zeroPage, page) != 0
+            PageMap.isBacked(entries[index]) && memcmp(base + index * page, Self.zeroPage, page) != 0
         })
     }
 }

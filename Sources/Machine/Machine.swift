@@ -1,3 +1,4 @@
+import CKVM
 import Foundation
 import HostOS
 import KVM
@@ -226,8 +227,12 @@ public final class Machine: Sendable {
             for device in virtioDevices { device.startIO() }
             VCPUControl.installKickSignalHandler()
             for vcpu in vcpus {
-                let thread = Thread { [self] in runLoop(vcpu) }
-                thread.name = "vcpu\(vcpu.id)"
+                let name = "vcpu\(vcpu.id)"
+                let thread = Thread { [self] in
+                    ckvm_name_current_thread(name)
+                    runLoop(vcpu)
+                }
+                thread.name = name
                 thread.stackSize = 1 << 20
                 thread.start()
             }

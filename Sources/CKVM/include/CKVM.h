@@ -3,7 +3,7 @@
 // Swift cannot import function-like macros such as _IOW, so every request number Ferry uses is
 // re-exported here as a constant. ioctl(2) is variadic, which Swift cannot call either; the two
 // inline wrappers give it a fixed signature. Besides: the system calls around KVM that Swift's
-// view of the C library lacks (eventfd, O_DIRECT, fallocate).
+// view of the C library lacks (eventfd, O_DIRECT, fallocate, thread names).
 #ifndef FERRY_CKVM_H
 #define FERRY_CKVM_H
 
@@ -40,6 +40,9 @@ static inline int ckvm_eventfd(void) {
 // zeroing a range (write-zeroes) without changing the file's size.
 int ckvm_open_direct_flag(void);
 int ckvm_fallocate(int fd, int punch_hole, long long offset, long long length);
+// Names the calling thread as /proc/PID/task/TID/comm shows it (at most 15 bytes are kept), so
+// that tools and management software (libvirt looks for vcpuN) can find it.
+void ckvm_name_current_thread(const char *name);
 
 // System ioctls.
 static const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;

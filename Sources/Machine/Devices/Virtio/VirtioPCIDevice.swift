@@ -1,3 +1,4 @@
+import CKVM
 import Foundation
 import HostOS
 import KVM
@@ -654,7 +655,10 @@ final class DeviceWorker: @unchecked Sendable {
             case .idle:
                 self.serve = serve
                 mode = .running
-                let thread = Thread { [self] in run() }
+                let thread = Thread { [self] in
+                    ckvm_name_current_thread(name)
+                    run()
+                }
                 thread.name = name
                 thread.start()
             case .paused, .pausing:

@@ -836,10 +836,10 @@ extension MigrationFaultTests {
                 refused(try peer.request(.config, Array(#"{"machine": "a lot"}"#.utf8)), naming: "does not decode")
                 peer.finish()
             },
-            Abuse(description: "a config with 1 TiB of memory", starts: true, error: "cannot run the VM: memory size", phase: "starting") { url, id, _ in
+            Abuse(description: "a config with 8 TiB of memory, above the maximum", starts: true, error: "cannot run the VM: memory size", phase: "starting") { url, id, _ in
                 let peer = try FakeSender(url)
                 #expect(try peer.start(id) == .ok)
-                refused(try peer.request(.config, configDocument(memory: 1 << 40)), naming: "memory size")
+                refused(try peer.request(.config, configDocument(memory: 8 << 40)), naming: "memory size")
                 peer.finish()
             },
             Abuse(description: "a config with 1000 vCPUs", starts: true, error: "cpus: 1000", phase: "starting") { url, id, _ in

@@ -66,6 +66,7 @@ struct EventMonitorSinkTests {
         var ends: [Int32] = [0, 0]
         try #require(pipe(&ends) == 0)
         let (readEnd, writeEnd) = (ends[0], ends[1])
+        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }   // not inherited by processes other tests start
         defer { close(readEnd) }
 
         let monitor = EventMonitor(sink: .fileDescriptor(writeEnd))

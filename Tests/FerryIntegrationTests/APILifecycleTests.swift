@@ -35,7 +35,7 @@ struct APILifecycleTests {
 
     /// Connects to the socket, sends `bytes` and closes without reading: a client that gives up.
     static func sendAndHangUp(_ socketPath: String, _ bytes: String) throws {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw TestFailure("socket failed") }
         defer { close(fd) }
         var address = sockaddr_un()
@@ -165,8 +165,8 @@ struct APILifecycleTests {
     }
 
     @Test func descriptorThatIsNotAListeningSocketIsRefused() throws {
-        let ferry = try FerryProcess(arguments: ["--api-socket", "fd=99"])
+        let ferry = try FerryProcess(arguments: ["--api-socket", "fd=1000"])
         #expect(ferry.waitForExit(timeout: .seconds(20)) != 0)
-        #expect(ferry.standardError.contains("--api-socket: fd=99 is not an open descriptor"))
+        #expect(ferry.standardError.contains("--api-socket: fd=1000 is not an open descriptor"), "stderr: \(ferry.standardError)")
     }
 }

@@ -101,7 +101,7 @@ final class PseudoTerminal: Sendable {
     static let followerNumber: UInt = 0x8004_5430
 
     init() throws {
-        let controllerFD = open("/dev/ptmx", O_RDWR | O_NOCTTY)
+        let controllerFD = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC)
         var unlock: Int32 = 0
         var number: UInt32 = 0
         guard controllerFD >= 0, ioctl(controllerFD, Self.unlockFollower, &unlock) == 0,
@@ -110,7 +110,7 @@ final class PseudoTerminal: Sendable {
             throw TestFailure("no pseudo-terminal: errno \(errno)")
         }
         let name = "/dev/pts/\(number)"
-        let followerFD = open(name, O_RDWR | O_NOCTTY)
+        let followerFD = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC)
         guard followerFD >= 0 else { throw TestFailure("cannot open \(name): errno \(errno)") }
         controller = FileHandle(fileDescriptor: controllerFD, closeOnDealloc: true)
         follower = FileHandle(fileDescriptor: followerFD, closeOnDealloc: true)

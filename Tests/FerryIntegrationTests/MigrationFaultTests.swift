@@ -1008,7 +1008,9 @@ extension MigrationFaultTests {
                 var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
                 guard poll(&descriptor, 1, Int32(timeout.components.seconds * 1000)) == 1 else { return nil }
                 let connection = Glibc.accept(fd, nil, nil)
-                return connection >= 0 ? connection : nil
+                guard connection >= 0 else { return nil }
+                _ = fcntl(connection, F_SETFD, FD_CLOEXEC)   // not inherited by VMMs started meanwhile
+                return connection
             }
 
             deinit { Glibc.close(fd) }

@@ -150,7 +150,11 @@ struct CrossHostMigrationTests {
         let sourceTerminals = source.events().filter { MigrationStreams.sourceTerminal.contains($0.name) }
         #expect(sourceTerminals.map(\.name) == ["vm.migration-failed"] && sourceTerminals.first?.properties["migration_id"] == id,
                 "\(sourceTerminals.map(\.properties))")
-        #expect(sourceTerminals.first?.properties["phase"] == "memory-precopy")
+        // The busy guest may still converge (a pass in which its vCPUs got no host CPU) and the
+        // switch-over begin just before the cut: then the migration fails while completing.
+        let switchedOver = source.events().contains { $0.name == "vm.migration-downtime" && $0.properties["migration_id"] == id }
+        #expect(sourceTerminals.first?.properties["phase"] == (switchedOver ? "completing" : "memory-precopy"),
+                "\(sourceTerminals.map(\.properties))")
         let destinationTerminals = destination.events().filter { MigrationStreams.destinationTerminal.contains($0.name) }
         #expect(destinationTerminals.map(\.name) == ["vm.migration-receive-failed"] && destinationTerminals.first?.properties["migration_id"] == id,
                 "\(destinationTerminals.map(\.properties))")

@@ -38,7 +38,7 @@ extension VmConfig {
             guard let path = disk.path, !path.isEmpty else {
                 throw VMMError(.invalidRequest, "disks[\(index)].path: required (a raw image file)")
             }
-            diskConfigurations.append(DiskConfiguration(id: disk.id ?? "disk\(index)", path: path,
+            diskConfigurations.append(DiskConfiguration(id: disk.id ?? DiskConfiguration.defaultID(index: index), path: path,
                                                         readOnly: disk.readonly ?? false, direct: disk.direct ?? false))
         }
         let memorySize = memory?.size ?? Int64(Self.defaultMemory)

@@ -16,17 +16,12 @@ public enum PageMap {
         return fd >= 0 ? FileDescriptor(fd) : nil
     }()
 
-    /// For each of the `count` pages from `address` (page-aligned), whether it may hold data (in
-    /// RAM or in swap). Nil if the pagemap cannot be read; then every page may.
-    public static func backedPages(at address: UnsafeRawPointer, count: Int) -> [Bool]? {
-        entries(at: address, count: count)?.map(isBacked)
-    }
-
-    /// Whether a pagemap entry's page may hold data.
+    /// Whether a pagemap entry's page may hold data (it is in RAM or in swap).
     @inline(__always)
     public static func isBacked(_ entry: UInt64) -> Bool { entry & (present | swapped) != 0 }
 
-    /// The raw pagemap entries of the `count` pages from `address`, or nil.
+    /// The pagemap entries of the `count` pages from `address` (page-aligned); nil if the pagemap
+    /// cannot be read, and then every page may hold data.
     public static func entries(at address: UnsafeRawPointer, count: Int) -> [UInt64]? {
         guard let file, count > 0 else { return nil }
         var entries = [UInt64](repeating: 0, count: count)

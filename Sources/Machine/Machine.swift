@@ -171,7 +171,7 @@ public final class Machine: Sendable {
         var devices: [VirtioPCIDevice] = []
         let lines = INTxLines(router: router)
         for (index, (_, backend)) in backends.enumerated() {
-            let slot = index + 1
+            let slot = PCIBus.slot(ofDevice: index)
             do {
                 devices.append(try VirtioPCIDevice(backend: backend, memory: memory, router: router,
                                                    barAddress: try allocator.allocate(size: VirtioPCI.barSize),
@@ -195,7 +195,7 @@ public final class Machine: Sendable {
     private func prepareToBoot() throws(MachineError) {
         let entry = try BootLoader.load(kernelPath: configuration.kernel, initramfsPath: configuration.initramfs,
                                         commandLine: configuration.commandLine, cpuCount: configuration.cpus,
-                                        pciSlots: Array(virtioDevices.indices.map { $0 + 1 }), memory: memory)
+                                        pciSlots: virtioDevices.indices.map(PCIBus.slot(ofDevice:)), memory: memory)
         do {
             let supportedCPUID = try kvm.supportedCPUID()
             for vcpu in vcpus {

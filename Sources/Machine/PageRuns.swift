@@ -102,13 +102,10 @@ extension GuestMemory {
         let page = Int(PageRuns.pageSize)
         guard let base = try? buffer(at: range.start, count: Int(range.size)).baseAddress else { return PageRuns(runs: []) }
         let pageCount = Int(range.size) / page
-        guard let entries = PageMap.entries(at: base, count: pageCount) else {
-            return PageRuns(runs: PageRuns.runs(start: range.start, pageCount: pageCount) { index in
-                memcmp(base + index * page, Self.zeroPage, page) != 0
-            })
-        }
+        // Without a pagemap, every page may hold data.
+        let entries = PageMap.entries(at: base, count: pageCount)
         return PageRuns(runs: PageRuns.runs(start: range.start, pageCount: pageCount) { index in
-            PageMap.isBacked(entries[index]) && memcmp(base + index * page, Self.zeroPage, page) != 0
+            (entries.map { PageMap.isBacked($0[index]) } ?? true) && memcmp(base + index * page, Self.zeroPage, page) != 0
         })
     }
 }

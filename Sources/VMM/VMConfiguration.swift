@@ -41,7 +41,7 @@ extension DiskConfiguration {
             case let other?: throw ConfigurationError(flag: "--disk", "\(key)=\(other) must be on or off")
             }
         }
-        self.init(id: options["id"] ?? "disk\(index)", path: path, readOnly: try flag("readonly"), direct: try flag("direct"))
+        self.init(id: options["id"] ?? Self.defaultID(index: index), path: path, readOnly: try flag("readonly"), direct: try flag("direct"))
     }
 }
 

@@ -60,7 +60,7 @@ import Glibc
         defer { munmap(mapping, pages * 4096) }
         madvise(mapping, pages * 4096, MADV_NOHUGEPAGE)   // one touch must not back a whole huge page
         for page in [3, 700] { mapping.storeBytes(of: 1, toByteOffset: page * 4096, as: UInt8.self) }
-        let backed = try #require(PageMap.backedPages(at: mapping, count: pages))
-        #expect(backed.indices.filter { backed[$0] } == [3, 700])
+        let entries = try #require(PageMap.entries(at: mapping, count: pages))
+        #expect(entries.indices.filter { PageMap.isBacked(entries[$0]) } == [3, 700])
     }
 }

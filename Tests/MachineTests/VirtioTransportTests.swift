@@ -80,6 +80,19 @@ struct VirtioTransportTests {
         }
         #expect(types == [0x111, 1, 3, 4, 2, 5])
 
+        // The MSI-X table, written a dword at a time as drivers do, reads back as written; the
+        // vector control keeps only its mask bit.
+        driver.setConfiguration(slot: 1, offset: 0x04, 0x6)
+        let table = UInt64(VirtioPCI.msixTableOffset) + 16   // entry 1
+        #expect(driver.read(table + 12, size: 4) == 1, "entries start masked")
+        for (offset, value) in [(UInt64(0), UInt64(0xFEE0_1000)), (4, 0), (8, 0x4041), (12, 0xFFFF_FFFE)] {
+            driver.write(table + offset, value, size: 4)
+        }
+        #expect(driver.read(table, size: 8) == 0xFEE0_1000 && driver.read(table + 8, size: 4) == 0x4041)
+        #expect(driver.read(table + 12, size: 4) == 0, "unmasked")
+        #expect(driver.machine.virtioDevices[0].saveState().msix.entries[1]
+                == .init(bytes: [0x00, 0x10, 0xE0, 0xFE, 0, 0, 0, 0, 0x41, 0x40, 0, 0, 0, 0, 0, 0]))
+
         // The VIRTIO_PCI_CAP_PCI_CFG window reaches BAR 0 through configuration space: num_queues.
         var window = Int(driver.configuration(slot: 1, offset: 0x34) & 0xFF)
         while driver.configuration(slot: 1, offset: window) >> 24 != 5 { window = Int(driver.configuration(slot: 1, offset: window) >> 8 & 0xFF) }

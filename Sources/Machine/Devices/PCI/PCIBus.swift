@@ -35,6 +35,9 @@ public final class PCIBus: PortIODevice, Sendable {
     private let devices: [any PCIDevice]
     private let address = Mutex<UInt32>(0)
 
+    /// The slot of the `index`th device: the host bridge takes slot 0.
+    public static func slot(ofDevice index: Int) -> Int { index + 1 }
+
     /// `devices[0]` goes in slot 1, and so on; the host bridge takes slot 0.
     public init(devices: [any PCIDevice]) {
         precondition(devices.count < Self.slotCount)

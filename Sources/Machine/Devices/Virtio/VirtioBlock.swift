@@ -14,6 +14,9 @@ public struct DiskConfiguration: Codable, Equatable, Sendable {
     /// Open with O_DIRECT, bypassing the host's page cache.
     public var direct: Bool
 
+    /// The id of the `index`th disk that names none (Cloud Hypervisor's `disk<index>`).
+    public static func defaultID(index: Int) -> String { "disk\(index)" }
+
     public init(id: String, path: String, readOnly: Bool = false, direct: Bool = false) {
         self.id = id
         self.path = path

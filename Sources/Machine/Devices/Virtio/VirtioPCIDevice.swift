@@ -67,6 +67,23 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
                 public var address: UInt64 = 0
                 public var data: UInt32 = 0
                 public var masked = true
+
+                /// The entry as the table holds it (PCI 3.0 §6.8.2.6): address, data, vector control.
+                var bytes: [UInt8] {
+                    var image = LittleEndianBytes()
+                    image.append(address)
+                    image.append(data)
+                    image.append(UInt32(masked ? 1 : 0))
+                    return image.bytes
+                }
+
+                init() {}
+
+                init(bytes: [UInt8]) {
+                    address = bytes.littleEndian(UInt64.self, at: 0) ?? 0
+                    data = bytes.littleEndian(UInt32.self, at: 8) ?? 0
+                    masked = (bytes.littleEndian(UInt32.self, at: 12) ?? 1) & 1 != 0
+                }
             }
         }
     }
@@ -394,9 +411,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
         }
         switch offset {
         case VirtioPCI.commonOffset..<(VirtioPCI.commonOffset + VirtioPCI.commonSize):
-            let image = state.withLock { commonImage($0) }
-            let start = Int(offset - VirtioPCI.commonOffset)
-            return (0..<size).map { start + $0 < image.count ? image[start + $0] : 0 }
+            return Self.bytes(state.withLock { commonImage($0) }, at: Int(offset - VirtioPCI.commonOffset), size: size)
         case VirtioPCI.isrOffset:
             // Reading the ISR acknowledges it.
             return bytes(UInt64(state.withLock { state in
@@ -404,20 +419,11 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
                 return state.isr
             }), from: offset)
         case VirtioPCI.deviceOffset..<(VirtioPCI.deviceOffset + VirtioPCI.deviceSize):
-            let configuration = backend.configuration()
-            let start = Int(offset - VirtioPCI.deviceOffset)
-            return (0..<size).map { start + $0 < configuration.count ? configuration[start + $0] : 0 }
+            return Self.bytes(backend.configuration(), at: Int(offset - VirtioPCI.deviceOffset), size: size)
         case VirtioPCI.msixTableOffset..<VirtioPCI.msixPBAOffset:
             let entry = Int((offset - VirtioPCI.msixTableOffset) / 16)
-            let field = (offset - VirtioPCI.msixTableOffset) % 16
-            let words: [UInt32] = state.withLock { state in
-                guard entry < state.msix.entries.count else { return [0, 0, 0, 0] }
-                let e = state.msix.entries[entry]
-                return [UInt32(truncatingIfNeeded: e.address), UInt32(truncatingIfNeeded: e.address >> 32), e.data, e.masked ? 1 : 0]
-            }
-            var image = LittleEndianBytes()
-            for word in words { image.append(word) }
-            return (0..<size).map { Int(field) + $0 < 16 ? image.bytes[Int(field) + $0] : 0 }
+            let image = state.withLock { state in entry < state.msix.entries.count ? state.msix.entries[entry].bytes : [] }
+            return Self.bytes(image, at: Int((offset - VirtioPCI.msixTableOffset) % 16), size: size)
         case VirtioPCI.msixPBAOffset..<(VirtioPCI.msixPBAOffset + 8):
             let pending = state.withLock { state in
                 state.msix.pending.enumerated().reduce(UInt64(0)) { $0 | ($1.element ? 1 << UInt64($1.offset) : 0) }
@@ -426,6 +432,11 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
         default:
             return [UInt8](repeating: 0, count: size)
         }
+    }
+
+    /// `size` bytes of `image` from `start`; zeros past its end.
+    private static func bytes(_ image: [UInt8], at start: Int, size: Int) -> [UInt8] {
+        (0..<size).map { start + $0 < image.count ? image[start + $0] : 0 }
     }
 
     public func barWrite(index: Int, offset: UInt64, data: [UInt8]) {
@@ -440,15 +451,9 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             let field = Int((offset - VirtioPCI.msixTableOffset) % 16)
             state.withLock { state in
                 guard entry < state.msix.entries.count else { return }
-                var words = [UInt32(truncatingIfNeeded: state.msix.entries[entry].address),
-                             UInt32(truncatingIfNeeded: state.msix.entries[entry].address >> 32),
-                             state.msix.entries[entry].data, state.msix.entries[entry].masked ? 1 : 0]
-                for (i, byte) in data.enumerated() where field + i < 16 {
-                    let word = (field + i) / 4, shift = UInt32(8 * ((field + i) % 4))
-                    words[word] = (words[word] & ~(0xFF << shift)) | UInt32(byte) << shift
-                }
-                state.msix.entries[entry] = .init(address: UInt64(words[0]) | UInt64(words[1]) << 32, data: words[2],
-                                                  masked: words[3] & 1 != 0)
+                var image = state.msix.entries[entry].bytes
+                for (i, byte) in data.enumerated() where field + i < image.count { image[field + i] = byte }
+                state.msix.entries[entry] = .init(bytes: image)
             }
             updateVectors()
         default:

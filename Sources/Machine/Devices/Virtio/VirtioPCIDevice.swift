@@ -162,7 +162,8 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
         vectorEvents = try (0..<vectorCount).map { _ in try EventFD() }
         vectorGSIs = router.allocate(vectorCount)
         for (event, gsi) in zip(vectorEvents, vectorGSIs) { try router.bind(event, gsi: gsi) }
-        worker = try DeviceWorker(name: backend.name, events: queueEvents + (backend.wakeup.map { [$0] } ?? []))
+        worker = try DeviceWorker(name: backend.name, events: queueEvents + (backend.wakeup.map { [$0] } ?? []),
+                                  descriptors: { [backend] in backend.pollDescriptors })
     }
 
     deinit {
@@ -191,47 +192,40 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
 
     /// Serves every request the driver made available on `queue`, then interrupts it if it asked.
     private func serve(queue index: Int) {
-        var served = false
-        var failure: VirtioError?
         let eventIndex = self.eventIndex
-        while !worker.pauseRequested, backend.canServe(queue: index) {
-            let next: DescriptorChain?
-            do {
-                next = try state.withLock { (state) throws(VirtioError) -> DescriptorChain? in
+        let served = Mutex(false)
+        let access = QueueAccess(
+            index: index, memory: memory,
+            take: { () throws(VirtioError) -> DescriptorChain? in
+                try self.state.withLock { (state) throws(VirtioError) -> DescriptorChain? in
                     guard state.status & (VirtioPCI.driverOK | VirtioPCI.needsReset) == VirtioPCI.driverOK,
                           state.queues[index].enabled else { return nil }
-                    if let chain = try state.queues[index].pop(memory) { return chain }
+                    if let chain = try state.queues[index].pop(self.memory) { return chain }
                     guard eventIndex else { return nil }
                     // Ask for a doorbell for the next request, then look once more: the driver
                     // may have added one before it could see the request.
-                    try state.queues[index].requestNotification(memory)
-                    return try state.queues[index].pop(memory)
+                    try state.queues[index].requestNotification(self.memory)
+                    return try state.queues[index].pop(self.memory)
                 }
-            } catch {
-                failure = error
-                break
-            }
-            guard let chain = next else { break }
-            let written: UInt32
-            do {
-                written = try backend.handle(chain, queue: index, memory: memory)
-            } catch {
-                failure = error
-                break
-            }
-            do {
-                try state.withLock { (state) throws(VirtioError) in
+            },
+            give: { (chain, written) throws(VirtioError) in
+                try self.state.withLock { (state) throws(VirtioError) in
                     // A reset while the request ran leaves nothing to complete.
                     guard state.queues[index].enabled else { return }
-                    try state.queues[index].push(head: chain.head, written: written, memory)
+                    try state.queues[index].push(head: chain.head, written: written, self.memory)
                 }
-                served = true
-            } catch {
-                failure = error
-                break
-            }
-        }
-        if served {
+                served.withLock { $0 = true }
+            },
+            untake: { (count) throws(VirtioError) -> Bool in
+                try self.state.withLock { (state) throws(VirtioError) -> Bool in
+                    guard state.queues[index].enabled else { return false }
+                    return try state.queues[index].unpop(count, eventIndex: eventIndex, self.memory)
+                }
+            },
+            stop: { self.worker.pauseRequested })
+        var failure: VirtioError?
+        do { try backend.serve(access) } catch { failure = error }
+        if served.withLock({ $0 }) {
             let vector = try? state.withLock { (state) throws(VirtioError) -> UInt16? in
                 try state.queues[index].shouldInterrupt(eventIndex: eventIndex, memory) ? state.queues[index].msixVector : nil
             }
@@ -511,6 +505,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
 
     private func writeCommon(at start: Int, _ data: [UInt8]) {
         var wake = false, reset = false
+        var ready: UInt64?
         var failure: VirtioError?
         state.withLock { state in
             var image = commonImage(state)
@@ -548,7 +543,10 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
                             log("\(backend.name): the driver's features 0x\(String(state.driverFeatures, radix: 16)) are refused (\(unsupported != 0 ? "bits 0x\(String(unsupported, radix: 16)) were not offered" : "VIRTIO_F_VERSION_1 is required"))")
                         }
                     }
-                    if accepted & VirtioPCI.driverOK != 0, state.status & VirtioPCI.driverOK == 0 { wake = true }
+                    if accepted & VirtioPCI.driverOK != 0, state.status & VirtioPCI.driverOK == 0 {
+                        wake = true
+                        ready = state.driverFeatures
+                    }
                     state.status = accepted | (state.status & VirtioPCI.needsReset)
                 case .queueSelect: state.queueSelect = UInt16(value)
                 case .queueSize:
@@ -578,6 +576,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             }
         }
         if reset { resetDevice() }
+        if let ready { backend.driverReady(features: ready) }
         if let failure { needsReset(failure) }
         if wake { worker.wake() }
     }
@@ -626,6 +625,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
             state.header = header
             updateINTx(state)
         }
+        if saved.status & VirtioPCI.driverOK != 0 { backend.driverReady(features: saved.driverFeatures) }
         updateVectors()
         updateDoorbells()
     }
@@ -641,12 +641,15 @@ final class DeviceWorker: @unchecked Sendable {
     private let pauseFlag = Mutex(false)
     private let control: EventFD
     private let events: [EventFD]
+    /// More descriptors to wait on, asked before each wait; read by whoever serves them.
+    private let descriptors: @Sendable () -> [Int32]
     private let name: String
     private var serve: (@Sendable () -> Void)?
 
-    init(name: String, events: [EventFD]) throws {
+    init(name: String, events: [EventFD], descriptors: @escaping @Sendable () -> [Int32] = { [] }) throws {
         self.name = name
         self.events = events
+        self.descriptors = descriptors
         changed = ConditionLock.Condition(lock)
         control = try EventFD()
     }
@@ -716,7 +719,7 @@ final class DeviceWorker: @unchecked Sendable {
     func wake() { control.signal() }
 
     private func run() {
-        let descriptors = [control.rawValue] + events.map(\.rawValue)
+        let eventDescriptors = [control.rawValue] + events.map(\.rawValue)
         while true {
             // Park while paused; leave when stopping.
             let proceed = lock.withLock { () -> Bool in
@@ -738,8 +741,8 @@ final class DeviceWorker: @unchecked Sendable {
             }
             guard proceed else { return }
             serve?()
-            guard let ready = try? Poll.readable(descriptors, timeout: nil) else { continue }
-            for index in ready { (index == 0 ? control : events[index - 1]).consume() }
+            guard let ready = try? Poll.readable(eventDescriptors + descriptors(), timeout: nil) else { continue }
+            for index in ready where index < eventDescriptors.count { (index == 0 ? control : events[index - 1]).consume() }
         }
     }
 }

@@ -157,6 +157,22 @@ public struct Virtqueue: Codable, Equatable, Sendable {
         return DescriptorChain(head: head, buffers: buffers)
     }
 
+    /// Gives back the last `count` chains `pop` took (not yet pushed), and with
+    /// `VIRTIO_F_RING_EVENT_IDX` asks the driver to notify once it makes another available.
+    /// Returns whether it already has (the caller should look again).
+    public mutating func unpop(_ count: UInt16, eventIndex: Bool, _ memory: GuestMemory) throws(VirtioError) -> Bool {
+        nextAvailable &-= count
+        guard eventIndex else { return false }
+        let available = try availableIndex(memory)
+        let at = deviceArea + 4 + 8 * UInt64(size)
+        try guest { () throws(MachineError) in
+            try memory.write(available, at: at)
+            memory.recordDeviceWrite(at: at, count: 2)
+        }
+        Self.full()
+        return try availableIndex(memory) != available
+    }
+
     /// Returns a chain to the driver with the number of bytes the device wrote into it.
     public mutating func push(head: UInt16, written: UInt32, _ memory: GuestMemory) throws(VirtioError) {
         let slot = UInt64(nextUsed % size)

@@ -3,7 +3,13 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
+#include <errno.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
+#include <netinet/in.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include "CKVM.h"
 
 void ckvm_name_current_thread(const char *name) {
@@ -20,4 +26,69 @@ int ckvm_open_direct_flag(void) {
 int ckvm_fallocate(int fd, int punch_hole, long long offset, long long length) {
     int mode = FALLOC_FL_KEEP_SIZE | (punch_hole ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE);
     return fallocate(fd, mode, offset, length);
+}
+
+static void interface_request(struct ifreq *request, const char *name) {
+    memset(request, 0, sizeof *request);
+    strncpy(request->ifr_name, name, IFNAMSIZ - 1);
+}
+
+int ckvm_tap_open(const char *name) {
+    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return -errno;
+    struct ifreq request;
+    interface_request(&request, name);
+    request.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    if (ioctl(fd, TUNSETIFF, &request) < 0) {
+        int error = errno;
+        close(fd);
+        return -error;
+    }
+    return fd;
+}
+
+int ckvm_tap_query(int fd, char *name, int *flags) {
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    if (ioctl(fd, TUNGETIFF, &request) < 0) return -errno;
+    memcpy(name, request.ifr_name, IFNAMSIZ);
+    name[IFNAMSIZ - 1] = '\0';
+    *flags = request.ifr_flags;
+    return 0;
+}
+
+int ckvm_tap_set_vnet_header_size(int fd, int size) {
+    return ioctl(fd, TUNSETVNETHDRSZ, &size) < 0 ? -errno : 0;
+}
+
+int ckvm_tap_set_offload(int fd, unsigned flags) {
+    return ioctl(fd, TUNSETOFFLOAD, (unsigned long)flags) < 0 ? -errno : 0;
+}
+
+int ckvm_interface_configure(const char *name, unsigned address, unsigned netmask) {
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0) return -errno;
+    struct ifreq request;
+    int result = 0;
+    if (address != 0) {
+        interface_request(&request, name);
+        struct sockaddr_in *in = (struct sockaddr_in *)&request.ifr_addr;
+        in->sin_family = AF_INET;
+        in->sin_addr.s_addr = address;
+        if (ioctl(sock, SIOCSIFADDR, &request) < 0) { result = -errno; goto out; }
+    }
+    if (netmask != 0) {
+        interface_request(&request, name);
+        struct sockaddr_in *in = (struct sockaddr_in *)&request.ifr_netmask;
+        in->sin_family = AF_INET;
+        in->sin_addr.s_addr = netmask;
+        if (ioctl(sock, SIOCSIFNETMASK, &request) < 0) { result = -errno; goto out; }
+    }
+    interface_request(&request, name);
+    if (ioctl(sock, SIOCGIFFLAGS, &request) < 0) { result = -errno; goto out; }
+    request.ifr_flags |= IFF_UP;
+    if (ioctl(sock, SIOCSIFFLAGS, &request) < 0) result = -errno;
+out:
+    close(sock);
+    return result;
 }

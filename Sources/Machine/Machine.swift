@@ -158,13 +158,14 @@ public final class Machine: Sendable {
         statefulDevices = [(DeviceID.serial, serial), (DeviceID.i8042, i8042)] + zip(virtioIDs, virtioDevices).map { ($0, $1) }
     }
 
-    /// The configuration's virtio devices — disks, then the entropy device, then the console —
+    /// The configuration's virtio devices — disks, network cards, then the entropy device, then the console —
     /// with their BARs placed, and the ids their states carry.
     private static func makeVirtioDevices(_ configuration: MachineConfiguration, memory: GuestMemory, router: InterruptRouter,
                                           consoleOutput: @escaping @Sendable ([UInt8]) -> Void) throws(MachineError)
         -> ([VirtioPCIDevice], [String]) {
         var backends: [(String, any VirtioBackend)] = []
         for disk in configuration.disks { backends.append(("virtio-blk:\(disk.id)", try VirtioBlock(disk))) }
+        for network in configuration.networks { backends.append(("virtio-net:\(network.id)", try VirtioNet(network))) }
         if let source = configuration.entropySource { backends.append(("virtio-rng", try VirtioEntropy(source: source))) }
         if configuration.virtioConsole { backends.append(("virtio-console", try VirtioConsole(output: consoleOutput))) }
         var allocator = BARAllocator(endOfRAM: memory.ranges.map(\.end).max() ?? 0)
@@ -251,6 +252,19 @@ public final class Machine: Sendable {
     public func resume() throws(MachineError) {
         try control.resume()
         for device in virtioDevices { device.startIO() }
+    }
+
+    /// The network cards' counters, by card id.
+    public var networkCounters: [String: NetworkCounters] {
+        Dictionary(uniqueKeysWithValues: virtioDevices.compactMap { device in
+            (device.backend as? VirtioNet).map { ($0.network.id, $0.counters) }
+        })
+    }
+
+    /// Announces every network card once on its tap's network (a RARP frame from its address),
+    /// so that bridges learn where the guest is now; see `VirtioNet.announce`.
+    public func announceNetworks() {
+        for case let network as VirtioNet in virtioDevices.map(\.backend) { network.announce() }
     }
 
     /// Ends every vCPU thread and waits for them, at most `timeout`; returns whether all ended.

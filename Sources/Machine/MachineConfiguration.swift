@@ -13,6 +13,8 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
     public var serialPort: Bool
     /// virtio-blk disks, in PCI slot order from slot 1.
     public var disks: [DiskConfiguration]
+    /// virtio-net cards, in PCI slot order after the disks.
+    public var networks: [NetworkConfiguration]
     /// A virtio-rng device reading this host file (`/dev/urandom`), or none.
     public var entropySource: String?
     /// Whether the guest has a virtio console (`--console off` leaves it out).
@@ -23,7 +25,7 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
 
     public init(cpus: Int = 1, memorySize: UInt64 = 512 << 20, kernel: String, initramfs: String? = nil,
                 commandLine: String = "", serialPort: Bool = true, disks: [DiskConfiguration] = [],
-                entropySource: String? = nil, virtioConsole: Bool = false) {
+                networks: [NetworkConfiguration] = [], entropySource: String? = nil, virtioConsole: Bool = false) {
         self.cpus = cpus
         self.memorySize = memorySize
         self.kernel = kernel
@@ -31,12 +33,13 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
         self.commandLine = commandLine
         self.serialPort = serialPort
         self.disks = disks
+        self.networks = networks
         self.entropySource = entropySource
         self.virtioConsole = virtioConsole
     }
 
     private enum CodingKeys: String, CodingKey {
-        case cpus, memorySize, kernel, initramfs, commandLine, serialPort, disks, entropySource, virtioConsole
+        case cpus, memorySize, kernel, initramfs, commandLine, serialPort, disks, networks, entropySource, virtioConsole
     }
 
     /// A guest without devices may leave the device fields out.
@@ -49,6 +52,7 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
                   commandLine: try container.decode(String.self, forKey: .commandLine),
                   serialPort: try container.decode(Bool.self, forKey: .serialPort),
                   disks: try container.decodeIfPresent([DiskConfiguration].self, forKey: .disks) ?? [],
+                  networks: try container.decodeIfPresent([NetworkConfiguration].self, forKey: .networks) ?? [],
                   entropySource: try container.decodeIfPresent(String.self, forKey: .entropySource),
                   virtioConsole: try container.decodeIfPresent(Bool.self, forKey: .virtioConsole) ?? false)
     }
@@ -77,13 +81,20 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
             guard ids.insert(disk.id).inserted else { throw Self.invalid("disks: two disks have the id '\(disk.id)'") }
         }
         try VirtioBlock.checkFiles(disks)
+        var networkIDs = Set<String>(), macs = Set<MACAddress>()
+        for network in networks {
+            try network.validate()
+            guard networkIDs.insert(network.id).inserted else { throw Self.invalid("net: two cards have the id '\(network.id)'") }
+            guard macs.insert(network.mac).inserted else { throw Self.invalid("net: two cards have the mac \(network.mac)") }
+        }
         if let entropySource, !FileManager.default.isReadableFile(atPath: entropySource) {
             throw Self.invalid("rng.src: \(entropySource) does not exist or is not readable")
         }
-        let pciDevices = disks.count + (entropySource == nil ? 0 : 1) + (virtioConsole ? 1 : 0)
+        let pciDevices = disks.count + networks.count + (entropySource == nil ? 0 : 1) + (virtioConsole ? 1 : 0)
         guard pciDevices < PCIBus.slotCount else {
-            throw Self.invalid("disks: \(pciDevices) PCI devices do not fit in the \(PCIBus.slotCount - 1) slots of PCI bus 0")
+            throw Self.invalid("devices: \(pciDevices) PCI devices do not fit in the \(PCIBus.slotCount - 1) slots of PCI bus 0")
         }
+        for network in networks { try Tap.check(network) }
         guard memorySize <= Self.maximumMemorySize else {
             throw Self.invalid("memory size: \(memorySize >> 20) MiB is above the maximum of \(Self.maximumMemorySize >> 30) GiB")
         }

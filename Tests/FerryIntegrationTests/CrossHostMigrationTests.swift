@@ -12,7 +12,7 @@ import Testing
 /// delayed, where the kernel has netem). The API sockets are files, which every namespace sees, so
 /// the test talks to both VMMs directly while the migration stream crosses the veth.
 @Suite(.serialized, .enabled(if: Repository.kvmAvailable, needsKVM),
-       .enabled(if: NetworkNamespaces.available, NetworkNamespaces.unavailable))
+       .enabled(if: NetworkTools.available, NetworkTools.unavailable))
 struct CrossHostMigrationTests {
     /// 1 Gbit/s, in bytes per second.
     static let gigabitBytesPerSecond = 125_000_000.0
@@ -225,31 +225,10 @@ struct CrossHostMigrationTests {
 
 // MARK: - Two hosts on one link
 
-/// iproute2, and the privileges to make network namespaces with it.
-private enum NetworkNamespaces {
-    static let ip: String? = tool("ip")
-    static let tc: String? = tool("tc")
-
-    private static func tool(_ name: String) -> String? {
-        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map { "\($0)/\(name)" }.first { access($0, X_OK) == 0 }
-    }
-
-    /// Root, `ip` and `tc`, and a namespace can really be made (a container may forbid it).
-    static let available: Bool = {
-        guard geteuid() == 0, let ip, tc != nil else { return false }
-        let probe = "ferry-probe-\(getpid())"
-        guard (try? run(ip, ["netns", "add", probe])) != nil else { return false }
-        _ = try? run(ip, ["netns", "del", probe])
-        return true
-    }()
-
-    static let unavailable = Comment(rawValue: "needs root and iproute2 (ip, tc) to join two network namespaces with a veth pair")
-}
-
 /// Two network namespaces, the source and the destination host, joined by a veth pair with an
-/// address on each end. The namespaces, and the veth pair with them, are deleted when the value
-/// goes away — also when a test fails.
-private final class TwoHosts: Sendable {
+/// address on each end (the migration network). The namespaces, and everything in them, are
+/// deleted when the value goes away — also when a test fails.
+final class TwoHosts: Sendable {
     enum Side {
         case source, destination
     }
@@ -258,38 +237,28 @@ private final class TwoHosts: Sendable {
     static let destinationAddress = "10.77.0.2"
     /// A point-to-point subnet: the two addresses above.
     private static let prefixLength = 30
-    private static let made = Atomic<Int>(0)
 
-    private let ip: String
     private let tc: String
-    private let namespaces: (source: String, destination: String)
-    private let devices: (source: String, destination: String)
+    let source: NetworkNamespace
+    let destination: NetworkNamespace
+    /// The migration link's ends (interface names have at most 15 bytes).
+    private let devices = (source: "migration0", destination: "migration1")
 
     init() throws {
-        guard let ip = NetworkNamespaces.ip, let tc = NetworkNamespaces.tc else { throw TestFailure("iproute2 is not installed") }
-        let name = "\(getpid())-\(Self.made.add(1, ordering: .relaxed).newValue)"
-        self.ip = ip
+        guard let tc = NetworkTools.tc else { throw TestFailure("iproute2 is not installed") }
         self.tc = tc
-        namespaces = ("ferry-src-\(name)", "ferry-dst-\(name)")
-        // Interface names have at most 15 bytes.
-        devices = ("fs\(name)", "fd\(name)")
-        try run(ip, ["netns", "add", namespaces.source])
-        try run(ip, ["netns", "add", namespaces.destination])
-        try run(ip, ["link", "add", devices.source, "netns", namespaces.source, "type", "veth",
-                     "peer", "name", devices.destination, "netns", namespaces.destination])
-        for (namespace, device, address) in [(namespaces.source, devices.source, Self.sourceAddress),
-                                             (namespaces.destination, devices.destination, Self.destinationAddress)] {
-            try run(ip, ["-n", namespace, "addr", "add", "\(address)/\(Self.prefixLength)", "dev", device])
-            try run(ip, ["-n", namespace, "link", "set", device, "up"])
+        source = try NetworkNamespace("src")
+        destination = try NetworkNamespace("dst")
+        try source.run(["link", "add", devices.source, "type", "veth", "peer", "name", devices.destination,
+                        "netns", destination.name])
+        for (namespace, device, address) in [(source, devices.source, Self.sourceAddress),
+                                             (destination, devices.destination, Self.destinationAddress)] {
+            try namespace.run(["addr", "add", "\(address)/\(Self.prefixLength)", "dev", device])
+            try namespace.run(["link", "set", device, "up"])
         }
     }
 
-    deinit {
-        _ = try? run(ip, ["netns", "del", namespaces.source])
-        _ = try? run(ip, ["netns", "del", namespaces.destination])
-    }
-
-    private func namespace(_ side: Side) -> String { side == .source ? namespaces.source : namespaces.destination }
+    func namespace(_ side: Side) -> NetworkNamespace { side == .source ? source : destination }
     private func device(_ side: Side) -> String { side == .source ? devices.source : devices.destination }
 
     /// Limits both directions of the link to `rate` (tc's spelling, "1gbit"). With netem, each
@@ -298,14 +267,14 @@ private final class TwoHosts: Sendable {
     /// applied, for the test's output.
     func limitLink(rate: String, tokenBucketBurst: String, netemLoss: String? = nil) throws -> String {
         let netem = ["netem", "rate", rate, "delay", "1ms"] + (netemLoss.map { ["loss", $0] } ?? [])
-        if (try? run(tc, ["-n", namespace(.source), "qdisc", "add", "dev", device(.source), "root"] + netem)) != nil {
-            try run(tc, ["-n", namespace(.destination), "qdisc", "add", "dev", device(.destination), "root"] + netem)
+        if (try? runTool(tc, ["-n", source.name, "qdisc", "add", "dev", device(.source), "root"] + netem)) != nil {
+            try runTool(tc, ["-n", destination.name, "qdisc", "add", "dev", device(.destination), "root"] + netem)
             return "netem \(netem.dropFirst().joined(separator: " ")) on both ends"
         }
         // The token bucket holds at most `latency` worth of packets.
         let tokenBucket = ["tbf", "rate", rate, "burst", tokenBucketBurst, "latency", "50ms"]
         for side in [Side.source, .destination] {
-            try run(tc, ["-n", namespace(side), "qdisc", "add", "dev", device(side), "root"] + tokenBucket)
+            try runTool(tc, ["-n", namespace(side).name, "qdisc", "add", "dev", device(side), "root"] + tokenBucket)
         }
         return "tbf rate \(rate) on both ends — netem is not available in this kernel, so no delay"
             + (netemLoss.map { " and no \($0) loss" } ?? "") + " could be added"
@@ -313,34 +282,13 @@ private final class TwoHosts: Sendable {
 
     /// Takes one end of the link down (a cut cable) or up again.
     func setLink(on side: Side, up: Bool) throws {
-        try run(ip, ["-n", namespace(side), "link", "set", device(side), up ? "up" : "down"])
+        try namespace(side).run(["link", "set", device(side), up ? "up" : "down"])
     }
 
     /// Starts `ferry` on one of the hosts; its API socket and event file are in `directory`.
     func startVMM(on side: Side, _ directory: TemporaryDirectory, _ name: String) async throws -> TestVMM {
-        try await TestVMM(name, in: directory, launcher: [ip, "netns", "exec", namespace(side)])
+        try await TestVMM(name, in: directory, launcher: namespace(side).launcher)
     }
-}
-
-// MARK: - Helpers
-
-/// Runs a tool to completion; throws with its output if it fails.
-@discardableResult
-private func run(_ executable: String, _ arguments: [String]) throws -> String {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    process.standardInput = FileHandle.nullDevice
-    let output = Pipe()
-    process.standardOutput = output
-    process.standardError = output
-    try process.run()
-    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-        throw TestFailure("\(([executable] + arguments).joined(separator: " ")) exited with status \(process.terminationStatus): \(text)")
-    }
-    return text
 }
 
 /// Polls `vm.migration-progress` until the migration is no longer ongoing or the VMM stops

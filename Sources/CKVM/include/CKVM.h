@@ -44,6 +44,24 @@ int ckvm_fallocate(int fd, int punch_hole, long long offset, long long length);
 // that tools and management software (libvirt looks for vcpuN) can find it.
 void ckvm_name_current_thread(const char *name);
 
+// Tap devices (shim.c), whose ioctls take a struct ifreq that Swift cannot build portably. Each
+// returns 0 or a descriptor on success and -errno on failure.
+// Opens /dev/net/tun and attaches to the tap `name` (creating it if it does not exist) with
+// IFF_VNET_HDR: close-on-exec and non-blocking.
+int ckvm_tap_open(const char *name);
+// The interface name and IFF_* flags of an open tun/tap descriptor (TUNGETIFF); `name` holds 16 bytes.
+int ckvm_tap_query(int fd, char *name, int *flags);
+int ckvm_tap_set_vnet_header_size(int fd, int size);
+// TUNSETOFFLOAD with TUN_F_* bits: what the tap may hand over with partial checksums or unsegmented.
+int ckvm_tap_set_offload(int fd, unsigned flags);
+// Gives the interface `name` an IPv4 address and netmask (network byte order; 0 leaves them) and
+// brings it up.
+int ckvm_interface_configure(const char *name, unsigned address, unsigned netmask);
+static const int CKVM_IFF_TAP = 0x0002;
+static const int CKVM_IFF_VNET_HDR = 0x4000;
+static const unsigned CKVM_TUN_F_CSUM = 0x01, CKVM_TUN_F_TSO4 = 0x02, CKVM_TUN_F_TSO6 = 0x04;
+static const unsigned CKVM_TUN_F_TSO_ECN = 0x08, CKVM_TUN_F_UFO = 0x10;
+
 // System ioctls.
 static const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;
 static const unsigned long CKVM_CREATE_VM = KVM_CREATE_VM;

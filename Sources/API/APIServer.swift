@@ -151,6 +151,9 @@ public struct APIServer: Sendable {
         router.get(.init(Endpoint.vmMigrationProgress.path)) { _, _ in
             try json(MigrationProgressReport(vmm.migrationProgress()))
         }
+        router.get(.init(Endpoint.vmCounters.path)) { _, _ in
+            try json(await vmm.counters())
+        }
         router.get(.init(Endpoint.vmInfo.path)) { _, _ in
             let info = try vmm.info()
             return try json(VmInfo(config: VmConfig(info.configuration), state: info.state.rawValue,

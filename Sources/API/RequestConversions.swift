@@ -41,12 +41,16 @@ extension VmConfig {
             diskConfigurations.append(DiskConfiguration(id: disk.id ?? DiskConfiguration.defaultID(index: index), path: path,
                                                         readOnly: disk.readonly ?? false, direct: disk.direct ?? false))
         }
+        var networks: [NetworkConfiguration] = []
+        for (index, card) in (net ?? []).enumerated() {
+            networks.append(try card.networkConfiguration(index: index))
+        }
         let memorySize = memory?.size ?? Int64(Self.defaultMemory)
         guard memorySize > 0 else { throw VMMError(.invalidRequest, "memory.size: \(memorySize) is not a positive number of bytes") }
         let machine = MachineConfiguration(cpus: cpuCount, memorySize: UInt64(memorySize), kernel: kernel,
                                            initramfs: payload.initramfs,
                                            commandLine: payload.cmdline ?? VMConfiguration.defaultCommandLine,
-                                           disks: diskConfigurations, entropySource: rng?.src)
+                                           disks: diskConfigurations, networks: networks, entropySource: rng?.src)
         return VMConfiguration(machine: machine, serial: serialMode, console: consoleMode)
     }
 
@@ -60,7 +64,47 @@ extension VmConfig {
                   disks: machine.disks.isEmpty ? nil : machine.disks.map {
                       Disk(path: $0.path, readonly: $0.readOnly, direct: $0.direct, id: $0.id)
                   },
+                  net: machine.networks.isEmpty ? nil : machine.networks.map {
+                      Net(tap: $0.tap, ip: $0.hostAddress, mask: $0.hostNetmask, mac: $0.mac.description, num_queues: 2,
+                          queue_size: Int($0.queueSize), id: $0.id, offload_tso: $0.offloadTSO, offload_ufo: $0.offloadUFO,
+                          offload_csum: $0.offloadChecksum)
+                  },
                   rng: machine.entropySource.map { Rng(src: $0) })
+    }
+}
+
+extension VmConfig.Net {
+    /// The card this describes, the `index`th of the request's `net`.
+    func networkConfiguration(index: Int) throws(VMMError) -> NetworkConfiguration {
+        let field = "net[\(index)]"
+        if vhost_user == true { throw VMMError(.invalidRequest, "\(field).vhost_user: Ferry has no vhost-user backend; use a tap") }
+        if host_mac != nil { throw VMMError(.invalidRequest, "\(field).host_mac: not supported; set the tap's address on the host") }
+        if mtu != nil { throw VMMError(.invalidRequest, "\(field).mtu: not supported; the card offers the tap's default MTU") }
+        if let fds, !fds.isEmpty {
+            throw VMMError(.invalidRequest, "\(field).fds: descriptors cannot travel in a JSON body; name a tap, or pass fd= to ferry --net")
+        }
+        guard let tap, !tap.isEmpty else { throw VMMError(.invalidRequest, "\(field).tap: required (the tap to open or create)") }
+        var address = MACAddress.random()
+        if let mac {
+            guard let parsed = MACAddress(mac) else { throw VMMError(.invalidRequest, "\(field).mac: '\(mac)' is not a MAC address") }
+            address = parsed
+        }
+        if let queues = num_queues, queues != 2 {
+            throw VMMError(.invalidRequest, "\(field).num_queues: \(queues) is not available; Ferry's virtio-net has one queue pair (2)")
+        }
+        let size = queue_size ?? Int(NetworkConfiguration.defaultQueueSize)
+        guard let queueSize = UInt16(exactly: size) else {
+            throw VMMError(.invalidRequest, "\(field).queue_size: \(size) is not a power of two from 2 to \(NetworkConfiguration.maximumQueueSize)")
+        }
+        var network = NetworkConfiguration(id: id ?? NetworkConfiguration.defaultID(index: index), mac: address, tap: tap,
+                                           hostAddress: ip, hostNetmask: mask, queueSize: queueSize)
+        network.offloadTSO = offload_tso ?? true
+        network.offloadUFO = offload_ufo ?? true
+        network.offloadChecksum = offload_csum ?? true
+        do { try network.validate() } catch {
+            throw VMMError(.invalidRequest, "\(field): \(error.message)")
+        }
+        return network
     }
 }
 
@@ -147,7 +191,16 @@ extension ReceiveMigrationData {
                 throw VMMError(.invalidRequest, "disks[\(index)].id: disk \(disk.id) is placed twice")
             }
         }
-        return ReceiveMigrationOptions(url: url, serial: serialMode, console: consoleMode, diskPaths: paths)
+        var taps: [String: String] = [:]
+        for (index, card) in (net ?? []).enumerated() {
+            guard !card.id.isEmpty, !card.tap.isEmpty else {
+                throw VMMError(.invalidRequest, "net[\(index)]: both id and tap are required")
+            }
+            guard taps.updateValue(card.tap, forKey: card.id) == nil else {
+                throw VMMError(.invalidRequest, "net[\(index)].id: network card \(card.id) is placed twice")
+            }
+        }
+        return ReceiveMigrationOptions(url: url, serial: serialMode, console: consoleMode, diskPaths: paths, netTaps: taps)
     }
 }
 

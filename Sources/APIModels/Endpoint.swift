@@ -9,6 +9,7 @@ public enum Endpoint: String, CaseIterable, Sendable {
     case vmPause = "vm.pause"
     case vmResume = "vm.resume"
     case vmInfo = "vm.info"
+    case vmCounters = "vm.counters"
     case vmShutdown = "vm.shutdown"
     case vmReboot = "vm.reboot"
     case vmDelete = "vm.delete"
@@ -26,7 +27,7 @@ public enum Endpoint: String, CaseIterable, Sendable {
     /// Queries are GET, operations PUT, as in Cloud Hypervisor.
     public var method: HTTPMethod {
         switch self {
-        case .vmmPing, .vmmEvents, .vmInfo, .vmMigrationProgress: .get
+        case .vmmPing, .vmmEvents, .vmInfo, .vmCounters, .vmMigrationProgress: .get
         default: .put
         }
     }

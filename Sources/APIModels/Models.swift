@@ -64,6 +64,45 @@ public struct VmConfig: Codable, Equatable, Sendable {
         }
     }
 
+    /// A virtio-net card on a tap (Cloud Hypervisor's `NetConfig`, the fields Ferry uses; a
+    /// request with `vhost_user`, `host_mac`, `mtu` or `fds` is refused naming the field).
+    public struct Net: Codable, Equatable, Sendable {
+        /// The tap to open, created if it does not exist.
+        public var tap: String?
+        /// The address and netmask of the tap's host end.
+        public var ip: String?
+        public var mask: String?
+        /// The guest's address; random (locally administered) when absent.
+        public var mac: String?
+        /// Receive and transmit queues together: 2 (one pair).
+        public var num_queues: Int?
+        public var queue_size: Int?
+        /// Defaults to `net<index>`.
+        public var id: String?
+        public var offload_tso: Bool?
+        public var offload_ufo: Bool?
+        public var offload_csum: Bool?
+        public var vhost_user: Bool?
+        public var host_mac: String?
+        public var mtu: Int?
+        public var fds: [Int32]?
+
+        public init(tap: String?, ip: String? = nil, mask: String? = nil, mac: String? = nil, num_queues: Int? = nil,
+                    queue_size: Int? = nil, id: String? = nil, offload_tso: Bool? = nil, offload_ufo: Bool? = nil,
+                    offload_csum: Bool? = nil) {
+            self.tap = tap
+            self.ip = ip
+            self.mask = mask
+            self.mac = mac
+            self.num_queues = num_queues
+            self.queue_size = queue_size
+            self.id = id
+            self.offload_tso = offload_tso
+            self.offload_ufo = offload_ufo
+            self.offload_csum = offload_csum
+        }
+    }
+
     /// A virtio-rng device reading `src` on the host.
     public struct Rng: Codable, Equatable, Sendable {
         public var src: String
@@ -96,22 +135,24 @@ public struct VmConfig: Codable, Equatable, Sendable {
     public var serial: Console?
     public var console: Console?
     public var disks: [Disk]?
+    public var net: [Net]?
     public var rng: Rng?
     /// Device kinds Ferry does not have yet; a request naming one is refused.
-    public var net, fs, pmem, vsock, devices, user_devices, vdpa, sgx_epc, numa, pci_segments: UnsupportedDevices?
+    public var fs, pmem, vsock, devices, user_devices, vdpa, sgx_epc, numa, pci_segments: UnsupportedDevices?
 
     /// The unsupported device fields a request has, by name.
     public var unsupportedDeviceFields: [String] {
         let fields: [(String, UnsupportedDevices?)] = [
-            ("net", net), ("fs", fs), ("pmem", pmem), ("vsock", vsock), ("devices", devices), ("user_devices", user_devices),
+            ("fs", fs), ("pmem", pmem), ("vsock", vsock), ("devices", devices), ("user_devices", user_devices),
             ("vdpa", vdpa), ("sgx_epc", sgx_epc), ("numa", numa), ("pci_segments", pci_segments),
         ]
         return fields.compactMap { name, value in value.map { $0.isEmpty ? nil : name } ?? nil }
     }
 
     public init(cpus: Cpus?, memory: Memory?, payload: Payload, serial: Console?, console: Console?,
-                disks: [Disk]? = nil, rng: Rng? = nil) {
+                disks: [Disk]? = nil, net: [Net]? = nil, rng: Rng? = nil) {
         self.cpus = cpus
+        self.net = net
         self.memory = memory
         self.payload = payload
         self.serial = serial
@@ -121,8 +162,8 @@ public struct VmConfig: Codable, Equatable, Sendable {
     }
 
     private enum CodingKeys: String, CodingKey {
-        case cpus, memory, payload, serial, console, disks, rng
-        case net, fs, pmem, vsock, devices, user_devices, vdpa, sgx_epc, numa, pci_segments
+        case cpus, memory, payload, serial, console, disks, net, rng
+        case fs, pmem, vsock, devices, user_devices, vdpa, sgx_epc, numa, pci_segments
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -133,6 +174,7 @@ public struct VmConfig: Codable, Equatable, Sendable {
         try container.encodeIfPresent(serial, forKey: .serial)
         try container.encodeIfPresent(console, forKey: .console)
         try container.encodeIfPresent(disks, forKey: .disks)
+        try container.encodeIfPresent(net, forKey: .net)
         try container.encodeIfPresent(rng, forKey: .rng)
     }
 }
@@ -232,6 +274,9 @@ public struct ReceiveMigrationData: Codable, Equatable, Sendable {
     /// Where each of the arriving guest's disks is on this host, by the disk's id (shared storage:
     /// the file the source used, under this host's path). Every disk must be placed.
     public var disks: [DiskPlacement]?
+    /// The tap each of the arriving guest's network cards uses on this host, by the card's id
+    /// (opened, or created, as `VmConfig.net[].tap`). Every card must be placed.
+    public var net: [NetPlacement]?
 
     public struct DiskPlacement: Codable, Equatable, Sendable {
         public var id: String
@@ -243,11 +288,22 @@ public struct ReceiveMigrationData: Codable, Equatable, Sendable {
         }
     }
 
+    public struct NetPlacement: Codable, Equatable, Sendable {
+        public var id: String
+        public var tap: String
+
+        public init(id: String, tap: String) {
+            self.id = id
+            self.tap = tap
+        }
+    }
+
     public init(receiver_url: String, serial: VmConfig.Console? = nil, console: VmConfig.Console? = nil,
-                disks: [DiskPlacement]? = nil) {
+                disks: [DiskPlacement]? = nil, net: [NetPlacement]? = nil) {
         self.receiver_url = receiver_url
         self.serial = serial
         self.console = console
         self.disks = disks
+        self.net = net
     }
 }

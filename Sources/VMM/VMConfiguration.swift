@@ -45,6 +45,59 @@ extension DiskConfiguration {
     }
 }
 
+extension NetworkConfiguration {
+    /// `--net tap=NAME|fd=N[,mac=MAC][,ip=IP,mask=MASK][,id=ID][,num_queues=2][,queue_size=N][,offload_*=on|off]`,
+    /// Cloud Hypervisor's spelling; the `index`th card without an id is `net<index>`, without a
+    /// mac it gets a random locally administered one.
+    public init(parsing text: String, index: Int) throws(ConfigurationError) {
+        let keys: Set<String> = ["tap", "fd", "mac", "ip", "mask", "id", "num_queues", "queue_size", "offload_tso", "offload_ufo", "offload_csum"]
+        let options = try OptionList(parsing: text, flag: "--net", allowedKeys: keys)
+        let usage = "write tap=NAME or fd=N, then [,mac=MAC][,ip=IP,mask=MASK][,id=ID][,queue_size=N]"
+        guard options.words.isEmpty, options["tap"] != nil || options["fd"] != nil else {
+            throw ConfigurationError(flag: "--net", usage)
+        }
+        var fd: Int32?
+        if let text = options["fd"] {
+            // Cloud Hypervisor writes a list (fd=[3] or fd=[3,4] for more queues).
+            let list = text.hasPrefix("[") && text.hasSuffix("]") ? String(text.dropFirst().dropLast()) : text
+            guard let value = Int32(list), value > 2 else {
+                throw ConfigurationError(flag: "--net", "fd=\(text) must be one descriptor above 2 (one queue pair)")
+            }
+            fd = value
+        }
+        var mac = MACAddress.random()
+        if let text = options["mac"] {
+            guard let parsed = MACAddress(text) else {
+                throw ConfigurationError(flag: "--net", "mac=\(text) is not a MAC address (six hexadecimal pairs, 52:54:00:12:34:56)")
+            }
+            mac = parsed
+        }
+        if let queues = options["num_queues"], queues != "2" {
+            throw ConfigurationError(flag: "--net", "num_queues=\(queues): Ferry's virtio-net has one queue pair; use 2 or leave it out")
+        }
+        var queueSize = NetworkConfiguration.defaultQueueSize
+        if let text = options["queue_size"] {
+            guard let value = UInt16(text) else {
+                throw ConfigurationError(flag: "--net", "queue_size=\(text) is not a power of two from 2 to \(NetworkConfiguration.maximumQueueSize)")
+            }
+            queueSize = value
+        }
+        func flag(_ key: String) throws(ConfigurationError) -> Bool {
+            switch options[key] {
+            case nil, "on", "true": return true
+            case "off", "false": return false
+            case let other?: throw ConfigurationError(flag: "--net", "\(key)=\(other) must be on or off")
+            }
+        }
+        self.init(id: options["id"] ?? Self.defaultID(index: index), mac: mac, tap: options["tap"], fd: fd,
+                  hostAddress: options["ip"], hostNetmask: options["mask"], queueSize: queueSize)
+        offloadTSO = try flag("offload_tso")
+        offloadUFO = try flag("offload_ufo")
+        offloadChecksum = try flag("offload_csum")
+        do { try validate() } catch { throw ConfigurationError(flag: "--net", error.message) }
+    }
+}
+
 /// `--rng src=PATH`: the host file the guest's virtio-rng reads (Cloud Hypervisor's default is
 /// `/dev/urandom`).
 public func parseEntropySource(_ text: String) throws(ConfigurationError) -> String {
@@ -77,11 +130,12 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
     }
 
     /// The configuration of a guest that arrives with `machine`: its consoles go where this host
-    /// says (nowhere, for a device the guest does not have), and each of its disks is the file
-    /// this host names for the disk's id (`diskPaths`), never the path the sender used. A disk
+    /// says (nowhere, for a device the guest does not have), each of its disks is the file
+    /// this host names for the disk's id (`diskPaths`), never the path the sender used, and each
+    /// network card's host end the tap this host names for its id (`netTaps`). A disk or card
     /// without a place here is refused, naming it.
     public init(arriving machine: MachineConfiguration, serial: SerialMode, console: SerialMode = .null,
-                diskPaths: [String: String] = [:]) throws(VMMError) {
+                diskPaths: [String: String] = [:], netTaps: [String: String] = [:]) throws(VMMError) {
         var machine = machine
         for index in machine.disks.indices {
             let id = machine.disks[index].id
@@ -92,6 +146,20 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
         }
         if let extra = Set(diskPaths.keys).subtracting(machine.disks.map(\.id)).sorted().first {
             throw VMMError(.invalidRequest, "disk \(extra): the receive request places a disk the arriving guest does not have")
+        }
+        for index in machine.networks.indices {
+            let id = machine.networks[index].id
+            guard let tap = netTaps[id] else {
+                throw VMMError(.invalidRequest, "net \(id): the arriving guest has this network card and the receive request does not place it (net: [{\"id\": \"\(id)\", \"tap\": ...}])")
+            }
+            // The host end is this host's: its tap, configured here; nothing of the sender's.
+            machine.networks[index].tap = tap
+            machine.networks[index].fd = nil
+            machine.networks[index].hostAddress = nil
+            machine.networks[index].hostNetmask = nil
+        }
+        if let extra = Set(netTaps.keys).subtracting(machine.networks.map(\.id)).sorted().first {
+            throw VMMError(.invalidRequest, "net \(extra): the receive request places a network card the arriving guest does not have")
         }
         self.init(machine: machine, serial: machine.serialPort ? serial : .off, console: machine.virtioConsole ? console : .off)
     }

@@ -176,6 +176,21 @@ public actor VirtualMachineMonitor {
         return info
     }
 
+    /// `vm.counters`, as Cloud Hypervisor reports them: per device id, each counter by name.
+    /// Network cards count frames and bytes each way and the frames they dropped.
+    public func counters() throws(VMMError) -> [String: [String: UInt64]] {
+        let machine: Machine? = switch lifecycle {
+        case let .running(vm), let .paused(vm), let .migratingOut(vm, _, _): vm.machine
+        case .migratingIn(let incoming): incoming.arrived?.vm.machine
+        case .created, .shutDown: nil
+        case .noVM: throw VMMError(.noVM, "no VM has been created")
+        }
+        return (machine?.networkCounters ?? [:]).mapValues { counters in
+            ["rx_frames": counters.rxFrames, "rx_bytes": counters.rxBytes, "rx_dropped": counters.rxDropped,
+             "tx_frames": counters.txFrames, "tx_bytes": counters.txBytes, "tx_dropped": counters.txDropped]
+        }
+    }
+
     private func publishInfo() {
         let info = lifecycle.configuration.flatMap { configuration in
             lifecycle.vmState.map { Info(configuration: configuration, state: $0, memoryActualSize: configuration.machine.memorySize) }

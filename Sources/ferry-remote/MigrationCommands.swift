@@ -88,7 +88,8 @@ struct ReceiveMigration: AsyncParsableCommand {
             Where the guest's consoles go here is this host's choice (--serial, --console), never \
             the source's: by default their output is discarded. Each of the guest's disks must be \
             placed with --disk id=ID,path=PATH (shared storage: the file the source uses, under \
-            this host's path); a disk left unplaced fails the receive, naming it.
+            this host's path), and each network card given its tap here with --net id=ID,tap=NAME; \
+            a disk or card left unplaced fails the receive, naming it.
             """)
 
     @OptionGroup var connection: Connection
@@ -103,11 +104,15 @@ struct ReceiveMigration: AsyncParsableCommand {
     @Option(parsing: .singleValue,
             help: ArgumentHelp("Where an arriving disk is on this host (repeat for each disk).", valueName: "id=ID,path=PATH"))
     var disk: [String] = []
+    @Option(parsing: .singleValue,
+            help: ArgumentHelp("The tap an arriving network card uses on this host (repeat for each card).", valueName: "id=ID,tap=NAME"))
+    var net: [String] = []
 
     func validate() throws {
         _ = try Self.console(serial, flag: "--serial")
         _ = try Self.console(console, flag: "--console")
         _ = try diskPlacements()
+        _ = try netPlacements()
     }
 
     /// `--serial` or `--console` in `VmConfig`'s shape.
@@ -125,19 +130,30 @@ struct ReceiveMigration: AsyncParsableCommand {
     /// `--disk id=ID,path=PATH`, each.
     func diskPlacements() throws -> [ReceiveMigrationData.DiskPlacement] {
         try disk.map { text in
-            var fields: [String: String] = [:]
-            for item in text.split(separator: ",") {
-                let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
-                guard parts.count == 2, ["id", "path"].contains(parts[0]), fields[parts[0]] == nil else {
-                    throw ValidationError("--disk: '\(text)' is not id=ID,path=PATH")
-                }
-                fields[parts[0]] = parts[1]
-            }
-            guard let id = fields["id"], !id.isEmpty, let path = fields["path"], !path.isEmpty else {
-                throw ValidationError("--disk: '\(text)' is not id=ID,path=PATH")
-            }
+            let (id, path) = try Self.placement(text, flag: "--disk", key: "path")
             return ReceiveMigrationData.DiskPlacement(id: id, path: path)
         }
+    }
+
+    /// `--net id=ID,tap=NAME`, each.
+    func netPlacements() throws -> [ReceiveMigrationData.NetPlacement] {
+        try net.map { text in
+            let (id, tap) = try Self.placement(text, flag: "--net", key: "tap")
+            return ReceiveMigrationData.NetPlacement(id: id, tap: tap)
+        }
+    }
+
+    /// `id=ID,KEY=VALUE`, both non-empty.
+    private static func placement(_ text: String, flag: String, key: String) throws -> (String, String) {
+        var fields: [String: String] = [:]
+        let usage = "\(flag): '\(text)' is not id=ID,\(key)=\(key.uppercased())"
+        for item in text.split(separator: ",") {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2, ["id", key].contains(parts[0]), fields[parts[0]] == nil else { throw ValidationError(usage) }
+            fields[parts[0]] = parts[1]
+        }
+        guard let id = fields["id"], !id.isEmpty, let value = fields[key], !value.isEmpty else { throw ValidationError(usage) }
+        return (id, value)
     }
 
     func run() async throws {
@@ -163,7 +179,7 @@ struct ReceiveMigration: AsyncParsableCommand {
             do {
                 let request = ReceiveMigrationData(receiver_url: receiver, serial: try Self.console(serial, flag: "--serial"),
                                                    console: try Self.console(console, flag: "--console"),
-                                                   disks: try diskPlacements())
+                                                   disks: try diskPlacements(), net: try netPlacements())
                 try await client.send(.vmReceiveMigration, body: try body(request), timeout: APIClient.unlimited)
             } catch {
                 // A receive that failed after it began (500) has events still on their way.

@@ -59,6 +59,11 @@ struct Ferry: AsyncParsableCommand {
                                valueName: "path=FILE,..."))
     var disk: [String] = []
 
+    @Option(parsing: .singleValue,
+            help: ArgumentHelp("A virtio-net card on a tap (repeatable): tap=NAME|fd=N[,mac=MAC][,ip=IP,mask=MASK][,id=ID][,queue_size=N][,offload_tso|offload_ufo|offload_csum=off]. The tap is created if it does not exist.",
+                               valueName: "tap=NAME,..."))
+    var net: [String] = []
+
     @Option(help: ArgumentHelp("A virtio-rng device reading src=PATH (e.g. /dev/urandom).", valueName: "src=PATH"))
     var rng: String?
 
@@ -73,7 +78,7 @@ struct Ferry: AsyncParsableCommand {
     private var parsed: (vm: VMConfiguration?, events: EventSinkTarget?, socket: APIServer.Socket?)?
 
     enum CodingKeys: String, CodingKey {
-        case apiSocket, kernel, initramfs, cmdline, cpus, memory, serial, console, disk, rng, eventMonitor, logLevel
+        case apiSocket, kernel, initramfs, cmdline, cpus, memory, serial, console, disk, net, rng, eventMonitor, logLevel
     }
 
     mutating func validate() throws {
@@ -84,6 +89,9 @@ struct Ferry: AsyncParsableCommand {
             let consoleMode = try SerialMode(parsing: console, flag: "--console")
             let disks = try disk.enumerated().map { (index, text) throws(ConfigurationError) in
                 try DiskConfiguration(parsing: text, index: index)
+            }
+            let networks = try net.enumerated().map { (index, text) throws(ConfigurationError) in
+                try NetworkConfiguration(parsing: text, index: index)
             }
             let entropySource = try rng.map(parseEntropySource)
             let sink = try eventMonitor.map(VMConfiguration.parseEventMonitor)
@@ -103,11 +111,11 @@ struct Ferry: AsyncParsableCommand {
             }
             let machine = MachineConfiguration(cpus: cpuCount, memorySize: memorySize, kernel: kernel,
                                                initramfs: initramfs, commandLine: cmdline, disks: disks,
-                                               entropySource: entropySource)
+                                               networks: networks, entropySource: entropySource)
             do {
                 try machine.validate()
             } catch {
-                let flag = ["disk": "--disk", "rng": "--rng", "cpus": "--cpus", "memory": "--memory"]
+                let flag = ["disk": "--disk", "net": "--net", "rng": "--rng", "cpus": "--cpus", "memory": "--memory"]
                     .first { error.message.hasPrefix($0.key) }?.value ?? "--kernel"
                 throw ConfigurationError(flag: flag, error.message)
             }

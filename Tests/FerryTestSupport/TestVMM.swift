@@ -174,10 +174,12 @@ public final class TestVMM: Sendable {
     /// `serial` says (the VMM's standard output by default, so that tests see the guest there).
     public func startReceive(at url: String, serial: VmConfig.Console? = VmConfig.Console(mode: "Tty"),
                              console: VmConfig.Console? = nil,
-                             disks: [ReceiveMigrationData.DiskPlacement]? = nil) async throws -> IncomingMigration {
+                             disks: [ReceiveMigrationData.DiskPlacement]? = nil,
+                             net: [ReceiveMigrationData.NetPlacement]? = nil) async throws -> IncomingMigration {
         let mark = events().count
         let api = api
-        let body = try JSONEncoder().encode(ReceiveMigrationData(receiver_url: url, serial: serial, console: console, disks: disks))
+        let body = try JSONEncoder().encode(ReceiveMigrationData(receiver_url: url, serial: serial, console: console, disks: disks,
+                                                                 net: net))
         let call = Task { _ = try await api.send(.vmReceiveMigration, body: body, timeout: APIClient.unlimited) }
         do {
             let ready = try await waitForEvent([VMEvent.MigrationReceiveReady.qualifiedName], after: mark, timeout: .seconds(30))
@@ -344,13 +346,45 @@ public struct TestGuestVM: Sendable {
 
     public var devices: Devices?
 
+    /// A virtio-net card on a tap, and the guest's network stack (its address, the host it
+    /// streams numbered UDP datagrams to, and how many per second).
+    public struct Network: Sendable {
+        public var tap: String
+        public var mac: String
+        /// The tap's host end, if Ferry should configure it (a tap on a bridge has none).
+        public var hostAddress: String?
+        public var guestAddress: String
+        public var peerAddress: String
+        public var streamRate: Int
+        public var streamPort: Int
+
+        public init(tap: String, mac: String = "52:54:00:00:00:02", hostAddress: String? = nil, guestAddress: String = "10.0.0.2",
+                    peerAddress: String = "10.0.0.1", streamRate: Int = 0, streamPort: Int = 5001) {
+            self.tap = tap
+            self.mac = mac
+            self.hostAddress = hostAddress
+            self.guestAddress = guestAddress
+            self.peerAddress = peerAddress
+            self.streamRate = streamRate
+            self.streamPort = streamPort
+        }
+
+        /// The guest's command-line keys.
+        public var guestKeys: String {
+            "net_ip=\(guestAddress) net_peer=\(peerAddress) net_stream_rate=\(streamRate) net_stream_port=\(streamPort)"
+        }
+    }
+
+    public var network: Network?
+
     public init(cpus: Int, memoryMiB: Int, workload: String, reporting: String = "heartbeat_ms=200 verify_ms=500",
-                devices: Devices? = nil) {
+                devices: Devices? = nil, network: Network? = nil) {
         self.cpus = cpus
         self.memoryMiB = memoryMiB
         self.workload = workload
         self.reporting = reporting
         self.devices = devices
+        self.network = network
     }
 
     public var memoryBytes: UInt64 { UInt64(memoryMiB) << 20 }
@@ -374,6 +408,12 @@ public struct TestGuestVM: Sendable {
         if let devices {
             deviceFields = #", "disks": [{"path": "\#(devices.diskPath)", "id": "disk0"}], "rng": {"src": "/dev/urandom"}, "console": {"mode": "File", "file": "\#(devices.consolePath)"}"#
         }
-        return Data(#"{"cpus": {"boot_vcpus": \#(cpus)}, "memory": {"size": \#(memoryBytes)}, "payload": {"kernel": "\#(kernel)", "cmdline": "\#(workload) \#(reporting)"}, "serial": \#(serial)\#(deviceFields)}"#.utf8)
+        var commandLine = "\(workload) \(reporting)"
+        if let network {
+            let address = network.hostAddress.map { #", "ip": "\#($0)", "mask": "255.255.255.0""# } ?? ""
+            deviceFields += #", "net": [{"tap": "\#(network.tap)", "mac": "\#(network.mac)"\#(address)}]"#
+            commandLine += " " + network.guestKeys
+        }
+        return Data(#"{"cpus": {"boot_vcpus": \#(cpus)}, "memory": {"size": \#(memoryBytes)}, "payload": {"kernel": "\#(kernel)", "cmdline": "\#(commandLine)"}, "serial": \#(serial)\#(deviceFields)}"#.utf8)
     }
 }

@@ -62,6 +62,28 @@ import Testing
         }
     }
 
+    @Test func netFlagParsesCloudHypervisorsKeys() throws {
+        let card = try NetworkConfiguration(parsing: "tap=tap7,mac=52:54:00:AB:cd:01,ip=10.1.2.1,mask=255.255.255.0,queue_size=512", index: 0)
+        #expect(card.id == "net0" && card.tap == "tap7" && card.mac.description == "52:54:00:ab:cd:01")
+        #expect(card.hostAddress == "10.1.2.1" && card.hostNetmask == "255.255.255.0" && card.queueSize == 512)
+        #expect(card.offloadTSO && card.offloadUFO && card.offloadChecksum)
+        let inherited = try NetworkConfiguration(parsing: "fd=[5],id=uplink,num_queues=2,offload_tso=off", index: 3)
+        #expect(inherited.fd == 5 && inherited.tap == nil && inherited.id == "uplink" && !inherited.offloadTSO)
+        let random = try NetworkConfiguration(parsing: "tap=t", index: 1)
+        #expect(!random.mac.isMulticast && random.mac.bytes[0] & 2 != 0, "a random MAC is locally administered unicast")
+        for (bad, message) in [("mac=52:54:00:00:00:01", "write tap=NAME or fd=N"), ("tap=t,mac=52:54:00:00:01", "is not a MAC address"),
+                               ("tap=t,mac=01:00:5e:00:00:01", "multicast"), ("tap=t,queue_size=100", "not a power of two"),
+                               ("tap=t,queue_size=2048", "not a power of two"), ("tap=t,num_queues=4", "one queue pair"),
+                               ("fd=1", "above 2"), ("fd=[3,4]", "write tap=NAME or fd=N"), ("tap=t,ip=10.0.0", "not an IPv4 address"),
+                               ("tap=t,vhost_user=on", "vhost_user"), ("tap=t,offload_csum=maybe", "must be on or off")] {
+            #expect {
+                _ = try NetworkConfiguration(parsing: bad, index: 0)
+            } throws: { error in
+                "\(error)".contains("--net") && "\(error)".contains(message)
+            }
+        }
+    }
+
     @Test func rngFlagNeedsASource() throws {
         #expect(try parseEntropySource("src=/dev/urandom") == "/dev/urandom")
         #expect(throws: ConfigurationError.self) { try parseEntropySource("/dev/urandom") }

@@ -16,12 +16,16 @@ public struct ReceiveMigrationOptions: Equatable, Sendable {
     public var console: SerialMode
     /// The file of each arriving disk on this host, by disk id.
     public var diskPaths: [String: String]
+    /// The tap of each arriving network card on this host, by card id.
+    public var netTaps: [String: String]
 
-    public init(url: MigrationURL, serial: SerialMode = .null, console: SerialMode = .null, diskPaths: [String: String] = [:]) {
+    public init(url: MigrationURL, serial: SerialMode = .null, console: SerialMode = .null, diskPaths: [String: String] = [:],
+                netTaps: [String: String] = [:]) {
         self.url = url
         self.serial = serial
         self.console = console
         self.diskPaths = diskPaths
+        self.netTaps = netTaps
     }
 }
 
@@ -166,7 +170,7 @@ extension VirtualMachineMonitor {
                 prepare: { [weak self] machine in
                     guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }
                     let configuration = try VMConfiguration(arriving: machine, serial: options.serial, console: options.console,
-                                                            diskPaths: options.diskPaths)
+                                                            diskPaths: options.diskPaths, netTaps: options.netTaps)
                     let vm = try prepareMachine(configuration, appendingToConsole: true)
                     prepared.vm.withLock { $0 = vm }
                     return vm.machine
@@ -202,11 +206,28 @@ extension VirtualMachineMonitor {
                 stop(vm)
                 return .failure(error)
             }
+            Self.announce(vm.machine)
         }
         install(vm)
         incoming.arrived = (vm, guestRunning ? .running : .paused)
         lifecycle = .migratingIn(incoming)
         return .success(())
+    }
+
+    /// Announces the arrived guest's network cards on this host's networks, as QEMU's
+    /// self-announce does: a RARP frame per card now and after 50, 150, 250 and 350 ms more, so
+    /// that bridges and switches send the guest's traffic here even if the first frames are lost.
+    private static func announce(_ machine: Machine) {
+        guard !machine.configuration.networks.isEmpty else { return }
+        let thread = Thread { [weak machine] in
+            for pause in [0, 50, 150, 250, 350] {
+                if pause > 0 { Poll.sleep(for: .milliseconds(pause)) }
+                guard let machine, machine.phase == .running else { return }
+                machine.announceNetworks()
+            }
+        }
+        thread.name = "announce"
+        thread.start()
     }
 
     // MARK: Both sides

@@ -12,7 +12,7 @@
 #define RNG_PERIOD_TICKS    (2 * TICK_HZ)   /* entropy check period without a block workload */
 #define STATUS_CHECK_TICKS  TICK_HZ         /* device_status is read this often */
 
-static struct virtio_dev *const devices[] = { &virtio_blk, &virtio_rng, &virtio_console };
+static struct virtio_dev *const devices[] = { &virtio_blk, &virtio_rng, &virtio_console, &virtio_net };
 static u32 reset_reported;                  /* bit i: devices[i] was reported */
 static u64 next_status_check;
 
@@ -47,6 +47,7 @@ void devices_start(u64 now)
     vcon_send("ferry-test-guest: virtio console hello\n");
     blk_start(now);
     rng_start(now, blk_area.blocks && blk_area.verify_ticks ? blk_area.verify_ticks : RNG_PERIOD_TICKS);
+    net_start(now);
     next_status_check = now;
 }
 
@@ -57,7 +58,8 @@ int devices_step(u64 now)
         next_status_check = now + STATUS_CHECK_TICKS;
     }
     rng_step(now);
-    return blk_step(now);
+    int net = net_step(now);
+    return blk_step(now) | net;
 }
 
 void devices_heartbeat(u64 seq)

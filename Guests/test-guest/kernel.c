@@ -126,6 +126,11 @@ static void plan_workload(void)
     c->heartbeat_ticks = ms_to_ticks(boot_params.heartbeat_ms);
     c->verify_ticks = ms_to_ticks(boot_params.verify_ms);
     blk_area.rate = boot_params.block_rate;
+    net_area.ip = boot_params.net_ip;
+    net_area.peer = boot_params.net_peer;
+    net_area.stream_port = boot_params.net_stream_port;
+    net_area.stream_rate = boot_params.net_stream_rate;
+    net_area.stream_bytes = boot_params.net_stream_bytes;
     blk_area.verify_ticks = ms_to_ticks(boot_params.block_verify_ms);
     poweroff_ticks = boot_params.poweroff_s * TICK_HZ;
 }

@@ -89,6 +89,11 @@ struct boot_params {
     u64 bench_qd;
     u64 bench_rand_qd;
     u64 bench_ticks;
+    u64 net_ip;                 /* the guest's IPv4 address (host order); 0 = no network stack */
+    u64 net_peer;               /* where the UDP stream goes (host order) */
+    u64 net_stream_port;        /* its UDP port */
+    u64 net_stream_rate;        /* datagrams per second; 0 = none, NET_RATE_MAX = as fast as the queue takes them */
+    u64 net_stream_bytes;       /* payload bytes of each (at least 8: the sequence number) */
 };
 
 extern u64 pvh_rsdp_paddr;                      /* ACPI RSDP from hvm_start_info (0 = none) */

@@ -66,6 +66,8 @@ struct boot_params boot_params = {
     .bench_qd = DEFAULT_BENCH_QD,
     .bench_rand_qd = DEFAULT_BENCH_RAND_QD,
     .bench_ticks = DEFAULT_BENCH_TICKS,
+    .net_stream_port = 5001,
+    .net_stream_bytes = 64,
 };
 
 static char cmdline[CMDLINE_MAX];
@@ -202,6 +204,32 @@ static void bad_value(const char *key)
     kprint(&l);
 }
 
+/* A dotted quad, a.b.c.d, into host order. */
+static int parse_ipv4(const char *s, u32 len, u64 *out)
+{
+    u64 address = 0, part = 0;
+    u32 parts = 0, digits = 0;
+    for (u32 i = 0; i <= len; i++) {
+        if (i == len || s[i] == '.') {
+            if (digits == 0 || part > 255)
+                return 0;
+            address = address << 8 | part;
+            parts++;
+            part = 0;
+            digits = 0;
+        } else if (s[i] >= '0' && s[i] <= '9' && digits < 3) {
+            part = part * 10 + (u64)(s[i] - '0');
+            digits++;
+        } else {
+            return 0;
+        }
+    }
+    if (parts != 4)
+        return 0;
+    *out = address;
+    return 1;
+}
+
 static void parse_option(const char *word, u32 len)
 {
     static const struct {
@@ -221,6 +249,9 @@ static void parse_option(const char *word, u32 len)
         { "bench_qd", &boot_params.bench_qd },
         { "bench_rand_qd", &boot_params.bench_rand_qd },
         { "bench_ticks", &boot_params.bench_ticks },
+        { "net_stream_port", &boot_params.net_stream_port },
+        { "net_stream_rate", &boot_params.net_stream_rate },
+        { "net_stream_bytes", &boot_params.net_stream_bytes },
     };
     u32 eq = 0;
     while (eq < len && word[eq] != '=')
@@ -231,6 +262,16 @@ static void parse_option(const char *word, u32 len)
     u32 value_len = len - eq - 1;
     if (key_is(word, eq, "dirty_rate") && key_is(value, value_len, "max")) {
         boot_params.dirty_rate = DIRTY_RATE_MAX;
+        return;
+    }
+    if (key_is(word, eq, "net_stream_rate") && key_is(value, value_len, "max")) {
+        boot_params.net_stream_rate = NET_RATE_MAX;
+        return;
+    }
+    if (key_is(word, eq, "net_ip") || key_is(word, eq, "net_peer")) {
+        u64 *target = key_is(word, eq, "net_ip") ? &boot_params.net_ip : &boot_params.net_peer;
+        if (!parse_ipv4(value, value_len, target))
+            bad_value(key_is(word, eq, "net_ip") ? "net_ip" : "net_peer");
         return;
     }
     if (key_is(word, eq, "block_rate") && key_is(value, value_len, "max")) {

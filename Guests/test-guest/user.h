@@ -63,5 +63,7 @@ int bench_run(void);                            /* the whole block benchmark if 
 void rng_start(u64 now, u64 period_ticks);
 void rng_step(u64 now);
 void vcon_send(const char *text);               /* one line; dropped if every buffer is busy */
+void net_start(u64 now);
+int net_step(u64 now);                          /* 1 = the network stack is active (keep polling) */
 
 #endif

@@ -28,6 +28,9 @@
 #define VIRTIO_BLK_F_SEG_MAX        (1UL << 2)
 #define VIRTIO_BLK_F_RO             (1UL << 5)
 #define VIRTIO_BLK_F_FLUSH          (1UL << 9)
+#define VIRTIO_NET_F_MAC            (1UL << 5)
+#define VIRTIO_NET_F_MRG_RXBUF      (1UL << 15)
+#define VIRTIO_NET_F_STATUS         (1UL << 16)
 
 /* Common configuration structure (spec 4.1.4.3): offsets of the fields used. */
 #define VIRTIO_COMMON_DFSELECT      0x00
@@ -201,7 +204,33 @@ struct bench_area {
     u8 *rand_buffers;               /* rand_qd * 4 KiB */
 };
 
-extern struct virtio_dev virtio_blk, virtio_console, virtio_rng;
+/*
+ * The network stack (net.c): one receive and one transmit buffer of
+ * NET_BUFFER_BYTES per descriptor, descriptor k = buffer k, in RAM carved at
+ * boot. Frames carry the 12-byte virtio-net header (spec 5.1.6).
+ */
+#define NET_QUEUE_SIZE              64
+#define NET_BUFFER_BYTES            2048
+#define NET_HEADER_BYTES            12
+#define NET_RECEIVEQ                0
+#define NET_TRANSMITQ               1
+#define NET_RATE_MAX                (~0UL)
+
+struct net_area {
+    u8 mac[6];
+    u8 link_up;                     /* VIRTIO_NET_S_LINK_UP when the device reports status */
+    u8 reserved;
+    u8 *rx;                         /* NET_QUEUE_SIZE receive buffers */
+    u8 *tx;                         /* NET_QUEUE_SIZE transmit buffers */
+    u64 ip;                         /* boot parameters net_ip, net_peer, net_stream_* (kernel.c) */
+    u64 peer;
+    u64 stream_port;
+    u64 stream_rate;
+    u64 stream_bytes;
+};
+
+extern struct virtio_dev virtio_blk, virtio_console, virtio_rng, virtio_net;
+extern struct net_area net_area;
 extern struct blk_area blk_area;
 extern struct bench_area bench_area;
 

@@ -37,6 +37,7 @@
 #define VIRTIO_TYPE_BLOCK       2
 #define VIRTIO_TYPE_CONSOLE     3
 #define VIRTIO_TYPE_RNG         4
+#define VIRTIO_TYPE_NET         1
 
 #define RESET_POLL_LIMIT        1000    /* polls of device_status after a reset */
 #define RESET_POLL_US           1000
@@ -44,6 +45,7 @@
 struct virtio_dev virtio_blk = { .name = "blk" };
 struct virtio_dev virtio_console = { .name = "console" };
 struct virtio_dev virtio_rng = { .name = "rng" };
+struct virtio_dev virtio_net = { .name = "net" };
 
 struct cap {
     u32 found;
@@ -79,6 +81,8 @@ static struct virtio_dev *device_for(u32 bdf, u16 device_id)
         return &virtio_console;
     if (type == VIRTIO_TYPE_RNG)
         return &virtio_rng;
+    if (type == VIRTIO_TYPE_NET)
+        return &virtio_net;
     struct line l;
     line_start(&l, "ferry-test-guest: virtio device type ");
     line_dec(&l, type);

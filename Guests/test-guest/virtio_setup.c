@@ -143,6 +143,41 @@ static const char *setup_rng(struct virtio_dev *d)
     return why ? why : setup_page(d);
 }
 
+/*
+ * virtio-net: MAC and link status from the device, mergeable receive
+ * buffers when offered (each buffer still holds a whole frame; the stack
+ * drops a frame that spans more); no offloads, so every frame arrives and
+ * leaves with complete checksums. Queues of NET_QUEUE_SIZE and one buffer
+ * per descriptor.
+ */
+#define NET_FEATURES    (RING_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF)
+#define NET_CONFIG_STATUS 6
+
+struct net_area net_area;
+
+static const char *setup_net(struct virtio_dev *d)
+{
+    const char *why = virtio_begin(d, NET_FEATURES);
+    if (why)
+        return why;
+    if (!(d->features & VIRTIO_NET_F_MAC) || d->device_cfg == NULL)
+        return "the device has no MAC address";
+    for (u32 i = 0; i < 6; i++)
+        net_area.mac[i] = d->device_cfg[i];
+    net_area.link_up = (d->features & VIRTIO_NET_F_STATUS) ? (d->device_cfg[NET_CONFIG_STATUS] & 1) : 1;
+    why = virtio_queue(d, NET_RECEIVEQ, NET_QUEUE_SIZE);
+    if (!why)
+        why = virtio_queue(d, NET_TRANSMITQ, NET_QUEUE_SIZE);
+    if (why)
+        return why;
+    u64 pages = NET_QUEUE_SIZE * NET_BUFFER_BYTES / PAGE_SIZE;
+    net_area.rx = (u8 *)take_free_pages(pages);
+    net_area.tx = (u8 *)take_free_pages(pages);
+    if (!net_area.rx || !net_area.tx)
+        return "no RAM for buffers";
+    return NULL;
+}
+
 static void setup(struct virtio_dev *d, const char *(*fn)(struct virtio_dev *))
 {
     if (!d->probed)
@@ -161,4 +196,5 @@ void virtio_setup(void)
     setup(&virtio_blk, setup_blk);
     setup(&virtio_rng, setup_rng);
     setup(&virtio_console, setup_console);
+    setup(&virtio_net, setup_net);
 }

@@ -194,7 +194,7 @@ struct VirtioNetTests {
         for (index, frame) in frames.enumerated() {
             #expect(try setup.memory.read(count: frame.count, at: 0x40000 + 0x1000 * UInt64(index) + 12) == frame, "frame \(index) in order")
         }
-        #expect(setup.net.pollDescriptors == [setup.net.tap.descriptor.rawValue])
+        #expect(setup.net.pollDescriptors.map(\.descriptor) == [setup.net.tap.descriptor.rawValue])
         #expect(setup.net.counters.rxDropped == 0)
     }
 

@@ -138,18 +138,17 @@ public final class VirtioNet: VirtioBackend, @unchecked Sendable {
     public let name: String
     public let tap: Tap
     public let features: UInt64
-    private let state = Mutex(Receive())
+    /// The features the driver accepted (set from a vCPU thread, read by the I/O thread).
+    private let negotiated = Atomic<UInt64>(0)
     private let countersLock = Mutex(NetworkCounters())
-    /// The frame read from the tap and not yet delivered (only the I/O thread touches it).
+    // The receive side's state. Only the I/O thread touches it, and reset() while that thread
+    // is parked (the device's worker pause orders the two).
+    /// The frame read from the tap and not yet delivered.
     private let staging: UnsafeMutableRawBufferPointer
-
-    private struct Receive {
-        var negotiated: UInt64 = 0
-        /// Bytes of the staged frame, header included; 0: none.
-        var staged = 0
-        /// The guest had no room for the staged frame: wait for its doorbell, not for the tap.
-        var waitingForBuffers = false
-    }
+    /// Bytes of the staged frame, header included; 0: none.
+    private var staged = 0
+    /// The guest had no room for the staged frame: wait for its doorbell, not for the tap.
+    private var waitingForBuffers = false
 
     public init(_ network: NetworkConfiguration) throws(MachineError) {
         self.network = network
@@ -199,12 +198,12 @@ public final class VirtioNet: VirtioBackend, @unchecked Sendable {
 
     public var counters: NetworkCounters { countersLock.withLock { $0 } }
 
-    public var pollDescriptors: [Int32] {
-        state.withLock { $0.waitingForBuffers } ? [] : [tap.descriptor.rawValue]
+    public var pollDescriptors: [(descriptor: Int32, queue: Int)] {
+        waitingForBuffers ? [] : [(tap.descriptor.rawValue, Self.receiveQueue)]
     }
 
     public func driverReady(features: UInt64) {
-        state.withLock { $0.negotiated = features }
+        negotiated.store(features, ordering: .releasing)
         var offloads: UInt32 = 0
         if features & Self.featureGuestCsum != 0 {
             offloads |= CKVM_TUN_F_CSUM
@@ -217,7 +216,9 @@ public final class VirtioNet: VirtioBackend, @unchecked Sendable {
     }
 
     public func reset() {
-        state.withLock { $0 = Receive() }
+        negotiated.store(0, ordering: .releasing)
+        staged = 0
+        waitingForBuffers = false
         tap.setOffloads(0)
     }
 
@@ -271,10 +272,10 @@ public final class VirtioNet: VirtioBackend, @unchecked Sendable {
     // MARK: Receive
 
     private func receive(_ queue: QueueAccess) throws(VirtioError) {
-        let mergeable = state.withLock { $0.negotiated } & Self.featureMergeable != 0
+        let mergeable = negotiated.load(ordering: .acquiring) & Self.featureMergeable != 0
         let headerOffset = tap.hasVirtioHeader ? 0 : Tap.virtioHeaderSize
         while !queue.stopRequested {
-            var length = state.withLock { $0.staged }
+            var length = staged
             if length == 0 {
                 // Without a virtio-net header on the tap, leave room for one of zeros.
                 if headerOffset > 0 { staging.prefix(headerOffset).initializeMemory(as: UInt8.self, repeating: 0) }
@@ -285,13 +286,11 @@ public final class VirtioNet: VirtioBackend, @unchecked Sendable {
                 }
                 length = result + headerOffset
                 guard length >= Tap.virtioHeaderSize + 14 else { continue }
-                state.withLock { $0.staged = length }
+                staged = length
             }
             guard try deliver(length: length, mergeable: mergeable, queue) else { return }
-            state.withLock {
-                $0.staged = 0
-                $0.waitingForBuffers = false
-            }
+            staged = 0
+            waitingForBuffers = false
         }
     }
 
@@ -303,10 +302,11 @@ public final class VirtioNet: VirtioBackend, @unchecked Sendable {
         while placed < length {
             guard let chain = try queue.next() else {
                 if try queue.giveBack(UInt16(chains.count)) { return try deliver(length: length, mergeable: mergeable, queue) }
-                state.withLock { $0.waitingForBuffers = true }
+                waitingForBuffers = true
                 return false
             }
-            let room = chain.writable.reduce(0) { $0 + Int($1.length) }
+            var room = 0
+            for buffer in chain.buffers where buffer.deviceWritable { room += Int(buffer.length) }
             guard room >= (chains.isEmpty ? Tap.virtioHeaderSize : 1) else {
                 throw VirtioError("receive buffer \(chain.head) has \(room) device-writable bytes, too few for a virtio-net header")
             }
@@ -330,7 +330,7 @@ public final class VirtioNet: VirtioBackend, @unchecked Sendable {
         var offset = 0
         for (chain, written) in chains {
             var left = written
-            for buffer in chain.writable where left > 0 {
+            for buffer in chain.buffers where buffer.deviceWritable && left > 0 {
                 let count = min(Int(buffer.length), left)
                 do {
                     let host = try queue.memory.buffer(at: buffer.address, count: count)

@@ -23,9 +23,10 @@ public protocol VirtioBackend: AnyObject, Sendable {
     /// time to `handle`; a device whose unit of work spans several requests (a received frame
     /// in mergeable buffers) takes the queue itself.
     func serve(_ queue: QueueAccess) throws(VirtioError)
-    /// Descriptors whose readability should wake the device's I/O thread now (a tap with frames
-    /// to receive), besides the queue doorbells and `wakeup`. Asked before each wait.
-    var pollDescriptors: [Int32] { get }
+    /// Descriptors whose readability should wake the device's I/O thread now, each with the
+    /// queue to serve then (a tap with frames for the receive queue), besides the doorbells and
+    /// `wakeup`. Asked before each wait.
+    var pollDescriptors: [(descriptor: Int32, queue: Int)] { get }
     /// The driver set DRIVER_OK with these features (or a restored device had).
     func driverReady(features: UInt64)
     /// Whether requests on `queue` can be served now (a console's receive queue waits for input).
@@ -40,7 +41,7 @@ extension VirtioBackend {
     public func canServe(queue: Int) -> Bool { true }
     public var wakeup: EventFD? { nil }
     public func reset() {}
-    public var pollDescriptors: [Int32] { [] }
+    public var pollDescriptors: [(descriptor: Int32, queue: Int)] { [] }
     public func driverReady(features: UInt64) {}
 
     public func serve(_ queue: QueueAccess) throws(VirtioError) {

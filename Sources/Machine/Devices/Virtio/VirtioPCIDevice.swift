@@ -163,7 +163,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
         vectorGSIs = router.allocate(vectorCount)
         for (event, gsi) in zip(vectorEvents, vectorGSIs) { try router.bind(event, gsi: gsi) }
         worker = try DeviceWorker(name: backend.name, events: queueEvents + (backend.wakeup.map { [$0] } ?? []),
-                                  descriptors: { [backend] in backend.pollDescriptors })
+                                  queueCount: queueCount, descriptors: { [backend] in backend.pollDescriptors })
     }
 
     deinit {
@@ -176,7 +176,7 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
 
     /// Starts serving the queues (the machine starts or resumes).
     func startIO() {
-        worker.start { [weak self] in self?.serveAllQueues() }
+        worker.start { [weak self] queues in self?.serve(queues: queues) }
     }
 
     /// Stops serving once the request in hand is complete; returns when it is.
@@ -184,8 +184,9 @@ public final class VirtioPCIDevice: PCIDevice, StatefulDevice, @unchecked Sendab
 
     func stopIO() { worker.stop() }
 
-    private func serveAllQueues() {
-        for queue in backend.queueSizes.indices { serve(queue: queue) }
+    /// Serves the queues whose doorbell rang or whose descriptor became ready (nil: every queue).
+    private func serve(queues: Set<Int>?) {
+        for queue in backend.queueSizes.indices where queues?.contains(queue) ?? true { serve(queue: queue) }
     }
 
     private var eventIndex: Bool { state.withLock { $0.driverFeatures & VirtioPCI.eventIndex != 0 } }
@@ -641,14 +642,22 @@ final class DeviceWorker: @unchecked Sendable {
     private let pauseFlag = Mutex(false)
     private let control: EventFD
     private let events: [EventFD]
-    /// More descriptors to wait on, asked before each wait; read by whoever serves them.
-    private let descriptors: @Sendable () -> [Int32]
+    /// More descriptors to wait on, asked before each wait, each with the queue to serve when it
+    /// is readable; read by whoever serves them.
+    private let descriptors: @Sendable () -> [(descriptor: Int32, queue: Int)]
     private let name: String
-    private var serve: (@Sendable () -> Void)?
+    /// Serves the given queues (nil: all of them).
+    private var serve: (@Sendable (Set<Int>?) -> Void)?
 
-    init(name: String, events: [EventFD], descriptors: @escaping @Sendable () -> [Int32] = { [] }) throws {
+    private let queueCount: Int
+
+    /// `events`: the first `queueCount` are the queues' doorbells in queue order; any after them
+    /// mean "look at every queue".
+    init(name: String, events: [EventFD], queueCount: Int,
+         descriptors: @escaping @Sendable () -> [(descriptor: Int32, queue: Int)] = { [] }) throws {
         self.name = name
         self.events = events
+        self.queueCount = queueCount
         self.descriptors = descriptors
         changed = ConditionLock.Condition(lock)
         control = try EventFD()
@@ -657,7 +666,7 @@ final class DeviceWorker: @unchecked Sendable {
     var pauseRequested: Bool { pauseFlag.withLock { $0 } }
 
     /// Starts the thread, or resumes it if it is paused.
-    func start(_ serve: @escaping @Sendable () -> Void) {
+    func start(_ serve: @escaping @Sendable (Set<Int>?) -> Void) {
         lock.withLock {
             switch mode {
             case .idle:
@@ -720,6 +729,8 @@ final class DeviceWorker: @unchecked Sendable {
 
     private func run() {
         let eventDescriptors = [control.rawValue] + events.map(\.rawValue)
+        // The first round after a start or resume looks at every queue.
+        var queues: Set<Int>? = nil
         while true {
             // Park while paused; leave when stopping.
             let proceed = lock.withLock { () -> Bool in
@@ -740,9 +751,28 @@ final class DeviceWorker: @unchecked Sendable {
                 }
             }
             guard proceed else { return }
-            serve?()
-            guard let ready = try? Poll.readable(eventDescriptors + descriptors(), timeout: nil) else { continue }
-            for index in ready where index < eventDescriptors.count { (index == 0 ? control : events[index - 1]).consume() }
+            serve?(queues)
+            let extra = descriptors()
+            guard let ready = try? Poll.readable(eventDescriptors + extra.map(\.descriptor), timeout: nil) else {
+                queues = nil
+                continue
+            }
+            // A doorbell or a backend descriptor names its queue; the control event (start,
+            // resume, driver ready) and the backend's wakeup (host input) mean every queue.
+            var next = Set<Int>()
+            var all = false
+            for index in ready {
+                if index == 0 {
+                    control.consume()
+                    all = true
+                } else if index <= events.count {
+                    events[index - 1].consume()
+                    if index - 1 < queueCount { next.insert(index - 1) } else { all = true }
+                } else {
+                    next.insert(extra[index - 1 - events.count].queue)
+                }
+            }
+            queues = all ? nil : next
         }
     }
 }

@@ -28,6 +28,20 @@ struct FerryRemoteMigrationTests {
         }
     }
 
+    @Test(arguments: [
+        (["--net", "id=net0"], "--net: 'id=net0' is not id=ID,tap=TAP"),
+        (["--net", "id=net0,tap=t0,mac=52:54:00:00:00:01"], "is not id=ID,tap=TAP"),
+        (["--net", "tap=t0"], "is not id=ID,tap=TAP"),
+        (["--disk", "id=disk0,tap=t0"], "--disk: 'id=disk0,tap=t0' is not id=ID,path=PATH"),
+    ])
+    func receiveMigrationRefusesBadPlacementsBeforeAnyRequest(extra: [String], message: String) throws {
+        let directory = try TemporaryDirectory()
+        let remote = try Self.remote(["receive-migration", "--api-socket", directory.path("absent.sock"), "tcp:127.0.0.1:0"] + extra)
+        #expect(remote.waitForExit(timeout: .seconds(20)) == 64, "ArgumentParser's usage error status")
+        #expect(remote.standardError.contains(message), "stderr: \(remote.standardError)")
+        #expect(!remote.standardError.contains("absent.sock"), "no connection was attempted")
+    }
+
     @Test(.enabled(if: Repository.kvmAvailable, needsKVM))
     func migrationSubcommandsReportTheVMMsRefusalWithStatus1() throws {
         let directory = try TemporaryDirectory()

@@ -221,13 +221,22 @@ struct NetworkTests {
         let namespace = try NetworkNamespace("net-flags")
         try namespace.run(["link", "add", "br9", "type", "bridge"])
         let kernel = try TestGuest.path.get()
-        for (flag, message) in [("tap=t0,mac=52:54:00:00:00", "is not a MAC address"), ("tap=t0,queue_size=100", "not a power of two"),
-                                ("tap=br9", "exists and is not a tap"), ("tap=this-name-is-too-long", "not a valid interface name")] {
-            let process = try FerryProcess(arguments: namespace.launcher.dropFirst().map { $0 } + [Repository.ferry.path, "--kernel", kernel, "--net", flag],
+        // Without CAP_NET_ADMIN (dropped from the bounding set, so the exec'd ferry lacks it) no tap can be made.
+        let unprivileged = FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+            ? ["/usr/bin/setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"] : nil
+        var cases: [(prefix: [String], flag: String, message: String)] = [
+            ([], "tap=t0,mac=52:54:00:00:00", "is not a MAC address"), ([], "tap=t0,queue_size=100", "not a power of two"),
+            ([], "tap=br9", "exists and is not a tap"), ([], "tap=this-name-is-too-long", "not a valid interface name"),
+        ]
+        if let unprivileged { cases.append((unprivileged, "tap=t0", "needs CAP_NET_ADMIN")) }
+        for (prefix, flag, message) in cases {
+            let process = try FerryProcess(arguments: Array(namespace.launcher.dropFirst()) + prefix
+                                           + [Repository.ferry.path, "--kernel", kernel, "--net", flag],
                                            executable: URL(fileURLWithPath: namespace.launcher[0]))
             #expect(process.waitForExit(timeout: .seconds(30)) != 0)
             #expect(process.standardError.contains("--net") && process.standardError.contains(message), "\(flag): \(process.standardError)")
         }
+        #expect(try !namespace.run(["link", "show"]).contains("t0:"), "no tap was left behind")
     }
 
     // MARK: Traffic through a migration

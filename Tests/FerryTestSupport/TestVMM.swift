@@ -182,7 +182,8 @@ public final class TestVMM: Sendable {
                                                                  net: net))
         let call = Task { _ = try await api.send(.vmReceiveMigration, body: body, timeout: APIClient.unlimited) }
         do {
-            let ready = try await waitForEvent([VMEvent.MigrationReceiveReady.qualifiedName], after: mark, timeout: .seconds(30))
+            // Generous: on a loaded machine (every suite runs at once) a VMM has taken over 30 s to answer.
+            let ready = try await waitForEvent([VMEvent.MigrationReceiveReady.qualifiedName], after: mark, timeout: .seconds(90))
             guard let listening = try ready.decode(VMEvent.MigrationReceiveReady.self)?.receiverURL else { throw TestFailure("no URL") }
             return IncomingMigration(call: call, url: listening, requestedURL: url)
         } catch {

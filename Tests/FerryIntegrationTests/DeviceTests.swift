@@ -106,9 +106,19 @@ struct DeviceTests {
 
     /// With the debug switch that stops recording the pages devices write, the destination gets
     /// stale copies of what the disk read into guest memory, and the guest notices; with recording
-    /// on (every other migration test) it never does. A 40 MB/s link stretches pass 0 to about two
-    /// seconds, so the guest certainly rereads blocks into memory pass 0 has already sent.
+    /// on (every other migration test) it never does. A 20 MB/s link stretches pass 0 to seconds,
+    /// so the guest rereads blocks into memory pass 0 has already sent — unless, on a loaded host,
+    /// its vCPUs hardly ran meanwhile: then the attempt proves nothing and is made again.
     @Test func untrackedDeviceWritesCorruptTheDestinationsMemory() async throws {
+        for attempt in 1...3 {
+            if try await untrackedDeviceWritesAttempt() { return }
+            print("untracked device writes: attempt \(attempt): the destination's guest found nothing stale; again")
+        }
+        Issue.record("without device-write tracking the destination's guest never found stale memory, in three migrations")
+    }
+
+    /// One migration without device-write tracking; whether the destination's guest found stale memory.
+    func untrackedDeviceWritesAttempt() async throws -> Bool {
         let directory = try TemporaryDirectory()
         let guest = try Self.guest(directory, workload: "workset_mib=64 dirty_rate=1000 block_blocks=2048 block_rate=400 block_verify_ms=1000")
         let source = try await TestVMM("source", in: directory, launcher: ["/usr/bin/env", "FERRY_DEBUG_UNTRACKED_DEVICE_WRITES=1"])
@@ -116,14 +126,16 @@ struct DeviceTests {
         try await source.boot(guest)
         #expect(await waitUntil(.seconds(60)) { !source.process.consoleLines.blockPasses.isEmpty })
         let incoming = try await destination.startReceive(at: "tcp:127.0.0.1:0", disks: guest.devices!.placements)
-        let link = try ThrottledLink(to: incoming.url, transport: .tcp, in: directory, bytesPerSecond: 40_000_000)
+        let link = try ThrottledLink(to: incoming.url, transport: .tcp, in: directory, bytesPerSecond: 20_000_000)
         try await source.api.send(.vmSendMigration, body: try JSONEncoder().encode(SendMigrationData(destination_url: link.url)))
         #expect(await destination.waitForTerminal(MigrationStreams.destinationTerminal, occurrence: 1, timeout: .seconds(120))?.name
                 == "vm.migration-receive-finished")
-        #expect(await waitUntil(.seconds(30)) { !destination.process.consoleLines.deviceFailures.isEmpty },
-                "the guest finds stale device-written memory: \(destination.process.consoleLines.suffix(5))")
-        print("without device-write tracking the destination's guest reports: \(destination.process.consoleLines.deviceFailures.prefix(3))")
+        let found = await waitUntil(.seconds(30)) { !destination.process.consoleLines.deviceFailures.isEmpty }
+        if found {
+            print("without device-write tracking the destination's guest reports: \(destination.process.consoleLines.deviceFailures.prefix(3))")
+        }
         _ = await destination.shutDown()
         _ = await source.shutDown()
+        return found
     }
 }

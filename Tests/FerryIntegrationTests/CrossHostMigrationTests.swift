@@ -32,7 +32,7 @@ struct CrossHostMigrationTests {
     static let bandwidthBounds = 0.15...1.1
 
     @Test func migratesOverAGigabitLinkWithinTheDowntimeLimitAndMeasuresTheLink() async throws {
-        let hosts = try TwoHosts()
+        let hosts = try await offThePool { try TwoHosts() }
         defer { withExtendedLifetime(hosts) {} }  // the namespaces stay until the test ends
         let shaping = try hosts.limitLink(rate: "1gbit", tokenBucketBurst: "1mb")
         print("cross-host 1 Gbit/s: \(shaping)")
@@ -123,7 +123,7 @@ struct CrossHostMigrationTests {
 
     /// One attempt; false if the migration had finished before the cut.
     func cutLinkMidMigration() async throws -> Bool {
-        let hosts = try TwoHosts()
+        let hosts = try await offThePool { try TwoHosts() }
         defer { withExtendedLifetime(hosts) {} }  // the namespaces stay until the test ends
         let directory = try TemporaryDirectory()
         let source = try await hosts.startVMM(on: .source, directory, "source")
@@ -196,7 +196,7 @@ struct CrossHostMigrationTests {
     }
 
     @Test func aSlowLinkHitsTheTimeoutAndCancelsWithTheGuestSafeOnTheSource() async throws {
-        let hosts = try TwoHosts()
+        let hosts = try await offThePool { try TwoHosts() }
         defer { withExtendedLifetime(hosts) {} }  // the namespaces stay until the test ends
         // Packet loss needs netem too; without it the link is only slow.
         let shaping = try hosts.limitLink(rate: "50mbit", tokenBucketBurst: "64kb", netemLoss: "2%")

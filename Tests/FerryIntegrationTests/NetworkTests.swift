@@ -17,24 +17,24 @@ struct NetworkTests {
     static let mac = "52:54:00:00:00:02"
 
     @Test func theHostPingsAndExchangesUDPWithTheGuestThroughAFerryTap() async throws {
-        let namespace = try NetworkNamespace("net")
+        let namespace = try await NetworkNamespace.make("net")
         let directory = try TemporaryDirectory()
         let vmm = try await TestVMM("ferry", in: directory, launcher: namespace.launcher)
         // Ferry creates the tap and gives its host end the address.
         let network = TestGuestVM.Network(tap: "ftap0", mac: Self.mac, hostAddress: Self.hostAddress, streamRate: 50)
         try await vmm.boot(TestGuestVM(cpus: 1, memoryMiB: 128, workload: "workset_mib=8", network: network))
         try await vmm.waitForConsoleLine { $0.hasPrefix("NET ready mac=\(Self.mac) link=1") }
-        #expect(try namespace.run(["addr", "show", "ftap0"]).contains("\(Self.hostAddress)/24"))
+        #expect(try await namespace.run(["addr", "show", "ftap0"]).contains("\(Self.hostAddress)/24"))
         let stream = try namespace.udpSocket(address: Self.hostAddress, port: 5001)
 
-        let ping = try Self.ping(namespace, count: 20, interval: "0.01")
+        let ping = try await Self.ping(namespace, count: 20, interval: "0.01")
         #expect(ping.received == 20, "the host kernel's pings are answered: \(ping.summary)")
 
         let host = HostSide(namespace: namespace)
-        let echoed = try host.echo(count: 100, size: 1000)
+        let echoed = try await host.echo(count: 100, size: 1000)
         #expect(echoed.answered == 100 && echoed.corrupted == 0, "UDP echo: \(echoed)")
 
-        let sequence = Self.receiveStream(stream, count: 20)
+        let sequence = try await offThePool { Self.receiveStream(stream, count: 20) }
         #expect(sequence.count == 20 && zip(sequence, sequence.dropFirst()).allSatisfy { $1 == $0 + 1 },
                 "the guest's stream arrives in order without gaps: \(sequence)")
 
@@ -48,12 +48,12 @@ struct NetworkTests {
         #expect(await vmm.shutDown())
     }
 
-    @Test func theSameGuestTalksToTheHostThroughQEMUsVirtioNet() throws {
+    @Test func theSameGuestTalksToTheHostThroughQEMUsVirtioNet() async throws {
         let qemu = try #require(qemuExecutable, "QEMU is needed")
-        let namespace = try NetworkNamespace("qemu-net")
-        try namespace.run(["tuntap", "add", "qtap0", "mode", "tap"])
-        try namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "qtap0"])
-        try namespace.run(["link", "set", "qtap0", "up"])
+        let namespace = try await NetworkNamespace.make("qemu-net")
+        try await namespace.run(["tuntap", "add", "qtap0", "mode", "tap"])
+        try await namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "qtap0"])
+        try await namespace.run(["link", "set", "qtap0", "up"])
         let stream = try namespace.udpSocket(address: Self.hostAddress, port: 5001)
         let network = TestGuestVM.Network(tap: "qtap0", streamRate: 50)
         let process = Process()
@@ -79,26 +79,26 @@ struct NetworkTests {
         }
         let text = { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
         let deadline = ContinuousClock.now + .seconds(60)
-        while ContinuousClock.now < deadline, !text().contains("NET ready") { Thread.sleep(forTimeInterval: 0.05) }
+        while ContinuousClock.now < deadline, !text().contains("NET ready") { try await Task.sleep(for: .milliseconds(50)) }
         #expect(text().contains("NET ready mac=\(Self.mac) link=1"), "the guest drives QEMU's card: \(text().suffix(500))")
 
-        let ping = try Self.ping(namespace, count: 20, interval: "0.01")
+        let ping = try await Self.ping(namespace, count: 20, interval: "0.01")
         #expect(ping.received == 20, "pings through QEMU: \(ping.summary)")
-        let echoed = try HostSide(namespace: namespace).echo(count: 100, size: 1000)
+        let echoed = try await HostSide(namespace: namespace).echo(count: 100, size: 1000)
         #expect(echoed.answered == 100 && echoed.corrupted == 0, "UDP echo through QEMU: \(echoed)")
-        let sequence = Self.receiveStream(stream, count: 20)
+        let sequence = try await offThePool { Self.receiveStream(stream, count: 20) }
         #expect(sequence.count == 20 && zip(sequence, sequence.dropFirst()).allSatisfy { $1 == $0 + 1 }, "\(sequence)")
     }
 
     @Test func aGuestKeepsItsConnectionsThroughAMigrationOnOneHost() async throws {
         // One host: a bridge with the host's address and two taps on it, the source's and the destination's.
-        let namespace = try NetworkNamespace("net-mig")
-        try namespace.run(["link", "add", "br0", "type", "bridge"])
-        try namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "br0"])
-        try namespace.run(["link", "set", "br0", "up"])
+        let namespace = try await NetworkNamespace.make("net-mig")
+        try await namespace.run(["link", "add", "br0", "type", "bridge"])
+        try await namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "br0"])
+        try await namespace.run(["link", "set", "br0", "up"])
         for tap in ["tapsrc", "tapdst"] {
-            try namespace.run(["tuntap", "add", tap, "mode", "tap"])
-            try namespace.run(["link", "set", tap, "master", "br0", "up"])
+            try await namespace.run(["tuntap", "add", tap, "mode", "tap"])
+            try await namespace.run(["link", "set", tap, "master", "br0", "up"])
         }
         let directory = try TemporaryDirectory()
         let source = try await TestVMM("source", in: directory, launcher: namespace.launcher)
@@ -106,8 +106,8 @@ struct NetworkTests {
         let report = try await Self.migrateWithTraffic(
             hostSide: namespace, source: source, destination: destination, sourceTap: "tapsrc", destinationTap: "tapdst",
             url: "unix:\(directory.path("migration.sock"))", streamRate: 100)
-        #expect(try namespace.run(["neigh", "show", Self.guestAddress]).contains(Self.mac), "the guest kept its MAC")
-        #expect(try namespace.run(["link", "show", "master", "br0"]).contains("tapdst"))
+        #expect(try await namespace.run(["neigh", "show", Self.guestAddress]).contains(Self.mac), "the guest kept its MAC")
+        #expect(try await namespace.run(["link", "show", "master", "br0"]).contains("tapdst"))
         print("network migration, one host: \(report)")
     }
 
@@ -116,32 +116,32 @@ struct NetworkTests {
         // guests' network), the migration crosses another. The pinger is on the source host. The
         // guest sends nothing of its own here, so only Ferry's announcement tells the source's
         // bridge that the guest's MAC has moved behind the link (its old tap stays, unread).
-        let hosts = try TwoHosts()
+        let hosts = try await offThePool { try TwoHosts() }
         for (namespace, peer) in [(hosts.source, "lan0"), (hosts.destination, "lan1")] {
-            try namespace.run(["link", "add", "br0", "type", "bridge"])
-            try namespace.run(["link", "set", "br0", "up"])
-            try namespace.run(["tuntap", "add", "tap0", "mode", "tap"])
-            try namespace.run(["link", "set", "tap0", "master", "br0", "up"])
+            try await namespace.run(["link", "add", "br0", "type", "bridge"])
+            try await namespace.run(["link", "set", "br0", "up"])
+            try await namespace.run(["tuntap", "add", "tap0", "mode", "tap"])
+            try await namespace.run(["link", "set", "tap0", "master", "br0", "up"])
             if peer == "lan0" {
-                try namespace.run(["link", "add", "lan0", "type", "veth", "peer", "name", "lan1", "netns", hosts.destination.name])
+                try await namespace.run(["link", "add", "lan0", "type", "veth", "peer", "name", "lan1", "netns", hosts.destination.name])
             }
-            try namespace.run(["link", "set", peer, "master", "br0", "up"])
+            try await namespace.run(["link", "set", peer, "master", "br0", "up"])
         }
-        try hosts.source.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "br0"])
+        try await hosts.source.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "br0"])
         let directory = try TemporaryDirectory()
         let source = try await hosts.startVMM(on: .source, directory, "source")
         let destination = try await hosts.startVMM(on: .destination, directory, "destination")
         let report = try await Self.migrateWithTraffic(
             hostSide: hosts.source, source: source, destination: destination, sourceTap: "tap0", destinationTap: "tap0",
             url: "tcp:\(TwoHosts.destinationAddress):0", streamRate: 0)
-        #expect(try hosts.source.run(["neigh", "show", Self.guestAddress]).contains(Self.mac), "the guest kept its MAC")
-        #expect(try hosts.source.run(["link", "show", "master", "br0"]).contains("lan0"))
+        #expect(try await hosts.source.run(["neigh", "show", Self.guestAddress]).contains(Self.mac), "the guest kept its MAC")
+        #expect(try await hosts.source.run(["link", "show", "master", "br0"]).contains("lan0"))
         print("network migration, two hosts: \(report)")
     }
 
     /// `--net fd=N`: a parent opens the tap (as libvirt does) and execs ferry with it as descriptor 3.
     @Test func aTapHandedOverAsADescriptorCarriesTheGuest() async throws {
-        let namespace = try NetworkNamespace("net-fd")
+        let namespace = try await NetworkNamespace.make("net-fd")
         let parent = """
             import fcntl, os, struct, sys
             tap = os.open("/dev/net/tun", os.O_RDWR)
@@ -157,24 +157,24 @@ struct NetworkTests {
             ],
             executable: URL(fileURLWithPath: namespace.launcher[0]))
         defer { ferry.signal(SIGTERM) }
-        #expect(ferry.waitForConsoleLine(timeout: .seconds(60)) { $0.hasPrefix("NET ready mac=\(Self.mac)") } != nil,
+        #expect(await waitUntil(.seconds(60)) { ferry.consoleLines.contains { $0.hasPrefix("NET ready mac=\(Self.mac)") } },
                 "stderr: \(ferry.standardError)")
-        try namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "ltap0"])
-        #expect(try namespace.run(["link", "show", "ltap0"]).contains("UP"), "ferry brought the inherited tap up")
-        let ping = try Self.ping(namespace, count: 10, interval: "0.02")
+        try await namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "ltap0"])
+        #expect(try await namespace.run(["link", "show", "ltap0"]).contains("UP"), "ferry brought the inherited tap up")
+        let ping = try await Self.ping(namespace, count: 10, interval: "0.02")
         #expect(ping.received == 10, "\(ping.summary)")
         ferry.signal(SIGTERM)
-        #expect(ferry.waitForExit(timeout: .seconds(20)) == 0)
+        #expect(try await offThePool { ferry.waitForExit(timeout: .seconds(20)) } == 0)
     }
 
     @Test func aRestoredGuestAnswersOnTheSameTap() async throws {
-        let namespace = try NetworkNamespace("net-snap")
+        let namespace = try await NetworkNamespace.make("net-snap")
         let directory = try TemporaryDirectory()
         let source = try await TestVMM("source", in: directory, launcher: namespace.launcher)
         let network = TestGuestVM.Network(tap: "ftap0", mac: Self.mac, hostAddress: Self.hostAddress)
         try await source.boot(TestGuestVM(cpus: 1, memoryMiB: 128, workload: "workset_mib=8", network: network))
         try await source.waitForConsoleLine { $0.hasPrefix("NET ready") }
-        #expect(try Self.ping(namespace, count: 5, interval: "0.05").received == 5)
+        #expect(try await Self.ping(namespace, count: 5, interval: "0.05").received == 5)
         try await source.api.send(.vmPause)
         let snapshot = directory.path("snapshot")
         try await source.api.send(.vmSnapshot, body: Data(#"{"destination_url": "file://\#(snapshot)"}"#.utf8))
@@ -183,16 +183,16 @@ struct NetworkTests {
         // The tap Ferry created went with the source; the restored VM creates it again, with its address.
         let target = try await TestVMM("target", in: directory, launcher: namespace.launcher)
         try await target.api.send(.vmRestore, body: Data(#"{"source_url": "file://\#(snapshot)", "resume": true}"#.utf8))
-        let ping = try Self.ping(namespace, count: 20, interval: "0.01")
+        let ping = try await Self.ping(namespace, count: 20, interval: "0.01")
         #expect(ping.received == 20, "the restored guest answers: \(ping.summary)")
-        let echoed = try HostSide(namespace: namespace).echo(count: 20, size: 500)
+        let echoed = try await HostSide(namespace: namespace).echo(count: 20, size: 500)
         #expect(echoed.answered == 20, "\(echoed)")
         #expect(!target.process.consoleLines.contains { $0.hasPrefix("NET ready") }, "the guest did not set its card up again")
         #expect(await target.shutDown())
     }
 
     @Test func aReceiveThatDoesNotPlaceTheCardFailsNamingItAndTheGuestRunsOn() async throws {
-        let namespace = try NetworkNamespace("net-place")
+        let namespace = try await NetworkNamespace.make("net-place")
         let directory = try TemporaryDirectory()
         let source = try await TestVMM("source", in: directory, launcher: namespace.launcher)
         let destination = try await TestVMM("destination", in: directory, launcher: namespace.launcher)
@@ -206,7 +206,7 @@ struct NetworkTests {
         #expect(failed.name == "vm.migration-receive-failed" && (failed.properties["error"] ?? "").contains("net net0"),
                 "\(failed.properties)")
         #expect(try await source.info().state == "Running")
-        #expect(try Self.ping(namespace, count: 5, interval: "0.05").received == 5, "the guest still answers on the source")
+        #expect(try await Self.ping(namespace, count: 5, interval: "0.05").received == 5, "the guest still answers on the source")
 
         // Another VMM cannot take the busy tap: a 400 that names the card, nothing created.
         await #expect(throws: APIError.self) {
@@ -217,9 +217,9 @@ struct NetworkTests {
         #expect(await destination.shutDown())
     }
 
-    @Test func badNetFlagsFailBeforeAnythingStarts() throws {
-        let namespace = try NetworkNamespace("net-flags")
-        try namespace.run(["link", "add", "br9", "type", "bridge"])
+    @Test func badNetFlagsFailBeforeAnythingStarts() async throws {
+        let namespace = try await NetworkNamespace.make("net-flags")
+        try await namespace.run(["link", "add", "br9", "type", "bridge"])
         let kernel = try TestGuest.path.get()
         // Without CAP_NET_ADMIN (dropped from the bounding set, so the exec'd ferry lacks it) no tap can be made.
         let unprivileged = FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
@@ -233,10 +233,10 @@ struct NetworkTests {
             let process = try FerryProcess(arguments: Array(namespace.launcher.dropFirst()) + prefix
                                            + [Repository.ferry.path, "--kernel", kernel, "--net", flag],
                                            executable: URL(fileURLWithPath: namespace.launcher[0]))
-            #expect(process.waitForExit(timeout: .seconds(30)) != 0)
+            #expect(try await offThePool { process.waitForExit(timeout: .seconds(30)) } != 0)
             #expect(process.standardError.contains("--net") && process.standardError.contains(message), "\(flag): \(process.standardError)")
         }
-        #expect(try !namespace.run(["link", "show"]).contains("t0:"), "no tap was left behind")
+        #expect(try await !namespace.run(["link", "show"]).contains("t0:"), "no tap was left behind")
     }
 
     // MARK: Traffic through a migration
@@ -252,7 +252,7 @@ struct NetworkTests {
         try await source.boot(TestGuestVM(cpus: 1, memoryMiB: 256, workload: "workset_mib=32 dirty_rate=1000", network: network))
         try await source.waitForConsoleLine { $0.hasPrefix("NET peer found") }
 
-        let traffic = try Traffic(hostSide: hostSide, stream: stream)
+        let traffic = try await offThePool { try Traffic(hostSide: hostSide, stream: stream) }
         try await Task.sleep(for: .seconds(1))
         let receive = try await destination.startReceive(at: url, net: [.init(id: "net0", tap: destinationTap)])
         let id = try await source.startSend(to: receive.url)
@@ -260,7 +260,7 @@ struct NetworkTests {
         try #require(end.name == "vm.migration-finished", "\(end.properties)")
         try await receive.call.value
         try await Task.sleep(for: .seconds(2))
-        let result = try traffic.stop()
+        let result = try await offThePool { try traffic.stop() }
 
         let paused = try #require(source.events().last { $0.name == "vm.paused" })
         let resumed = try #require(destination.events().last { $0.name == "vm.resumed" })
@@ -303,10 +303,15 @@ struct NetworkTests {
         var summary = ""
     }
 
-    /// Runs ping(8) in `namespace`; `count` nil runs until `stop` is called on the returned process.
-    static func ping(_ namespace: NetworkNamespace, count: Int, interval: String) throws -> PingResult {
+    /// Runs ping(8) `count` times in `namespace`, off the concurrency pool.
+    static func ping(_ namespace: NetworkNamespace, count: Int, interval: String) async throws -> PingResult {
+        let ping = try #require(NetworkTools.ping)
+        return try await offThePool { try pingBlocking(namespace, ping: ping, count: count, interval: interval) }
+    }
+
+    private static func pingBlocking(_ namespace: NetworkNamespace, ping: String, count: Int, interval: String) throws -> PingResult {
         let output = try runTool(namespace.launcher[0], Array(namespace.launcher.dropFirst()) + [
-            try #require(NetworkTools.ping), "-n", "-q", "-c", "\(count)", "-i", interval, "-W", "1", guestAddress,
+            ping, "-n", "-q", "-c", "\(count)", "-i", interval, "-W", "1", guestAddress,
         ])
         return parsePing(output)
     }
@@ -331,16 +336,21 @@ struct NetworkTests {
 }
 
 /// The host's end of UDP echo: numbered datagrams to the guest's port 7 and their echoes.
-struct HostSide {
+struct HostSide: Sendable {
     let namespace: NetworkNamespace
 
-    struct Echo: CustomStringConvertible {
+    struct Echo: CustomStringConvertible, Sendable {
         var answered = 0, corrupted = 0
         var description: String { "\(answered) answered, \(corrupted) corrupted" }
     }
 
-    /// Sends `count` datagrams of `size` bytes one after the other, each waiting for its echo.
-    func echo(count: Int, size: Int) throws -> Echo {
+    /// Sends `count` datagrams of `size` bytes one after the other, each waiting for its echo
+    /// (off the concurrency pool).
+    func echo(count: Int, size: Int) async throws -> Echo {
+        try await offThePool { try echoBlocking(count: count, size: size) }
+    }
+
+    private func echoBlocking(count: Int, size: Int) throws -> Echo {
         let socket = try namespace.udpSocket(address: NetworkTests.hostAddress)
         var result = Echo()
         for index in 0..<count {

@@ -53,6 +53,11 @@ public final class NetworkNamespace: Sendable {
         }
     }
 
+    /// `init` off the concurrency pool (it runs `ip` several times).
+    public static func make(_ prefix: String) async throws -> NetworkNamespace {
+        try await offThePool { try NetworkNamespace(prefix) }
+    }
+
     deinit {
         _ = try? runTool(ip, ["netns", "del", name])
     }
@@ -61,6 +66,12 @@ public final class NetworkNamespace: Sendable {
     @discardableResult
     public func run(_ arguments: [String]) throws -> String {
         try runTool(ip, ["-n", name] + arguments)
+    }
+
+    /// `run` off the concurrency pool.
+    @discardableResult
+    public func run(_ arguments: [String]) async throws -> String {
+        try await offThePool { try self.run(arguments) }
     }
 
     /// A command line prefix that runs a program inside the namespace.

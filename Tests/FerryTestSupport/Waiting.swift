@@ -35,3 +35,12 @@ public final class BackgroundThread<T: Sendable>: Sendable {
         return try outcome.get()
     }
 }
+
+/// Runs blocking work (a process to its end, socket reads, sleeps) on an OS thread of its own and
+/// awaits it, so that it never holds one of the few threads of the Swift concurrency pool, which
+/// every test running at the same time shares (a held one starves their waits and pollers).
+public func offThePool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try body() }) }.start()
+    }
+}

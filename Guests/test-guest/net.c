@@ -43,7 +43,6 @@ static struct {
     u16 skip;                       /* used receive entries still to drop (a frame in several buffers) */
     u64 stream_seq, stream_start;
     u64 discard_frames, discard_bytes;
-    u64 tx_busy, rx_dropped;
     u64 last_activity;              /* tick of the last frame received or sent */
 } n;
 
@@ -83,10 +82,8 @@ static u8 *tx_begin(u32 *k)
     while (virtq_take(q, &id, &len))
         if (id < NET_QUEUE_SIZE)
             n.free_tx[n.free_count++] = id;
-    if (n.free_count == 0) {
-        n.tx_busy++;
+    if (n.free_count == 0)
         return NULL;
-    }
     *k = n.free_tx[--n.free_count];
     u8 *buf = net_area.tx + (u64)*k * NET_BUFFER_BYTES;
     memset(buf, 0, NET_HEADER_BYTES);
@@ -256,7 +253,6 @@ static void handle_frame(const u8 *buf, u32 len)
     u16 buffers = (u16)(buf[10] | buf[11] << 8);
     if (virtio_net.features & VIRTIO_NET_F_MRG_RXBUF && buffers > 1) {
         n.skip = (u16)(buffers - 1);    /* the rest of the frame: dropped with it */
-        n.rx_dropped++;
         return;
     }
     const u8 *f = buf + NET_HEADER_BYTES;

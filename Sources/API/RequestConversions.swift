@@ -182,25 +182,27 @@ extension ReceiveMigrationData {
         // Off would take the UART from a guest that has one: to discard its output, use Null.
         let serialMode = try SerialMode(serial, field: "serial", allowed: [.null, .tty, .file])
         let consoleMode = try SerialMode(console, field: "console", allowed: [.null, .tty, .file])
-        var paths: [String: String] = [:]
-        for (index, disk) in (disks ?? []).enumerated() {
-            guard !disk.id.isEmpty, !disk.path.isEmpty else {
-                throw VMMError(.invalidRequest, "disks[\(index)]: both id and path are required")
-            }
-            guard paths.updateValue(disk.path, forKey: disk.id) == nil else {
-                throw VMMError(.invalidRequest, "disks[\(index)].id: disk \(disk.id) is placed twice")
-            }
-        }
-        var taps: [String: String] = [:]
-        for (index, card) in (net ?? []).enumerated() {
-            guard !card.id.isEmpty, !card.tap.isEmpty else {
-                throw VMMError(.invalidRequest, "net[\(index)]: both id and tap are required")
-            }
-            guard taps.updateValue(card.tap, forKey: card.id) == nil else {
-                throw VMMError(.invalidRequest, "net[\(index)].id: network card \(card.id) is placed twice")
-            }
-        }
+        let paths = try Self.placements(disks ?? [], field: "disks", what: "disk") { ($0.id, $0.path, "path") }
+        let taps = try Self.placements(net ?? [], field: "net", what: "network card") { ($0.id, $0.tap, "tap") }
         return ReceiveMigrationOptions(url: url, serial: serialMode, console: consoleMode, diskPaths: paths, netTaps: taps)
+    }
+
+    /// Where each arriving device goes on this host, by id: every entry has both an id and a
+    /// place (`key` names the place's field), and no id is placed twice.
+    private static func placements<Entry>(_ entries: [Entry], field: String, what: String,
+                                          _ parts: (Entry) -> (id: String, place: String, key: String))
+        throws(VMMError) -> [String: String] {
+        var places: [String: String] = [:]
+        for (index, entry) in entries.enumerated() {
+            let (id, place, key) = parts(entry)
+            guard !id.isEmpty, !place.isEmpty else {
+                throw VMMError(.invalidRequest, "\(field)[\(index)]: both id and \(key) are required")
+            }
+            guard places.updateValue(place, forKey: id) == nil else {
+                throw VMMError(.invalidRequest, "\(field)[\(index)].id: \(what) \(id) is placed twice")
+            }
+        }
+        return places
     }
 }
 

@@ -65,30 +65,31 @@ int ckvm_tap_set_offload(int fd, unsigned flags) {
     return ioctl(fd, TUNSETOFFLOAD, (unsigned long)flags) < 0 ? -errno : 0;
 }
 
+// SIOCSIFADDR or SIOCSIFNETMASK: an IPv4 value for `name` (network byte order).
+static int set_ipv4(int sock, const char *name, unsigned long request, unsigned value) {
+    struct ifreq ifr;
+    interface_request(&ifr, name);
+    struct sockaddr_in *in = (struct sockaddr_in *)&ifr.ifr_addr;   // ifr_netmask shares the union
+    in->sin_family = AF_INET;
+    in->sin_addr.s_addr = value;
+    return ioctl(sock, request, &ifr) < 0 ? -errno : 0;
+}
+
 int ckvm_interface_configure(const char *name, unsigned address, unsigned netmask) {
     int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (sock < 0) return -errno;
-    struct ifreq request;
-    int result = 0;
-    if (address != 0) {
+    int result = address != 0 ? set_ipv4(sock, name, SIOCSIFADDR, address) : 0;
+    if (result == 0 && netmask != 0) result = set_ipv4(sock, name, SIOCSIFNETMASK, netmask);
+    if (result == 0) {
+        struct ifreq request;
         interface_request(&request, name);
-        struct sockaddr_in *in = (struct sockaddr_in *)&request.ifr_addr;
-        in->sin_family = AF_INET;
-        in->sin_addr.s_addr = address;
-        if (ioctl(sock, SIOCSIFADDR, &request) < 0) { result = -errno; goto out; }
+        if (ioctl(sock, SIOCGIFFLAGS, &request) < 0) {
+            result = -errno;
+        } else {
+            request.ifr_flags |= IFF_UP;
+            if (ioctl(sock, SIOCSIFFLAGS, &request) < 0) result = -errno;
+        }
     }
-    if (netmask != 0) {
-        interface_request(&request, name);
-        struct sockaddr_in *in = (struct sockaddr_in *)&request.ifr_netmask;
-        in->sin_family = AF_INET;
-        in->sin_addr.s_addr = netmask;
-        if (ioctl(sock, SIOCSIFNETMASK, &request) < 0) { result = -errno; goto out; }
-    }
-    interface_request(&request, name);
-    if (ioctl(sock, SIOCGIFFLAGS, &request) < 0) { result = -errno; goto out; }
-    request.ifr_flags |= IFF_UP;
-    if (ioctl(sock, SIOCSIFFLAGS, &request) < 0) result = -errno;
-out:
     close(sock);
     return result;
 }

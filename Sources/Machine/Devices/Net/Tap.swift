@@ -48,14 +48,10 @@ public final class Tap: Sendable {
     public static func check(_ network: NetworkConfiguration) throws(MachineError) {
         let device = "net \(network.id)"
         if let fd = network.fd {
-            var nameBytes = [CChar](repeating: 0, count: 16)
-            var flags: Int32 = 0
             guard fcntl(fd, F_GETFD) >= 0 else {
                 throw MachineError(.invalidConfiguration, "\(device): fd \(fd) is not an open descriptor")
             }
-            guard ckvm_tap_query(fd, &nameBytes, &flags) == 0, flags & CKVM_IFF_TAP != 0 else {
-                throw MachineError(.invalidConfiguration, "\(device): fd \(fd) is not a tap device")
-            }
+            _ = try interface(of: fd, for: device)
             return
         }
         _ = try open(name: network.tap ?? "", for: device)
@@ -80,19 +76,8 @@ public final class Tap: Sendable {
     }
 
     private init(adopting descriptor: FileDescriptor, for device: String) throws(MachineError) {
-        var nameBytes = [CChar](repeating: 0, count: 16)
-        var flags: Int32 = 0
-        let result = ckvm_tap_query(descriptor.rawValue, &nameBytes, &flags)
-        guard result == 0 else {
-            throw MachineError(.invalidConfiguration, "\(device): \(descriptor) is not a tun/tap device: \(errnoDescription(-result))")
-        }
-        guard flags & CKVM_IFF_TAP != 0 else {
-            throw MachineError(.invalidConfiguration, "\(device): \(descriptor) is a tun device, not a tap (Ethernet frames are needed)")
-        }
-        guard flags & 0x1000 != 0 else {   // IFF_NO_PI is 0x1000; without it each frame has a 4-byte prefix
-            throw MachineError(.invalidConfiguration, "\(device): the tap must be opened with IFF_NO_PI")
-        }
-        name = String(decoding: nameBytes.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let flags: Int32
+        (name, flags) = try Self.interface(of: descriptor.rawValue, for: device)
         self.descriptor = descriptor
         var virtioHeader = flags & CKVM_IFF_VNET_HDR != 0
         if virtioHeader, ckvm_tap_set_vnet_header_size(descriptor.rawValue, Int32(Self.virtioHeaderSize)) != 0 {
@@ -110,6 +95,24 @@ public final class Tap: Sendable {
             _ = ckvm_tap_set_offload(descriptor.rawValue, 0)
         }
         supportedOffloads = supported
+    }
+
+    /// The interface name and IFF_* flags of tap descriptor `fd`; an error unless it is a tap
+    /// without packet information (frames with a 4-byte prefix are not Ethernet frames).
+    private static func interface(of fd: Int32, for device: String) throws(MachineError) -> (name: String, flags: Int32) {
+        var nameBytes = [CChar](repeating: 0, count: 16)
+        var flags: Int32 = 0
+        let result = ckvm_tap_query(fd, &nameBytes, &flags)
+        guard result == 0 else {
+            throw MachineError(.invalidConfiguration, "\(device): fd \(fd) is not a tun/tap device: \(errnoDescription(-result))")
+        }
+        guard flags & CKVM_IFF_TAP != 0 else {
+            throw MachineError(.invalidConfiguration, "\(device): fd \(fd) is a tun device, not a tap (Ethernet frames are needed)")
+        }
+        guard flags & 0x1000 != 0 else {   // IFF_NO_PI
+            throw MachineError(.invalidConfiguration, "\(device): the tap must be opened with IFF_NO_PI")
+        }
+        return (String(decoding: nameBytes.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), flags)
     }
 
     private func configure(address: String?, netmask: String?, for device: String) throws(MachineError) {

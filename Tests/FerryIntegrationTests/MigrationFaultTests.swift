@@ -47,11 +47,9 @@ struct MigrationFaultTests {
         // On a loaded host the busy guest can converge and its migration finish before a kill aimed
         // at a later pass lands, or pass 0 end before a kill aimed at it: nothing was tested then,
         // so the attempt is made again.
-        for attempt in 1...3 {
-            if try await destinationKilled(during: moment) { return }
-            print("fault-detail: attempt \(attempt): the kill during \(moment.rawValue) landed after it; again")
+        try await retryingInconclusive("the kill during \(moment.rawValue) landed after it", prefix: "fault-detail: ") {
+            try await destinationKilled(during: moment)
         }
-        Issue.record("the kill during \(moment.rawValue) landed after it, three times")
     }
 
     /// One attempt; false if the migration finished before the destination was killed, or pass 0

@@ -2,6 +2,7 @@ import APIModels
 import Events
 import FerryClient
 import FerryTestSupport
+import HostOS
 import Foundation
 import Synchronization
 import Testing
@@ -329,7 +330,7 @@ struct NetworkTests {
     static func receiveStream(_ socket: UDPSocket, count: Int) -> [UInt64] {
         var sequence: [UInt64] = []
         while sequence.count < count, let datagram = socket.receive(timeout: .seconds(10)), datagram.count >= 8 {
-            sequence.append(datagram.prefix(8).enumerated().reduce(0) { $0 | UInt64($1.element) << (8 * $1.offset) })
+            sequence.append(datagram.littleEndian(UInt64.self, at: 0) ?? 0)
         }
         return sequence
     }
@@ -405,7 +406,7 @@ final class Traffic: @unchecked Sendable {
         start {
             while self.running.load(ordering: .relaxed) {
                 guard let answer = echo.receive(timeout: .milliseconds(100)), answer.count >= 8 else { continue }
-                let seq = answer.prefix(8).enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
+                let seq = answer.littleEndian(UInt64.self, at: 0) ?? 0
                 let now = Date()
                 self.state.withLock { state in
                     if state.echoed.updateValue(now, forKey: seq) != nil { state.echoDuplicates += 1 } else { state.echoOrder.append(seq) }
@@ -415,7 +416,7 @@ final class Traffic: @unchecked Sendable {
         start {
             while self.running.load(ordering: .relaxed) {
                 guard let datagram = stream.receive(timeout: .milliseconds(100)), datagram.count >= 8 else { continue }
-                let seq = datagram.prefix(8).enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
+                let seq = datagram.littleEndian(UInt64.self, at: 0) ?? 0
                 let now = Date()
                 self.state.withLock { $0.stream.append((seq, now)) }
             }

@@ -1,5 +1,6 @@
 import Foundation
 import Synchronization
+import Testing
 
 /// Polls `condition` every `interval` until it holds or `timeout` passes; returns whether it held.
 /// Tests wait for what they expect with a generous deadline instead of looking once.
@@ -43,4 +44,18 @@ public func offThePool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) 
     try await withCheckedThrowingContinuation { continuation in
         Thread { continuation.resume(with: Result { try body() }) }.start()
     }
+}
+
+/// Runs `attempt` up to three times, until one is conclusive (returns true). An attempt returns
+/// false when the machine's load let the moment it aimed at pass before it acted, so it proved
+/// nothing either way; `inconclusive` says what happened, and is printed (with `prefix`) before
+/// the next attempt and recorded as an issue if no attempt was conclusive.
+public func retryingInconclusive(_ inconclusive: String, prefix: String = "", sourceLocation: SourceLocation = #_sourceLocation,
+                                 _ attempt: () async throws -> Bool) async throws {
+    let attempts = 3
+    for number in 1...attempts {
+        if try await attempt() { return }
+        print("\(prefix)attempt \(number): \(inconclusive); again")
+    }
+    Issue.record("\(inconclusive), \(attempts) times", sourceLocation: sourceLocation)
 }

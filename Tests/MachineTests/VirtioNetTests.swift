@@ -13,61 +13,18 @@ struct VirtioNetTests {
     /// A frame type nobody else sends: the test's own traffic is easy to tell apart.
     static let etherType: [UInt8] = [0x88, 0xB5]
 
-    /// One queue's driver side in guest memory, and the device's view of it for the backend.
-    final class Queue: @unchecked Sendable {
-        let memory: GuestMemory
-        let base: UInt64
-        var ring = Virtqueue(maximumSize: 16)
-        var availableIndex: UInt16 = 0
-        var eventIndex = false
-
-        init(memory: GuestMemory, base: UInt64) throws {
-            self.memory = memory
-            self.base = base
-            ring.descriptorTable = base
-            ring.driverArea = base + 0x400
-            ring.deviceArea = base + 0x800
-            try ring.validate(in: memory)
-            ring.enabled = true
-        }
-
-        func descriptor(_ index: UInt16, address: UInt64, length: UInt32, flags: UInt16, next: UInt16 = 0) throws {
-            let at = base + 16 * UInt64(index)
-            try memory.write(address, at: at)
-            try memory.write(length, at: at + 8)
-            try memory.write(flags, at: at + 12)
-            try memory.write(next, at: at + 14)
-        }
-
-        func makeAvailable(_ head: UInt16) throws {
-            try memory.write(head, at: ring.driverArea + 4 + 2 * UInt64(availableIndex % ring.size))
-            availableIndex &+= 1
-            try memory.write(availableIndex, at: ring.driverArea + 2)
-        }
-
-        var usedIndex: UInt16 { (try? memory.read(UInt16.self, at: ring.deviceArea + 2)) ?? 0 }
-
-        func used(_ slot: UInt16) throws -> (id: UInt32, length: UInt32) {
-            let at = ring.deviceArea + 4 + 8 * UInt64(slot % ring.size)
-            return (try memory.read(UInt32.self, at: at), try memory.read(UInt32.self, at: at + 4))
-        }
-
-        func access(_ index: Int) -> QueueAccess {
-            QueueAccess(index: index, memory: memory,
-                        take: { () throws(VirtioError) -> DescriptorChain? in try self.ring.pop(self.memory) },
-                        give: { (chain, written) throws(VirtioError) in try self.ring.push(head: chain.head, written: written, self.memory) },
-                        untake: { (count) throws(VirtioError) -> Bool in try self.ring.unpop(count, eventIndex: self.eventIndex, self.memory) },
-                        stop: { false })
-        }
-    }
-
     struct Setup {
         let namespace: NetworkNamespace
         let net: VirtioNet
         let wire: UDPSocket
         let memory: GuestMemory
-        let receive: Queue
-        let transmit: Queue
+        let receive: DriverQueue
+        let transmit: DriverQueue
+    }
+
+    /// A 16-entry queue whose three areas lie in the page at `base`.
+    static func queue(_ memory: GuestMemory, at base: UInt64) throws -> DriverQueue {
+        try DriverQueue(memory: memory, table: base, driverArea: base + 0x400, deviceArea: base + 0x800)
     }
 
     static func setUp() throws -> Setup {
@@ -76,7 +33,7 @@ struct VirtioNetTests {
         let wire = try namespace.packetSocket(interface: "ftap0")
         let memory = try GuestMemory(ranges: [GuestRAMRange(start: 0, size: Self.ram)])
         return Setup(namespace: namespace, net: net, wire: wire, memory: memory,
-                     receive: try Queue(memory: memory, base: 0x1000), transmit: try Queue(memory: memory, base: 0x2000))
+                     receive: try Self.queue(memory, at: 0x1000), transmit: try Self.queue(memory, at: 0x2000))
     }
 
     /// An Ethernet frame of the test's type from another station to the guest, `length` bytes in all.
@@ -182,7 +139,7 @@ struct VirtioNetTests {
         Self.waitForFrame(setup.net)
         try setup.net.serve(setup.receive.access(VirtioNet.receiveQueue))
         #expect(setup.net.pollDescriptors.isEmpty, "with a frame staged and no buffers, the tap is not polled")
-        #expect(try setup.memory.read(UInt16.self, at: setup.receive.ring.deviceArea + 4 + 8 * 16) == 0,
+        #expect(try setup.memory.read(UInt16.self, at: setup.receive.queue.deviceArea + 4 + 8 * 16) == 0,
                 "avail_event asks for a doorbell at the next buffer")
 
         for index in UInt16(0)..<3 {
@@ -229,7 +186,7 @@ struct VirtioNetTests {
         let setup = try Self.setUp()
         var refused = 0, served = 0
         for round in 0..<300 {
-            let queue = try Queue(memory: setup.memory, base: round % 2 == 0 ? 0x1000 : 0x2000)
+            let queue = try Self.queue(setup.memory, at: round % 2 == 0 ? 0x1000 : 0x2000)
             setup.net.driverReady(features: random.next() % 2 == 0 ? VirtioNet.featureMergeable : 0)
             setup.net.reset()
             setup.net.driverReady(features: random.next() % 2 == 0 ? VirtioNet.featureMergeable : 0)

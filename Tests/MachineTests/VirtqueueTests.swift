@@ -12,50 +12,9 @@ import Testing
     static let table: UInt64 = 0x1000, driverArea: UInt64 = 0x2000, deviceArea: UInt64 = 0x3000
     static let indirectTable: UInt64 = 0x4000, header: UInt64 = 0x5000, status: UInt64 = 0x5100, data: UInt64 = 0x6000
 
-    /// A driver's side of one queue, written straight into guest memory.
-    struct Driver {
-        let memory: GuestMemory
-        var queue = Virtqueue(maximumSize: 16)
-        var availableIndex: UInt16 = 0
-
-        init(memory: GuestMemory) throws {
-            self.memory = memory
-            queue.descriptorTable = VirtqueueTests.table
-            queue.driverArea = VirtqueueTests.driverArea
-            queue.deviceArea = VirtqueueTests.deviceArea
-            try queue.validate(in: memory)
-            queue.enabled = true
-        }
-
-        func descriptor(_ index: UInt16, in table: UInt64 = VirtqueueTests.table, address: UInt64, length: UInt32,
-                        flags: UInt16, next: UInt16 = 0) throws {
-            let at = table + 16 * UInt64(index)
-            try memory.write(address, at: at)
-            try memory.write(length, at: at + 8)
-            try memory.write(flags, at: at + 12)
-            try memory.write(next, at: at + 14)
-        }
-
-        mutating func makeAvailable(_ head: UInt16) throws {
-            try memory.write(head, at: VirtqueueTests.driverArea + 4 + 2 * UInt64(availableIndex % queue.size))
-            availableIndex &+= 1
-            try memory.write(availableIndex, at: VirtqueueTests.driverArea + 2)
-        }
-
-        /// A block request: header {type, 0, sector}, one data buffer, a status byte.
-        mutating func blockRequest(type: UInt32, sector: UInt64, length: UInt32, indirect: Bool = false) throws {
-            try memory.write(type, at: VirtqueueTests.header)
-            try memory.write(UInt32(0), at: VirtqueueTests.header + 4)
-            try memory.write(sector, at: VirtqueueTests.header + 8)
-            try memory.write(UInt8(0xEE), at: VirtqueueTests.status)
-            let dataFlags: UInt16 = type == 0 || type == 8 ? 2 : 0
-            let table = indirect ? VirtqueueTests.indirectTable : VirtqueueTests.table
-            try descriptor(0, in: table, address: VirtqueueTests.header, length: 16, flags: 1, next: 1)
-            try descriptor(1, in: table, address: VirtqueueTests.data, length: length, flags: dataFlags | 1, next: 2)
-            try descriptor(2, in: table, address: VirtqueueTests.status, length: 1, flags: 2)
-            if indirect { try descriptor(0, address: VirtqueueTests.indirectTable, length: 48, flags: 4) }
-            try makeAvailable(0)
-        }
+    /// A driver for one queue at the test's fixed addresses.
+    static func driver(_ memory: GuestMemory) throws -> DriverQueue {
+        try DriverQueue(memory: memory, table: table, driverArea: driverArea, deviceArea: deviceArea)
     }
 
     static func disk(sectors: Int = 64) throws -> (TemporaryDirectory, VirtioBlock) {
@@ -68,7 +27,7 @@ import Testing
     @Test func writeThenReadThroughDirectAndIndirectChains() throws {
         let memory = try GuestMemory(ranges: [GuestRAMRange(start: 0, size: Self.ram)])
         let (directory, disk) = try Self.disk()
-        var driver = try Driver(memory: memory)
+        let driver = try Self.driver(memory)
         let pattern = (0..<1024).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
         try memory.write(pattern, at: Self.data)
         try driver.blockRequest(type: 1, sector: 4, length: 1024)
@@ -92,7 +51,7 @@ import Testing
     @Test func requestsBeyondTheDiskOrUnknownFailWithAStatusNotAnError() throws {
         let memory = try GuestMemory(ranges: [GuestRAMRange(start: 0, size: Self.ram)])
         let (_, disk) = try Self.disk(sectors: 8)
-        var driver = try Driver(memory: memory)
+        let driver = try Self.driver(memory)
         for (type, sector, expected) in [(UInt32(0), UInt64(7), UInt8(1)), (1, UInt64.max / 256, 1), (99, 0, 2), (8, 0, 0)] {
             try driver.blockRequest(type: type, sector: sector, length: 1024)
             let chain = try #require(try driver.queue.pop(memory))
@@ -110,7 +69,7 @@ import Testing
         #expect(FileManager.default.createFile(atPath: path, contents: Data(repeating: 0xAB, count: 8 * 512)))
         let disk = try VirtioBlock(DiskConfiguration(id: "ro", path: path, readOnly: true))
         #expect(disk.features & VirtioBlock.featureReadOnly != 0)
-        var driver = try Driver(memory: memory)
+        let driver = try Self.driver(memory)
         for type in [UInt32(1), 11, 13] {   // write, discard, write-zeroes
             try memory.fill(0, count: 512, at: Self.data)
             try memory.write(UInt64(0), at: Self.data)                   // a discard segment: sector 0
@@ -125,7 +84,7 @@ import Testing
 
     @Test func aDescriptorLoopIsCaught() throws {
         let memory = try GuestMemory(ranges: [GuestRAMRange(start: 0, size: Self.ram)])
-        var driver = try Driver(memory: memory)
+        let driver = try Self.driver(memory)
         try driver.descriptor(0, address: Self.data, length: 16, flags: 1, next: 1)
         try driver.descriptor(1, address: Self.data, length: 16, flags: 1, next: 0)
         try driver.makeAvailable(0)
@@ -153,7 +112,7 @@ import Testing
         let (_, disk) = try Self.disk()
         var refused = 0, served = 0
         for _ in 0..<1500 {
-            var driver = try Driver(memory: memory)
+            let driver = try Self.driver(memory)
             // Mostly plausible values, some hostile ones: addresses near and past the end of RAM,
             // huge lengths, every flag combination, any next index.
             func address() -> UInt64 {
@@ -185,5 +144,22 @@ import Testing
             }
         }
         #expect(refused > 0 && served > 0, "the cases exercise both outcomes: \(refused) refused, \(served) served")
+    }
+}
+
+extension DriverQueue {
+    /// A block request: header {type, 0, sector}, one data buffer, a status byte.
+    func blockRequest(type: UInt32, sector: UInt64, length: UInt32, indirect: Bool = false) throws {
+        try memory.write(type, at: VirtqueueTests.header)
+        try memory.write(UInt32(0), at: VirtqueueTests.header + 4)
+        try memory.write(sector, at: VirtqueueTests.header + 8)
+        try memory.write(UInt8(0xEE), at: VirtqueueTests.status)
+        let dataFlags: UInt16 = type == 0 || type == 8 ? 2 : 0
+        let table = indirect ? VirtqueueTests.indirectTable : VirtqueueTests.table
+        try descriptor(0, in: table, address: VirtqueueTests.header, length: 16, flags: 1, next: 1)
+        try descriptor(1, in: table, address: VirtqueueTests.data, length: length, flags: dataFlags | 1, next: 2)
+        try descriptor(2, in: table, address: VirtqueueTests.status, length: 1, flags: 2)
+        if indirect { try descriptor(0, address: VirtqueueTests.indirectTable, length: 48, flags: 4) }
+        try makeAvailable(0)
     }
 }

@@ -37,7 +37,7 @@ let package = Package(
         .target(name: "LiveMigration", dependencies: ["MigrationWire", "Machine", "Events", "HostOS"]),
         .target(
             name: "VMM",
-            dependencies: ["LiveMigration", "MigrationWire", "Machine", "Events", "HostOS",
+            dependencies: ["LiveMigration", "MigrationWire", "Machine", "Events", "HostOS", "CKVM",
                            .product(name: "Logging", package: "swift-log")]
         ),
         .target(name: "APIModels"),

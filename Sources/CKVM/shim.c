@@ -1,5 +1,6 @@
 // The few C functions whose declarations need _GNU_SOURCE, which the Swift importer's view of
-// the C library does not define: Linux's O_DIRECT, fallocate(2) modes and pthread_setname_np.
+// the C library does not define: Linux's O_DIRECT, fallocate(2) modes, pthread_setname_np and the
+// pseudo-terminal calls.
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
@@ -7,6 +8,7 @@
 #include <linux/if.h>
 #include <linux/if_tun.h>
 #include <netinet/in.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -17,6 +19,20 @@ void ckvm_name_current_thread(const char *name) {
     strncpy(truncated, name, sizeof truncated - 1);
     truncated[sizeof truncated - 1] = '\0';
     pthread_setname_np(pthread_self(), truncated);
+}
+
+int ckvm_open_pty(char *path, size_t size) {
+    int main = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (main < 0) return -1;
+    int error = 0;
+    if (grantpt(main) != 0 || unlockpt(main) != 0) error = errno;
+    else error = ptsname_r(main, path, size);
+    if (error != 0) {
+        close(main);
+        errno = error;
+        return -1;
+    }
+    return main;
 }
 
 int ckvm_open_direct_flag(void) {

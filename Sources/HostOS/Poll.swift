@@ -52,3 +52,27 @@ extension Poll {
         return fds.indices.filter { fds[$0].revents != 0 }
     }
 }
+
+/// A descriptor that one thread polls and another makes readable, once, to wake it: the read end
+/// of a pipe whose write end gets one byte.
+public final class Wakeup: Sendable {
+    public let readEnd: FileDescriptor
+    private let writeEnd: FileDescriptor
+
+    public init() throws(SystemError) {
+        var ends: [Int32] = [-1, -1]
+        try systemCall("pipe") { pipe(&ends) }
+        readEnd = FileDescriptor(ends[0])
+        writeEnd = FileDescriptor(ends[1])
+        for end in ends {
+            _ = fcntl(end, F_SETFD, FD_CLOEXEC)
+            _ = fcntl(end, F_SETFL, O_NONBLOCK)
+        }
+    }
+
+    /// Makes `readEnd` readable for good. Safe from any thread.
+    public func signal() {
+        var byte: UInt8 = 1
+        _ = Glibc.write(writeEnd.rawValue, &byte, 1)
+    }
+}

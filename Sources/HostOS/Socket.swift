@@ -163,6 +163,9 @@ public final class ListeningSocket: Sendable {
 
     deinit { close() }
 
+    /// The listening descriptor, for a poll(2) that waits on it beside others.
+    public var rawDescriptor: Int32 { descriptor.rawValue }
+
     /// Accepts one connection, waiting until `deadline` (nil: until one comes or `shutdown()`);
     /// nil when the deadline passed. The connection is blocking and close-on-exec, with
     /// `TCP_NODELAY` over TCP.

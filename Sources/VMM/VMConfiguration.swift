@@ -1,27 +1,37 @@
 import Events
 import Machine
 
-/// Where the guest's serial console goes on this host: `--serial` in Cloud Hypervisor's spelling.
+/// Where the guest's serial console (or virtio console) goes on this host: `--serial` and
+/// `--console` in Cloud Hypervisor's spelling.
 public enum SerialMode: Codable, Equatable, Sendable {
     /// The VMM's standard output (and, on a terminal, its standard input).
     case tty
     /// Appended to a file created or truncated at start.
     case file(String)
-    /// The UART exists; its output is discarded.
+    /// A new pseudo-terminal, both ways; `vm.info` names it.
+    case pty
+    /// A Unix socket the VMM listens on, both ways, one client at a time (the serial port only,
+    /// as Cloud Hypervisor).
+    case socket(String)
+    /// The device exists; its output is discarded.
     case null
-    /// No UART at all.
+    /// No device at all.
     case off
 
     /// `--serial` or `--console`, as `flag` says.
     public init(parsing text: String, flag: String = "--serial") throws(ConfigurationError) {
-        let options = try OptionList(parsing: text, flag: flag, allowedKeys: ["file"])
-        switch (options.words, options["file"]) {
-        case (["tty"], nil): self = .tty
-        case (["null"], nil): self = .null
-        case (["off"], nil): self = .off
-        case ([], let path?) where !path.isEmpty: self = .file(path)
+        let serial = flag == "--serial"
+        let options = try OptionList(parsing: text, flag: flag, allowedKeys: serial ? ["file", "socket"] : ["file"])
+        switch (options.words, options["file"], options["socket"]) {
+        case (["tty"], nil, nil): self = .tty
+        case (["pty"], nil, nil): self = .pty
+        case (["null"], nil, nil): self = .null
+        case (["off"], nil, nil): self = .off
+        case ([], let path?, nil) where !path.isEmpty: self = .file(path)
+        case ([], nil, let path?) where !path.isEmpty: self = .socket(path)
         default:
-            throw ConfigurationError(flag: flag, "'\(text)' is not a console mode; use tty, file=PATH, null or off")
+            let modes = serial ? "off, null, pty, tty, file=PATH or socket=PATH" : "off, null, pty, tty or file=PATH"
+            throw ConfigurationError(flag: flag, "'\(text)' is not a console mode; use \(modes)")
         }
     }
 }

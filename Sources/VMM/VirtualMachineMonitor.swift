@@ -14,6 +14,13 @@ import Synchronization
 public actor VirtualMachineMonitor {
     /// Ferry's version, as `vmm.starting` and `vmm.ping` report it.
     public static let version = "0.1.0"
+    /// The Cloud Hypervisor release whose API, flags and events Ferry serves: what `--version`
+    /// and `vmm.ping` report to clients that switch features on by it (libvirt's ch driver).
+    public static let cloudHypervisorVersion = "48.0.0"
+    /// What `vmm.ping` lists in `features`, for clients to switch on: Cloud Hypervisor's `kvm`
+    /// (the hypervisor), then Ferry's capabilities beyond that release, each named after what it
+    /// adds.
+    public static let features = ["kvm", "ferry", "vmm.events", "vm.migration-progress", "migration_events"]
 
     /// The VM's state, spelled as Cloud Hypervisor's `vm.info` spells it.
     public enum VMState: String, Sendable, Codable {
@@ -169,6 +176,9 @@ public actor VirtualMachineMonitor {
         public var configuration: VMConfiguration
         public var state: VMState
         public var memoryActualSize: UInt64
+        /// The pseudo-terminals of `pty` consoles, while the VM has them.
+        public var serialTerminal: String?
+        public var consoleTerminal: String?
     }
 
     public nonisolated func info() throws(VMMError) -> Info {
@@ -193,7 +203,11 @@ public actor VirtualMachineMonitor {
 
     private func publishInfo() {
         let info = lifecycle.configuration.flatMap { configuration in
-            lifecycle.vmState.map { Info(configuration: configuration, state: $0, memoryActualSize: configuration.machine.memorySize) }
+            lifecycle.vmState.map {
+                Info(configuration: configuration, state: $0, memoryActualSize: configuration.machine.memorySize,
+                     serialTerminal: lifecycle.liveVM?.console.terminalPath,
+                     consoleTerminal: lifecycle.liveVM?.virtioConsole.terminalPath)
+            }
         }
         publishedInfo.withLock { $0 = info }
     }
@@ -275,6 +289,26 @@ public actor VirtualMachineMonitor {
         events.emit(VMEvent.Paused())
     }
 
+    /// `vm.nmi`: a non-maskable interrupt to every vCPU of the Running or Paused guest.
+    public func nmi() throws(VMMError) {
+        let vm: LiveVM
+        switch lifecycle {
+        case let .running(running), let .paused(running): vm = running
+        default: throw refusal("it must be Running or Paused to take an NMI")
+        }
+        do {
+            try vm.machine.injectNMI()
+        } catch {
+            throw VMMError("the NMI failed", error)
+        }
+    }
+
+    /// `vm.power-button`: Ferry's machine has no ACPI, hence no power button to press.
+    public func pressPowerButton() throws(VMMError) {
+        guard lifecycle.vmState != nil else { throw refusal() }
+        throw VMMError(.invalidRequest, "Ferry's machine has no ACPI power button; stop the guest with vm.shutdown, or from inside it")
+    }
+
     public func resume() throws(VMMError) {
         guard case .paused(let vm) = lifecycle else { throw refusal("it must be Paused to resume") }
         try resume(vm)
@@ -316,14 +350,16 @@ public actor VirtualMachineMonitor {
         events.emit(VMEvent.Rebooted())
     }
 
-    /// Removes the VM, stopping it first if it runs.
+    /// Removes the VM, stopping it first if it runs; without a VM there is nothing to do.
     public func delete() throws(VMMError) {
         switch lifecycle {
         case .created, .shutDown:
             break
         case .running, .paused:
             try shutdown()
-        case .noVM, .migratingOut, .migratingIn:
+        case .noVM:
+            return  // nothing to delete: done, as Cloud Hypervisor answers
+        case .migratingOut, .migratingIn:
             throw refusal()
         }
         lifecycle = .noVM
@@ -445,8 +481,11 @@ public actor VirtualMachineMonitor {
         }
     }
 
-    /// `vm` has become this VMM's VM: its console takes the terminal's keystrokes if it is `tty`.
+    /// `vm` has become this VMM's VM: its console takes the terminal's keystrokes if it is `tty`,
+    /// and what a `pty` or `socket` console's client types.
     func install(_ vm: LiveVM) {
+        vm.console.deliverInput { [weak machine = vm.machine] in machine?.sendConsoleInput($0) }
+        vm.virtioConsole.deliverInput { [weak machine = vm.machine] in machine?.sendVirtioConsoleInput($0) }
         if vm.configuration.serial == .tty {
             terminal.attach(vm.machine)
         } else if vm.configuration.console == .tty {
@@ -456,6 +495,8 @@ public actor VirtualMachineMonitor {
 
     /// Stops `vm`'s machine and lets go of its console and the terminal.
     func stop(_ vm: LiveVM) {
+        vm.console.deliverInput(to: nil)
+        vm.virtioConsole.deliverInput(to: nil)
         if vm.configuration.serial == .tty || vm.configuration.console == .tty { terminal.detach() }
         if !vm.machine.stop() {
             logger.warning("a vCPU did not stop within the grace period; continuing without it")

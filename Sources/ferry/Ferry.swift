@@ -24,10 +24,13 @@ struct Ferry: AsyncParsableCommand {
 
             Example:
               ferry --kernel vmlinux --initramfs initrd.img --cmdline "console=ttyS0" \\
-                    --cpus boot=2 --memory size=1G --event-monitor path=/tmp/vm1.events
-            """,
-        version: VirtualMachineMonitor.version
+                    --cpus boot=2 --memory size=1G --serial tty --event-monitor path=/tmp/vm1.events
+            """
     )
+
+    @Flag(name: [.customShort("V"), .customLong("version")],
+          help: "Print the version, in Cloud Hypervisor's form (the Cloud Hypervisor release whose API Ferry serves, then Ferry's own), and exit.")
+    var showVersion = false
 
     @Option(name: .customLong("api-socket"),
             help: ArgumentHelp("Serve the REST API on a Unix socket: path=PATH (or just PATH), or fd=N for an inherited listening socket.", valueName: "path=PATH|fd=N"))
@@ -48,11 +51,11 @@ struct Ferry: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Guest memory: size=SIZE with K, M, G or T suffix (at least 64M).", valueName: "size=SIZE"))
     var memory: String = "size=512M"
 
-    @Option(help: ArgumentHelp("Guest serial console (COM1): tty (standard output), file=PATH, null or off.", valueName: "mode"))
-    var serial: String = "tty"
+    @Option(help: ArgumentHelp("Guest serial console (COM1): off, null, pty, tty (standard output), file=PATH or socket=PATH.", valueName: "mode"))
+    var serial: String = "null"
 
-    @Option(help: ArgumentHelp("virtio console: tty (standard output), file=PATH, null or off (no device).", valueName: "mode"))
-    var console: String = "off"
+    @Option(help: ArgumentHelp("virtio console: off (no device), null, pty, tty (standard output) or file=PATH. Default: tty, or off when --serial is tty.", valueName: "mode"))
+    var console: String?
 
     @Option(parsing: .singleValue,
             help: ArgumentHelp("A virtio-blk disk on a raw image (repeatable): path=FILE[,readonly=on][,id=ID][,direct=on].",
@@ -71,22 +74,46 @@ struct Ferry: AsyncParsableCommand {
             help: ArgumentHelp("Write lifecycle events (Cloud Hypervisor's format) to path=PATH (file or FIFO) or fd=N.", valueName: "path=PATH|fd=N"))
     var eventMonitor: String?
 
-    @Option(name: .customLong("log-level"), help: "Log level on standard error: trace, debug, info, warning, error.")
+    @Option(name: .customLong("log-level"), help: "Log level: trace, debug, info, warning, error.")
     var logLevel: Logger.Level = .warning
+
+    @Flag(name: .customShort("v"), help: "More log output, as Cloud Hypervisor's -v: info, then debug (-vv), then trace (-vvv).")
+    var verbosity: Int
+
+    @Option(name: .customLong("log-file"), help: ArgumentHelp("Write the log to this file instead of standard error.", valueName: "path"))
+    var logFile: String?
+
+    @Option(help: ArgumentHelp("Cloud Hypervisor's seccomp setting: true, false or log. Ferry installs no seccomp filter yet; true and log say so at start.", valueName: "true|false|log"))
+    var seccomp: String = "true"
 
     /// Parsed in `validate()` so that a bad value fails before anything starts.
     private var parsed: (vm: VMConfiguration?, events: EventSinkTarget?, socket: APIServer.Socket?)?
 
     enum CodingKeys: String, CodingKey {
-        case apiSocket, kernel, initramfs, cmdline, cpus, memory, serial, console, disk, net, rng, eventMonitor, logLevel
+        case showVersion, apiSocket, kernel, initramfs, cmdline, cpus, memory, serial, console, disk, net, rng, eventMonitor
+        case logLevel, verbosity, logFile, seccomp
+    }
+
+    /// What `--version` prints: Cloud Hypervisor's `cloud-hypervisor vX.Y.Z` (which clients such as
+    /// libvirt parse, up to the first `-`), then Ferry's own version.
+    static var versionLine: String {
+        "cloud-hypervisor v\(VirtualMachineMonitor.cloudHypervisorVersion)-ferry-\(VirtualMachineMonitor.version)"
     }
 
     mutating func validate() throws {
+        if showVersion { throw CleanExit.message(Self.versionLine) }
         do {
+            guard ["true", "false", "log"].contains(seccomp) else {
+                throw ConfigurationError(flag: "--seccomp", "'\(seccomp)' is not a setting; use true, false or log")
+            }
             let cpuCount = try VMConfiguration.parseCPUs(cpus)
             let memorySize = try VMConfiguration.parseMemory(memory)
             let serialMode = try SerialMode(parsing: serial)
-            let consoleMode = try SerialMode(parsing: console, flag: "--console")
+            // Cloud Hypervisor's default is a tty console; one terminal cannot be both.
+            let consoleMode = try console.map { try SerialMode(parsing: $0, flag: "--console") } ?? (serialMode == .tty ? .off : .tty)
+            if serialMode == .tty, consoleMode == .tty {
+                throw ConfigurationError(flag: "--console", "--serial is tty already; only one of them can be tty")
+            }
             let disks = try disk.enumerated().map { (index, text) throws(ConfigurationError) in
                 try DiskConfiguration(parsing: text, index: index)
             }
@@ -144,8 +171,12 @@ struct Ferry: AsyncParsableCommand {
 
     func run() async throws {
         guard let parsed else { throw ValidationError("arguments were not validated") }
-        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
-        let logger = { var logger = Logger(label: "ferry"); logger.logLevel = logLevel; return logger }()
+        let level = [Logger.Level.info, .debug, .trace].prefix(verbosity).last.map { min($0, logLevel) } ?? logLevel
+        try Self.bootstrapLogging(file: logFile)
+        let logger = { var logger = Logger(label: "ferry"); logger.logLevel = level; return logger }()
+        if seccomp != "false" {
+            logger.warning("--seccomp \(seccomp): Ferry installs no seccomp filter yet; this process is not confined")
+        }
         let vmm = VirtualMachineMonitor(events: EventMonitor(sink: parsed.events), logger: logger,
                                         exitsWithVM: parsed.socket == nil)
         let signalSources = [SIGTERM, SIGINT].map { number in
@@ -182,6 +213,31 @@ struct Ferry: AsyncParsableCommand {
             FileHandle.standardError.write(Data("ferry: \(message)\n".utf8))
         }
         throw ExitCode(exitReason.exitStatus)
+    }
+}
+
+extension Ferry {
+    /// Logs go to standard error, or to `--log-file` (appended to, as Cloud Hypervisor's).
+    static func bootstrapLogging(file path: String?) throws {
+        guard let path else {
+            LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+            return
+        }
+        let descriptor = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard descriptor >= 0 else {
+            throw ValidationError("--log-file: cannot open \(path): \(String(cString: strerror(errno)))")
+        }
+        let stream = LogFileStream(handle: FileHandle(fileDescriptor: descriptor, closeOnDealloc: true))
+        LoggingSystem.bootstrap { StreamLogHandler(label: $0, stream: stream) }
+    }
+}
+
+/// A log file, written a line at a time.
+struct LogFileStream: TextOutputStream, @unchecked Sendable {
+    let handle: FileHandle
+
+    mutating func write(_ text: String) {
+        handle.write(Data(text.utf8))
     }
 }
 

@@ -62,7 +62,7 @@ struct TestGuestBootTests {
     @Test func memoryAboveTheFourGiBHoleIsUsableAndVerifies() throws {
         let guest = try TestGuest.path.get()
         let ferry = try FerryProcess(arguments: [
-            "--kernel", guest, "--cpus", "boot=2", "--memory", "size=5G",
+            "--kernel", guest, "--cpus", "boot=2", "--memory", "size=5G", "--serial", "tty",
             "--cmdline", "workset_mib=3400 heartbeat_ms=1000 verify_ms=1000",
         ])
         let boot = ferry.waitForConsoleLine(timeout: .seconds(60)) { $0.hasPrefix("ferry-test-guest: boot ") }
@@ -81,7 +81,7 @@ struct TestGuestBootTests {
         let directory = try TemporaryDirectory()
         let events = directory.path("events.json")
         let ferry = try FerryProcess(arguments: [
-            "--kernel", guest, "--memory", "size=256M", "--cmdline", "heartbeat_ms=200",
+            "--kernel", guest, "--memory", "size=256M", "--cmdline", "heartbeat_ms=200", "--serial", "tty",
             "--event-monitor", "path=\(events)",
         ])
         #expect(ferry.waitForConsoleLine(timeout: .seconds(60)) { $0.hasPrefix("HEARTBEAT cpu=0 seq=2 ") } != nil)
@@ -97,7 +97,7 @@ struct TestGuestBootTests {
         let directory = try TemporaryDirectory()
         let consolePath = directory.path("console.log")
         let ferry = try FerryProcess(arguments: [
-            "--kernel", guest, "--memory", "size=128M", "--serial", "file=\(consolePath)",
+            "--kernel", guest, "--memory", "size=128M", "--serial", "file=\(consolePath)", "--console", "off",
             "--cmdline", "workset_mib=8 heartbeat_ms=200 poweroff_s=2",
         ])
         #expect(ferry.waitForExit(timeout: .seconds(60)) == 0)
@@ -114,8 +114,10 @@ struct TestGuestBootTests {
         (["--cpus", "boot=0"], "--cpus"),
         (["--memory", "size=1X"], "--memory"),
         (["--memory", "size=16M"], "--memory"),
-        (["--serial", "pty"], "--serial"),
-        (["--console", "pty"], "--console"),
+        (["--serial", "socket="], "--serial"),
+        (["--console", "socket=/x"], "--console"),
+        (["--serial", "tty", "--console", "tty"], "--console"),
+        (["--seccomp", "maybe"], "--seccomp"),
         (["--disk", "path=/nonexistent.img"], "--disk"),
         (["--disk", "size=1G"], "--disk"),
         (["--rng", "src=/nonexistent"], "--rng"),

@@ -14,7 +14,7 @@ struct LinuxBootTests {
         let events = directory.path("events.json")
         let ferry = try FerryProcess(arguments: [
             "--kernel", try #require(paths["vmlinux"]), "--initramfs", try #require(paths["initramfs"]),
-            "--cpus", "boot=2", "--memory", "size=512M",
+            "--cpus", "boot=2", "--memory", "size=512M", "--serial", "tty",
             "--cmdline", "console=ttyS0 earlyprintk=serial reboot=k panic=-1",
             "--event-monitor", "path=\(events)",
         ])

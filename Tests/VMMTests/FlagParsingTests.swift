@@ -38,15 +38,18 @@ import Testing
         #expect(try SerialMode(parsing: "off") == .off)
         #expect(try SerialMode(parsing: "null") == .null)
         #expect(try SerialMode(parsing: "file=/tmp/console.log") == .file("/tmp/console.log"))
-        for bad in ["pty", "file=", "socket=/x", "tty,off", ""] {
+        #expect(try SerialMode(parsing: "pty") == .pty)
+        #expect(try SerialMode(parsing: "socket=/tmp/serial.sock") == .socket("/tmp/serial.sock"))
+        for bad in ["ptty", "file=", "socket=", "file=/a,socket=/b", "tty,off", ""] {
             #expect(throws: ConfigurationError.self) { try SerialMode(parsing: bad) }
         }
     }
 
     @Test func consoleModesParseAndErrorsNameTheFlag() throws {
         #expect(try SerialMode(parsing: "file=/tmp/vc.log", flag: "--console") == .file("/tmp/vc.log"))
+        #expect(try SerialMode(parsing: "pty", flag: "--console") == .pty)
         #expect {
-            _ = try SerialMode(parsing: "pty", flag: "--console")
+            _ = try SerialMode(parsing: "socket=/tmp/c.sock", flag: "--console")
         } throws: { "\($0)".hasPrefix("--console: ") }
     }
 

@@ -44,6 +44,11 @@ int ckvm_fallocate(int fd, int punch_hole, long long offset, long long length);
 // that tools and management software (libvirt looks for vcpuN) can find it.
 void ckvm_name_current_thread(const char *name);
 
+/// Opens a new pseudo-terminal's main side (read-write, close-on-exec, not the controlling
+/// terminal), unlocked, and writes its subsidiary's path into `path`. Returns the descriptor, or -1
+/// with errno set.
+int ckvm_open_pty(char *path, size_t size);
+
 // Tap devices (shim.c), whose ioctls take a struct ifreq that Swift cannot build portably. Each
 // returns 0 or a descriptor on success and -errno on failure.
 // Opens /dev/net/tun and attaches to the tap `name` (creating it if it does not exist) with

@@ -7,9 +7,12 @@
  * trap: the workload executes HLT at CPL 3 when it has nothing to do, which
  * raises #GP(0); we skip the instruction and really halt until the next
  * interrupt, so idle vCPUs do not spin.
+ * NMI: counted and returned from; the CPU's next timer tick prints
+ * "NMI cpu=N count=M" (an NMI may arrive while the console lock is held).
  */
 #include "kernel.h"
 
+#define VECTOR_NMI          2       /* non-maskable interrupt */
 #define VECTOR_GP           13      /* general protection fault */
 #define VECTOR_PF           14      /* page fault */
 #define OPCODE_HLT          0xF4
@@ -20,6 +23,9 @@
 u64 poweroff_ticks;
 /* CPU whose timer handler powers off: the BSP, or the next CPU if the BSP died of an exception. */
 static volatile u32 poweroff_cpu;
+/* NMIs each CPU took, and how many of them its timer handler has reported. */
+static volatile u32 nmis_taken[MAX_CPUS];
+static u32 nmis_reported[MAX_CPUS];
 
 static void print_mailbox(struct cpu_shared *me)
 {
@@ -38,6 +44,19 @@ void timer_handler(void)
     me->ticks = ticks;
     if (me->mbox_full)
         print_mailbox(me);
+    u32 nmis = nmis_taken[cpu];
+    if (nmis != nmis_reported[cpu]) {
+        nmis_reported[cpu] = nmis;
+        struct line l;
+        line_start(&l, "ferry-test-guest: NMI cpu=");
+        line_dec(&l, cpu);
+        line_str(&l, " count=");
+        line_dec(&l, nmis);
+        line_end(&l);
+        console_lock();
+        console_write(l.text);
+        console_unlock();
+    }
     if (cpu == poweroff_cpu && poweroff_ticks != 0 && ticks >= poweroff_ticks)
         machine_poweroff();
     lapic_eoi();
@@ -52,6 +71,10 @@ static int is_idle_trap(const struct trap_frame *f)
 
 void exception_handler(struct trap_frame *f)
 {
+    if (f->vector == VECTOR_NMI) {
+        nmis_taken[this_cpu()]++;
+        return;
+    }
     if (is_idle_trap(f)) {
         f->rip += HLT_LENGTH;
         /* STI's one-instruction shadow makes STI;HLT atomic: no wake-up is lost. */

@@ -98,8 +98,9 @@ public struct APIServer: Sendable {
         let router = Router()
         router.add(middleware: EndpointCheck())
         router.get(.init(Endpoint.vmmPing.path)) { _, _ in
-            try json(VmmPingResponse(build_version: VirtualMachineMonitor.version, version: VirtualMachineMonitor.version,
-                                     pid: getpid(), features: []))
+            try json(VmmPingResponse(build_version: "v\(VirtualMachineMonitor.cloudHypervisorVersion)-ferry-\(VirtualMachineMonitor.version)",
+                                     version: VirtualMachineMonitor.cloudHypervisorVersion, pid: getpid(),
+                                     features: VirtualMachineMonitor.features))
         }
         router.put(.init(Endpoint.vmmShutdown.path)) { _, _ in
             await vmm.requestExit(.requested)
@@ -156,7 +157,9 @@ public struct APIServer: Sendable {
         }
         router.get(.init(Endpoint.vmInfo.path)) { _, _ in
             let info = try vmm.info()
-            return try json(VmInfo(config: VmConfig(info.configuration), state: info.state.rawValue,
+            return try json(VmInfo(config: VmConfig(info.configuration, serialTerminal: info.serialTerminal,
+                                                    consoleTerminal: info.consoleTerminal),
+                                   state: info.state.rawValue,
                                    memory_actual_size: info.memoryActualSize))
         }
         let operations: [(Endpoint, @Sendable (VirtualMachineMonitor) async throws -> Void)] = [
@@ -165,6 +168,8 @@ public struct APIServer: Sendable {
             (.vmResume, { try await $0.resume() }),
             (.vmShutdown, { try await $0.shutdown() }),
             (.vmReboot, { try await $0.reboot() }),
+            (.vmPowerButton, { try await $0.pressPowerButton() }),
+            (.vmNmi, { try await $0.nmi() }),
             (.vmDelete, { try await $0.delete() }),
         ]
         for (endpoint, operation) in operations {

@@ -30,9 +30,12 @@ extension VmConfig {
         if let field = unsupportedDeviceFields.first {
             throw VMMError(.invalidRequest, "\(field): Ferry has no such devices yet; remove the field")
         }
-        let serialMode = try SerialMode(serial, field: "serial", allowed: [.off, .null, .tty, .file])
+        let serialMode = try SerialMode(serial, field: "serial", allowed: [.off, .null, .pty, .tty, .file, .socket])
         // Absent: no virtio console (Cloud Hypervisor's default is Tty; see docs/openapi.yaml).
-        let consoleMode = console == nil ? .off : try SerialMode(console, field: "console", allowed: [.off, .null, .tty, .file])
+        let consoleMode = console == nil ? .off : try SerialMode(console, field: "console", allowed: [.off, .null, .pty, .tty, .file])
+        if serialMode == .tty, consoleMode == .tty {
+            throw VMMError(.invalidRequest, "serial.mode and console.mode: only one of them can be Tty")
+        }
         var diskConfigurations: [DiskConfiguration] = []
         for (index, disk) in (disks ?? []).enumerated() {
             guard let path = disk.path, !path.isEmpty else {
@@ -54,13 +57,14 @@ extension VmConfig {
         return VMConfiguration(machine: machine, serial: serialMode, console: consoleMode)
     }
 
-    init(_ configuration: VMConfiguration) {
+    /// `configuration` as `vm.info` reports it; a `Pty` console's `file` is its terminal's path.
+    init(_ configuration: VMConfiguration, serialTerminal: String? = nil, consoleTerminal: String? = nil) {
         let machine = configuration.machine
         self.init(cpus: Cpus(boot_vcpus: machine.cpus, max_vcpus: machine.cpus),
                   memory: Memory(size: Int64(machine.memorySize)),
                   payload: Payload(kernel: machine.kernel, initramfs: machine.initramfs, cmdline: machine.commandLine),
-                  serial: Console(configuration.serial),
-                  console: Console(configuration.console),
+                  serial: Console(configuration.serial, terminal: serialTerminal),
+                  console: Console(configuration.console, terminal: consoleTerminal),
                   disks: machine.disks.isEmpty ? nil : machine.disks.map {
                       Disk(path: $0.path, readonly: $0.readOnly, direct: $0.direct, id: $0.id)
                   },
@@ -109,12 +113,14 @@ extension VmConfig.Net {
 }
 
 extension VmConfig.Console {
-    init(_ mode: SerialMode) {
+    init(_ mode: SerialMode, terminal: String? = nil) {
         switch mode {
         case .off: self.init(mode: "Off")
         case .null: self.init(mode: "Null")
         case .tty: self.init(mode: "Tty")
+        case .pty: self.init(mode: "Pty", file: terminal)
         case let .file(path): self.init(mode: "File", file: path)
+        case let .socket(path): self.init(mode: "Socket", socket: path)
         }
     }
 }
@@ -122,7 +128,7 @@ extension VmConfig.Console {
 extension SerialMode {
     /// The kinds of mode, to say which a field allows.
     enum Kind: String {
-        case off = "Off", null = "Null", tty = "Tty", file = "File"
+        case off = "Off", null = "Null", pty = "Pty", tty = "Tty", file = "File", socket = "Socket"
     }
 
     /// The mode a `VmConfig`-shaped console object asks for (`Null` when absent).
@@ -132,10 +138,19 @@ extension SerialMode {
             let choices = allowed.map(\.rawValue).joined(separator: ", ")
             throw VMMError(.invalidRequest, "\(field).mode: \(mode) is not supported; use \(choices)")
         }
+        if console?.iommu == true {
+            throw VMMError(.invalidRequest, "\(field).iommu: Ferry has no virtual IOMMU; omit it or set it to false")
+        }
         switch kind {
         case .off: self = .off
         case .null: self = .null
+        case .pty: self = .pty
         case .tty: self = .tty
+        case .socket:
+            guard let path = console?.socket, !path.isEmpty else {
+                throw VMMError(.invalidRequest, "\(field).socket: required when \(field).mode is Socket")
+            }
+            self = .socket(path)
         case .file:
             guard let path = console?.file, !path.isEmpty else {
                 throw VMMError(.invalidRequest, "\(field).file: required when \(field).mode is File")
@@ -180,8 +195,8 @@ extension ReceiveMigrationData {
     func options() throws(VMMError) -> ReceiveMigrationOptions {
         let url = try MigrationURL(receiver_url, field: "receiver_url")
         // Off would take the UART from a guest that has one: to discard its output, use Null.
-        let serialMode = try SerialMode(serial, field: "serial", allowed: [.null, .tty, .file])
-        let consoleMode = try SerialMode(console, field: "console", allowed: [.null, .tty, .file])
+        let serialMode = try SerialMode(serial, field: "serial", allowed: [.null, .pty, .tty, .file, .socket])
+        let consoleMode = try SerialMode(console, field: "console", allowed: [.null, .pty, .tty, .file])
         let paths = try Self.placements(disks ?? [], field: "disks", what: "disk") { ($0.id, $0.path, "path") }
         let taps = try Self.placements(net ?? [], field: "net", what: "network card") { ($0.id, $0.tap, "tap") }
         return ReceiveMigrationOptions(url: url, serial: serialMode, console: consoleMode, diskPaths: paths, netTaps: taps)
@@ -232,10 +247,10 @@ extension MigrationProgressReport {
             direction: progress.direction == .outgoing ? .outgoing : .incoming,
             timestamp_begin_ms: progress.beganAtMilliseconds,
             timestamp_snapshot_ms: MigrationProgress.wallClockMilliseconds(),
-            downtime_configured_ms: progress.downtimeLimit.map { UInt64($0.wholeMilliseconds) },
-            downtime_estimated_ms: progress.estimatedDowntime.map { UInt64($0.wholeMilliseconds) },
-            transportation_mode: progress.transport,
-            connections: progress.connections,
+            downtime_configured_ms: progress.downtimeLimit.map { UInt64($0.wholeMilliseconds) } ?? 0,
+            downtime_estimated_ms: progress.estimatedDowntime.map { UInt64($0.wholeMilliseconds) } ?? 0,
+            transportation_mode: progress.transport == "Unix" ? .unix(connections: progress.connections)
+                : .tcp(connections: progress.connections, tls: false),
             state: state,
             memory_transmission_info: MemoryTransmissionInfo(
                 memory_iteration: memory.pass, memory_transmission_bps: memory.bytesPerSecond,

@@ -12,6 +12,8 @@ public enum Endpoint: String, CaseIterable, Sendable {
     case vmCounters = "vm.counters"
     case vmShutdown = "vm.shutdown"
     case vmReboot = "vm.reboot"
+    case vmPowerButton = "vm.power-button"
+    case vmNmi = "vm.nmi"
     case vmDelete = "vm.delete"
     case vmSnapshot = "vm.snapshot"
     case vmRestore = "vm.restore"

@@ -1,6 +1,7 @@
-/// What `vm.migration-progress` answers: the current or last migration of this VMM, shaped like
-/// the progress object libvirt's Cloud Hypervisor driver reads, plus Ferry's `migration_id`,
-/// `direction` and, once finished, the measured `downtime_ms` and `total_ms`.
+/// What `vm.migration-progress` answers: the current or last migration of this VMM, in the shape
+/// of Cloud Hypervisor's migration progress (the object libvirt's Cloud Hypervisor driver reads),
+/// plus Ferry's `migration_id`, `direction` and, once finished, the measured `downtime_ms` and
+/// `total_ms`.
 ///
 /// Sizes are bytes, rates per second, times milliseconds; timestamps are milliseconds since the
 /// Unix epoch.
@@ -16,8 +17,9 @@ public struct MigrationProgressReport: Codable, Equatable, Sendable {
         case completing = "Completing"
     }
 
-    /// Encoded as Cloud Hypervisor encodes its Rust enum: `{"Ongoing": {...}}`, `"Finished"`,
-    /// `{"Failed": {"error_msg": ...}}`, `"Cancelled"`.
+    /// Encoded as Cloud Hypervisor encodes its Rust enum of struct variants: `{"Ongoing": {...}}`,
+    /// `{"Finished": {}}`, `{"Failed": {"error_msg": ..., "error_msg_debug": ...}}`,
+    /// `{"Cancelled": {}}`.
     public enum State: Equatable, Sendable, Codable {
         case ongoing(phase: Phase, vcpuThrottlePercent: Int)
         case finished
@@ -29,51 +31,114 @@ public struct MigrationProgressReport: Codable, Equatable, Sendable {
             var vcpu_throttle_percent: Int
         }
 
+        /// Ferry's failures are one message; `error_msg_debug` repeats it.
         private struct Failed: Codable {
             var error_msg: String
+            var error_msg_debug: String?
         }
 
+        private struct Empty: Codable {}
+
         private enum Key: String, CodingKey {
-            case Ongoing, Failed
+            case Ongoing, Finished, Failed, Cancelled
         }
 
         public func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: Key.self)
             switch self {
-            case .finished:
-                var container = encoder.singleValueContainer()
-                try container.encode("Finished")
-            case .cancelled:
-                var container = encoder.singleValueContainer()
-                try container.encode("Cancelled")
+            case .finished: try container.encode(Empty(), forKey: .Finished)
+            case .cancelled: try container.encode(Empty(), forKey: .Cancelled)
             case let .ongoing(phase, throttle):
-                var container = encoder.container(keyedBy: Key.self)
                 try container.encode(Ongoing(phase: phase, vcpu_throttle_percent: throttle), forKey: .Ongoing)
             case let .failed(message):
-                var container = encoder.container(keyedBy: Key.self)
-                try container.encode(Failed(error_msg: message), forKey: .Failed)
+                try container.encode(Failed(error_msg: message, error_msg_debug: message), forKey: .Failed)
             }
         }
 
         public init(from decoder: any Decoder) throws {
-            if let text = try? decoder.singleValueContainer().decode(String.self) {
-                switch text {
-                case "Finished": self = .finished
-                case "Cancelled": self = .cancelled
-                default:
-                    throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "unknown state \(text)"))
-                }
-                return
-            }
             let container = try decoder.container(keyedBy: Key.self)
             if let ongoing = try container.decodeIfPresent(Ongoing.self, forKey: .Ongoing) {
                 self = .ongoing(phase: ongoing.phase, vcpuThrottlePercent: ongoing.vcpu_throttle_percent)
+            } else if let failed = try container.decodeIfPresent(Failed.self, forKey: .Failed) {
+                self = .failed(errorMessage: failed.error_msg)
+            } else if container.contains(.Finished) {
+                self = .finished
+            } else if container.contains(.Cancelled) {
+                self = .cancelled
             } else {
-                self = .failed(errorMessage: try container.decode(Failed.self, forKey: .Failed).error_msg)
+                throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath,
+                                                        debugDescription: "state is none of Ongoing, Finished, Failed, Cancelled"))
             }
         }
 
         public var isOngoing: Bool {
             if case .ongoing = self { true } else { false }
+        }
+    }
+
+    /// How the migration travels: Cloud Hypervisor's `"Local"` or `{"Tcp": {"connections": N,
+    /// "tls": false}}`, and Ferry's `{"Unix": {"connections": N}}` for a `unix:` URL.
+    public enum TransportationMode: Equatable, Sendable, Codable, CustomStringConvertible {
+        case local
+        case tcp(connections: Int, tls: Bool)
+        case unix(connections: Int)
+
+        private struct Tcp: Codable {
+            var connections: Int
+            var tls: Bool
+        }
+
+        private struct Unix: Codable {
+            var connections: Int
+        }
+
+        private enum Key: String, CodingKey {
+            case Tcp, Unix
+        }
+
+        public func encode(to encoder: any Encoder) throws {
+            switch self {
+            case .local:
+                var container = encoder.singleValueContainer()
+                try container.encode("Local")
+            case let .tcp(connections, tls):
+                var container = encoder.container(keyedBy: Key.self)
+                try container.encode(Tcp(connections: connections, tls: tls), forKey: .Tcp)
+            case let .unix(connections):
+                var container = encoder.container(keyedBy: Key.self)
+                try container.encode(Unix(connections: connections), forKey: .Unix)
+            }
+        }
+
+        public init(from decoder: any Decoder) throws {
+            if let text = try? decoder.singleValueContainer().decode(String.self) {
+                guard text == "Local" else {
+                    throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "unknown mode \(text)"))
+                }
+                self = .local
+                return
+            }
+            let container = try decoder.container(keyedBy: Key.self)
+            if let tcp = try container.decodeIfPresent(Tcp.self, forKey: .Tcp) {
+                self = .tcp(connections: tcp.connections, tls: tcp.tls)
+            } else {
+                self = .unix(connections: try container.decode(Unix.self, forKey: .Unix).connections)
+            }
+        }
+
+        public var connections: Int {
+            switch self {
+            case .local: 1
+            case let .tcp(connections, _), let .unix(connections): connections
+            }
+        }
+
+        public var description: String {
+            switch self {
+            case .local: "Local"
+            case let .tcp(_, tls): tls ? "Tcp with TLS" : "Tcp"
+            case .unix: "Unix"
+            }
         }
     }
 
@@ -115,11 +180,13 @@ public struct MigrationProgressReport: Codable, Equatable, Sendable {
     public var direction: Direction
     public var timestamp_begin_ms: UInt64
     public var timestamp_snapshot_ms: UInt64
-    public var downtime_configured_ms: UInt64?
-    public var downtime_estimated_ms: UInt64?
-    /// `Tcp` or `Unix`.
-    public var transportation_mode: String
-    public var connections: Int
+    /// `timestamp_snapshot_ms - timestamp_begin_ms`.
+    public var timestamp_snapshot_relative_ms: UInt64
+    /// The downtime limit; 0 where it is not known (on the destination).
+    public var downtime_configured_ms: UInt64
+    /// The pause the source expects if it switched over now; 0 until it can tell.
+    public var downtime_estimated_ms: UInt64
+    public var transportation_mode: TransportationMode
     public var state: State
     public var memory_transmission_info: MemoryTransmissionInfo
     /// Measured by the source once the migration finished: pause on the source to resume on the
@@ -129,16 +196,17 @@ public struct MigrationProgressReport: Codable, Equatable, Sendable {
     public var total_ms: UInt64?
 
     public init(migration_id: String?, direction: Direction, timestamp_begin_ms: UInt64, timestamp_snapshot_ms: UInt64,
-                downtime_configured_ms: UInt64?, downtime_estimated_ms: UInt64?, transportation_mode: String, connections: Int,
+                downtime_configured_ms: UInt64, downtime_estimated_ms: UInt64, transportation_mode: TransportationMode,
                 state: State, memory_transmission_info: MemoryTransmissionInfo, downtime_ms: UInt64?, total_ms: UInt64?) {
         self.migration_id = migration_id
         self.direction = direction
         self.timestamp_begin_ms = timestamp_begin_ms
         self.timestamp_snapshot_ms = timestamp_snapshot_ms
+        let elapsed = timestamp_snapshot_ms.subtractingReportingOverflow(timestamp_begin_ms)
+        timestamp_snapshot_relative_ms = elapsed.overflow ? 0 : elapsed.partialValue
         self.downtime_configured_ms = downtime_configured_ms
         self.downtime_estimated_ms = downtime_estimated_ms
         self.transportation_mode = transportation_mode
-        self.connections = connections
         self.state = state
         self.memory_transmission_info = memory_transmission_info
         self.downtime_ms = downtime_ms

@@ -37,14 +37,19 @@ public struct VmConfig: Codable, Equatable, Sendable {
         }
     }
 
-    /// `serial` and `console`: `mode` is Off, Null, Tty or File (with `file`).
+    /// `serial` and `console`: `mode` is Off, Null, Pty, Tty, File (with `file`) or, for the
+    /// serial port, Socket (with `socket`). For Pty, `vm.info` puts the terminal's path in `file`.
     public struct Console: Codable, Equatable, Sendable {
         public var mode: String
         public var file: String?
+        public var socket: String?
+        /// Cloud Hypervisor's vIOMMU placement; Ferry has no vIOMMU, so only false is accepted.
+        public var iommu: Bool?
 
-        public init(mode: String, file: String? = nil) {
+        public init(mode: String, file: String? = nil, socket: String? = nil) {
             self.mode = mode
             self.file = file
+            self.socket = socket
         }
     }
 

@@ -46,6 +46,21 @@ extension KVMVirtualMachine {
         }
     }
 
+    /// Delivers one message-signalled interrupt now (`KVM_SIGNAL_MSI`), as a device's write of
+    /// `data` to `address` in the local APICs' window would. Safe from any thread: it takes no
+    /// vCPU's lock. Returns false when the guest's APIC did not accept it (e.g. it is disabled).
+    @discardableResult
+    public func signalMessage(address: UInt64, data: UInt32) throws -> Bool {
+        var message = kvm_msi()
+        message.address_lo = UInt32(truncatingIfNeeded: address)
+        message.address_hi = UInt32(truncatingIfNeeded: address >> 32)
+        message.data = data
+        let delivered = try systemCall("KVM_SIGNAL_MSI(\(String(address, radix: 16)), \(String(data, radix: 16)))") {
+            ckvm_ioctl_ptr(descriptor.rawValue, CKVM_SIGNAL_MSI, &message)
+        }
+        return delivered > 0
+    }
+
     /// Binds `event` to `gsi` (`KVM_IRQFD`): each signal injects the GSI's interrupt in the kernel.
     public func bindInterrupt(_ event: EventFD, gsi: UInt32) throws {
         try irqfd(event, gsi: gsi, flags: 0)

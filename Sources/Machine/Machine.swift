@@ -277,6 +277,21 @@ public final class Machine: Sendable {
         return ended
     }
 
+    /// Raises a non-maskable interrupt on every vCPU, as a machine's NMI button does (`vm.nmi`):
+    /// a message to each vCPU's local APIC (physical destination = the vCPU's APIC id) with
+    /// delivery mode NMI. A paused vCPU takes it when it runs again.
+    public func injectNMI() throws(MachineError) {
+        let localAPICWindow: UInt64 = 0xFEE0_0000
+        let deliveryModeNMI: UInt32 = 0b100 << 8
+        for vcpu in vcpus {
+            do {
+                try vm.signalMessage(address: localAPICWindow | UInt64(vcpu.id) << 12, data: deliveryModeNMI)
+            } catch {
+                throw MachineError.host("NMI to vCPU \(vcpu.id)", error)
+            }
+        }
+    }
+
     /// Feeds host input to the guest's serial console.
     public func sendConsoleInput(_ bytes: [UInt8]) {
         serial.enqueueInput(bytes)

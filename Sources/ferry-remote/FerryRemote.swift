@@ -17,6 +17,31 @@ struct FerryRemote: AsyncParsableCommand {
                       Reboot.self, Delete.self, Snapshot.self, Restore.self, SendMigration.self, ReceiveMigration.self,
                       CancelMigration.self, MigrationProgressCommand.self, ShutdownVMM.self, Events.self]
     )
+
+    /// ch-remote puts `--api-socket` before the subcommand (`ch-remote --api-socket S info`);
+    /// `ferry-remote` takes it there as well as after the subcommand.
+    static func main() async {
+        await main(Self.subcommandOptionsAfterSubcommand(Array(CommandLine.arguments.dropFirst())))
+    }
+
+    /// Moves a leading `--api-socket PATH` (or `--api-socket=PATH`) after the subcommand's name.
+    static func subcommandOptionsAfterSubcommand(_ arguments: [String]) -> [String] {
+        var leading: [String] = []
+        var rest = arguments[...]
+        while let first = rest.first {
+            if first == "--api-socket", rest.count >= 2 {
+                leading += rest.prefix(2)
+                rest = rest.dropFirst(2)
+            } else if first.hasPrefix("--api-socket=") {
+                leading.append(first)
+                rest = rest.dropFirst()
+            } else {
+                break
+            }
+        }
+        guard !leading.isEmpty, let subcommand = rest.first else { return arguments }
+        return [subcommand] + leading + rest.dropFirst()
+    }
 }
 
 /// Options every subcommand takes.
@@ -64,14 +89,14 @@ struct Ping: AsyncParsableCommand {
             let data = try await connection.client.send(.vmmPing)
             if connection.json { return print(String(decoding: data, as: UTF8.self)) }
             let ping = try JSONDecoder().decode(VmmPingResponse.self, from: data)
-            print("ferry \(ping.version) (pid \(ping.pid))")
+            print("cloud-hypervisor \(ping.build_version) (pid \(ping.pid))")
         }
     }
 }
 
 struct Create: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Create the VM from a Cloud Hypervisor VmConfig JSON file (- for standard input).",
+        abstract: "Create the VM from a Cloud Hypervisor VmConfig JSON file (standard input without one, or with -).",
         discussion: """
             Example CONFIG.json:
               {"cpus": {"boot_vcpus": 2}, "memory": {"size": 1073741824},
@@ -80,12 +105,12 @@ struct Create: AsyncParsableCommand {
             """)
     @OptionGroup var connection: Connection
     @Argument(help: ArgumentHelp("The VM configuration.", valueName: "CONFIG.json"))
-    var config: String
+    var config: String?
 
     func run() async throws {
         try await perform {
-            let data = config == "-" ? FileHandle.standardInput.readDataToEndOfFile()
-                : try Data(contentsOf: URL(fileURLWithPath: config))
+            let data = config == nil || config == "-" ? FileHandle.standardInput.readDataToEndOfFile()
+                : try Data(contentsOf: URL(fileURLWithPath: config!))
             try await connection.client.send(.vmCreate, body: data)
         }
     }
@@ -152,16 +177,76 @@ struct Snapshot: AsyncParsableCommand {
 }
 
 struct Restore: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Create the VM from a snapshot directory (Paused unless --resume).")
+    static let configuration = CommandConfiguration(
+        abstract: "Create the VM from a snapshot directory (Paused unless --resume).",
+        discussion: "ch-remote's form works too: source_url=file:///DIR[,prefault=on][,resume=on].")
     @OptionGroup var connection: Connection
     @Argument(help: ArgumentHelp("The snapshot to restore.", valueName: "file:///DIR"))
     var source: String
     @Flag(help: "Run the guest at once instead of leaving it Paused.")
     var resume = false
 
+    func validate() throws { _ = try request }
+
+    var request: RestoreConfig {
+        get throws {
+            guard let fields = try KeyValueArgument(source, firstKey: "source_url",
+                                                    keys: ["source_url", "prefault", "resume"]) else {
+                return RestoreConfig(source_url: source, resume: resume)
+            }
+            let resumes = try fields.flag("resume") ?? false
+            return RestoreConfig(source_url: try fields.required("source_url"), resume: resume || resumes,
+                                 prefault: try fields.flag("prefault"))
+        }
+    }
+
     func run() async throws {
-        try await perform {
-            try await connection.client.send(.vmRestore, body: try body(RestoreConfig(source_url: source, resume: resume)))
+        try await perform { try await connection.client.send(.vmRestore, body: try body(request)) }
+    }
+}
+
+/// ch-remote's `key=value,…` form of a subcommand's argument (`source_url=file:///DIR,prefault=on`):
+/// recognised by its first key, so that a plain URL is still a plain URL.
+struct KeyValueArgument {
+    private var fields: [String: String] = [:]
+
+    /// nil when `text` does not start with `firstKey=`.
+    init?(_ text: String, firstKey: String, keys: Set<String>) throws {
+        guard text.hasPrefix(firstKey + "=") else { return nil }
+        for item in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2, !parts[1].isEmpty else {
+                throw ValidationError("'\(item)' is not key=value (in '\(text)')")
+            }
+            guard keys.contains(parts[0]) else {
+                throw ValidationError("'\(parts[0])' is not a key here; use \(keys.sorted().joined(separator: ", "))")
+            }
+            guard fields[parts[0]] == nil else { throw ValidationError("'\(parts[0])' is given twice in '\(text)'") }
+            fields[parts[0]] = parts[1]
+        }
+    }
+
+    func required(_ key: String) throws -> String {
+        guard let value = fields[key] else { throw ValidationError("\(key)= is required") }
+        return value
+    }
+
+    func string(_ key: String) -> String? { fields[key] }
+
+    func number(_ key: String) throws -> Int64? {
+        try fields[key].map { text in
+            guard let value = Int64(text) else { throw ValidationError("\(key)=\(text) is not a number") }
+            return value
+        }
+    }
+
+    func flag(_ key: String) throws -> Bool? {
+        try fields[key].map { text in
+            switch text {
+            case "on", "true": return true
+            case "off", "false": return false
+            default: throw ValidationError("\(key)=\(text) must be on or off")
+            }
         }
     }
 }

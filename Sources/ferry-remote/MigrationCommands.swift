@@ -58,19 +58,38 @@ struct SendMigration: AsyncParsableCommand {
         if let timeoutS, timeoutS < 1 {
             throw ValidationError("--timeout-s must be at least 1, e.g. --timeout-s 3600")
         }
+        _ = try request
     }
 
+    /// The request; the argument may be ch-remote's `destination_url=URL[,downtime_ms=N]…` form.
     var request: SendMigrationData {
-        SendMigrationData(destination_url: destination, downtime_ms: downtimeMs, timeout_s: timeoutS,
-                          timeout_strategy: timeoutStrategy?.apiValue, keep_alive: keepAlive ? true : nil)
+        get throws {
+            let keys: Set = ["destination_url", "downtime_ms", "timeout_s", "timeout_strategy", "connections", "local", "keep_alive"]
+            guard let fields = try KeyValueArgument(destination, firstKey: "destination_url", keys: keys) else {
+                return SendMigrationData(destination_url: destination, downtime_ms: downtimeMs, timeout_s: timeoutS,
+                                         timeout_strategy: timeoutStrategy?.apiValue, keep_alive: keepAlive ? true : nil)
+            }
+            let strategy = try fields.string("timeout_strategy").map { text in
+                guard let parsed = TimeoutStrategyArgument(rawValue: text.lowercased()) else {
+                    throw ValidationError("timeout_strategy=\(text) must be cancel or ignore")
+                }
+                return parsed.apiValue
+            }
+            return SendMigrationData(destination_url: try fields.required("destination_url"),
+                                     downtime_ms: try fields.number("downtime_ms") ?? downtimeMs,
+                                     timeout_s: try fields.number("timeout_s") ?? timeoutS,
+                                     timeout_strategy: strategy ?? timeoutStrategy?.apiValue,
+                                     connections: try fields.number("connections"), local: try fields.flag("local"),
+                                     keep_alive: try fields.flag("keep_alive") ?? (keepAlive ? true : nil))
+        }
     }
 
     func run() async throws {
         if dispatch {
-            return try await perform { try await connection.client.send(.vmSendMigration, body: try body(request)) }
+            return try await perform { try await connection.client.send(.vmSendMigration, body: try body(try request)) }
         }
         let watch = MigrationWatch(client: connection.client, json: connection.json)
-        let ending = try await watch.follow(starting: try body(request))
+        let ending = try await watch.follow(starting: try body(try request))
         guard ending.succeeded else { throw ExitCode.failure }
     }
 }
@@ -93,13 +112,20 @@ struct ReceiveMigration: AsyncParsableCommand {
             """)
 
     @OptionGroup var connection: Connection
-    @Argument(help: ArgumentHelp("Where to listen for the source.", valueName: "tcp:HOST:PORT|unix:PATH"))
+    @Argument(help: ArgumentHelp("Where to listen for the source (or ch-remote's receiver_url=URL).", valueName: "tcp:HOST:PORT|unix:PATH"))
     var receiver: String
-    @Option(help: ArgumentHelp("Where the arriving guest's serial console goes on this host: null (the default), tty (the VMM's standard output) or file=PATH.",
-                               valueName: "null|tty|file=PATH"))
+
+    /// The URL, also from ch-remote's `receiver_url=URL` form.
+    var receiverURL: String {
+        get throws {
+            try KeyValueArgument(receiver, firstKey: "receiver_url", keys: ["receiver_url"])?.required("receiver_url") ?? receiver
+        }
+    }
+    @Option(help: ArgumentHelp("Where the arriving guest's serial console goes on this host: null (the default), tty (the VMM's standard output), pty, file=PATH or socket=PATH.",
+                               valueName: "null|tty|pty|file=PATH|socket=PATH"))
     var serial: String = "null"
-    @Option(help: ArgumentHelp("Where the arriving guest's virtio console goes, if it has one: as --serial.",
-                               valueName: "null|tty|file=PATH"))
+    @Option(help: ArgumentHelp("Where the arriving guest's virtio console goes, if it has one: null, tty, pty or file=PATH.",
+                               valueName: "null|tty|pty|file=PATH"))
     var console: String = "null"
     @Option(parsing: .singleValue,
             help: ArgumentHelp("Where an arriving disk is on this host (repeat for each disk).", valueName: "id=ID,path=PATH"))
@@ -111,6 +137,7 @@ struct ReceiveMigration: AsyncParsableCommand {
     func validate() throws {
         _ = try Self.console(serial, flag: "--serial")
         _ = try Self.console(console, flag: "--console")
+        _ = try receiverURL
         _ = try diskPlacements()
         _ = try netPlacements()
     }
@@ -120,10 +147,14 @@ struct ReceiveMigration: AsyncParsableCommand {
         switch text {
         case "null": return VmConfig.Console(mode: "Null")
         case "tty": return VmConfig.Console(mode: "Tty")
+        case "pty": return VmConfig.Console(mode: "Pty")
         case let text where text.hasPrefix("file=") && text.count > "file=".count:
             return VmConfig.Console(mode: "File", file: String(text.dropFirst("file=".count)))
+        case let text where flag == "--serial" && text.hasPrefix("socket=") && text.count > "socket=".count:
+            return VmConfig.Console(mode: "Socket", socket: String(text.dropFirst("socket=".count)))
         default:
-            throw ValidationError("\(flag): '\(text)' is not a console; use null, tty or file=PATH")
+            let modes = flag == "--serial" ? "null, tty, pty, file=PATH or socket=PATH" : "null, tty, pty or file=PATH"
+            throw ValidationError("\(flag): '\(text)' is not a console; use \(modes)")
         }
     }
 
@@ -177,7 +208,7 @@ struct ReceiveMigration: AsyncParsableCommand {
             }
             defer { narrator.cancel() }
             do {
-                let request = ReceiveMigrationData(receiver_url: receiver, serial: try Self.console(serial, flag: "--serial"),
+                let request = ReceiveMigrationData(receiver_url: try receiverURL, serial: try Self.console(serial, flag: "--serial"),
                                                    console: try Self.console(console, flag: "--console"),
                                                    disks: try diskPlacements(), net: try netPlacements())
                 try await client.send(.vmReceiveMigration, body: try body(request), timeout: APIClient.unlimited)
@@ -224,7 +255,8 @@ struct MigrationProgressCommand: AsyncParsableCommand {
     /// what it received, not the passes, rates and limits the source worked with.
     static func summary(_ progress: MigrationProgressReport) -> [String] {
         let info = progress.memory_transmission_info
-        let connections = progress.connections == 1 ? "1 connection" : "\(progress.connections) connections"
+        let count = progress.transportation_mode.connections
+        let connections = count == 1 ? "1 connection" : "\(count) connections"
         let outgoing = progress.direction == .outgoing
         var lines = [
             "migration:  \(progress.migration_id ?? "-") (\(progress.direction.rawValue), \(progress.transportation_mode), \(connections))",
@@ -238,8 +270,8 @@ struct MigrationProgressCommand: AsyncParsableCommand {
                 "remaining:  \(Human.bytes(info.memory_bytes_remaining_iteration)) in this pass",
                 "rate:       \(Human.rate(info.memory_transmission_bps)); the guest dirtied \(info.memory_dirty_rate_pps) pages/s in the last pass",
             ]
-            var downtime = "limit \(progress.downtime_configured_ms.map(Human.milliseconds) ?? "-")"
-            if let estimated = progress.downtime_estimated_ms { downtime += ", expected \(Human.milliseconds(estimated))" }
+            var downtime = "limit \(Human.milliseconds(progress.downtime_configured_ms))"
+            if progress.downtime_estimated_ms > 0 { downtime += ", expected \(Human.milliseconds(progress.downtime_estimated_ms))" }
             if let measured = progress.downtime_ms { downtime += ", measured \(Human.milliseconds(measured))" }
             lines.append("downtime:   \(downtime)")
         } else {
@@ -251,8 +283,7 @@ struct MigrationProgressCommand: AsyncParsableCommand {
         if let total = progress.total_ms {
             lines.append("took:       \(Human.milliseconds(total))")
         } else {
-            let elapsed = progress.timestamp_snapshot_ms.subtractingReportingOverflow(progress.timestamp_begin_ms)
-            lines.append("running:    \(Human.milliseconds(elapsed.overflow ? 0 : elapsed.partialValue))")
+            lines.append("running:    \(Human.milliseconds(progress.timestamp_snapshot_relative_ms))")
         }
         return lines
     }

@@ -166,7 +166,7 @@ actor ProgressDisplay {
         guard live, !quiet, !ended, case let .ongoing(phase, _) = progress.state else { return }
         let info = progress.memory_transmission_info
         let elapsed = Human.seconds(ContinuousClock.now - began)
-        let expected = progress.downtime_estimated_ms.map(Human.milliseconds) ?? "-"
+        let expected = progress.downtime_estimated_ms > 0 ? Human.milliseconds(progress.downtime_estimated_ms) : "-"
         let text = switch phase {
         case .starting:
             "[\(elapsed)] starting"

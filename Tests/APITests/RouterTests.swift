@@ -57,12 +57,16 @@ import VMM
         }
     }
 
+    /// As Cloud Hypervisor's: `version` the release whose API is served, `build_version` with
+    /// Ferry's own version after it, the pid, and `kvm` among the features.
     @Test func pingReportsVersionAndPid() async throws {
         try await withRouter { client, _ in
             try await client.execute(uri: "/api/v1/vmm.ping", method: .get) { response in
                 #expect(response.status == .ok)
                 let ping = try JSONDecoder().decode(VmmPingResponse.self, from: Data(buffer: response.body))
-                #expect(ping.version == VirtualMachineMonitor.version && ping.pid == getpid())
+                #expect(ping.version == VirtualMachineMonitor.cloudHypervisorVersion && ping.pid == getpid())
+                #expect(ping.build_version == "v\(ping.version)-ferry-\(VirtualMachineMonitor.version)")
+                #expect(ping.features.first == "kvm" && ping.features.contains("migration_events"))
             }
         }
     }
@@ -101,8 +105,11 @@ import VMM
         (#"{"payload": {"kernel": "/nonexistent/vmlinux"}}"#, "payload.kernel: /nonexistent/vmlinux does not exist"),
         (#"{"payload": {"kernel": "\#(kernel)", "initramfs": "/nonexistent/initrd"}}"#, "payload.initramfs"),
         (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "File"}}"#, "serial.file: required"),
-        (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "Pty"}}"#, "serial.mode: Pty is not supported"),
-        (#"{"payload": {"kernel": "\#(kernel)"}, "console": {"mode": "Pty"}}"#, "console.mode: Pty"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "Socket"}}"#, "serial.socket: required"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "Bogus"}}"#, "serial.mode: Bogus is not supported"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "console": {"mode": "Socket", "socket": "/tmp/c"}}"#, "console.mode: Socket is not supported"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "Tty"}, "console": {"mode": "Tty"}}"#, "only one of them can be Tty"),
+        (#"{"payload": {"kernel": "\#(kernel)"}, "serial": {"mode": "Null", "iommu": true}}"#, "serial.iommu"),
         (#"{"payload": {"kernel": "\#(kernel)"}, "disks": [{"path": "/nonexistent.img"}]}"#, "disk disk0: cannot open /nonexistent.img"),
         (#"{"payload": {"kernel": "\#(kernel)"}, "disks": [{"readonly": true}]}"#, "disks[0].path: required"),
         (#"{"payload": {"kernel": "\#(kernel)"}, "disks": [{"path": "/proc/self/exe", "id": "a"}, {"path": "/proc/self/exe", "id": "b"}]}"#, "disks: b and a are the same file"),
@@ -200,9 +207,10 @@ import VMM
         encoder.outputFormatting = [.sortedKeys]
         let cases: [(MigrationProgressReport.State, String)] = [
             (.ongoing(phase: .memoryPrecopy, vcpuThrottlePercent: 0), #"{"Ongoing":{"phase":"MemoryPrecopy","vcpu_throttle_percent":0}}"#),
-            (.finished, #""Finished""#),
-            (.failed(errorMessage: "the destination went away"), #"{"Failed":{"error_msg":"the destination went away"}}"#),
-            (.cancelled, #""Cancelled""#),
+            (.finished, #"{"Finished":{}}"#),
+            (.failed(errorMessage: "the destination went away"),
+             #"{"Failed":{"error_msg":"the destination went away","error_msg_debug":"the destination went away"}}"#),
+            (.cancelled, #"{"Cancelled":{}}"#),
         ]
         for (state, json) in cases {
             #expect(String(decoding: try encoder.encode(state), as: UTF8.self) == json)
@@ -230,20 +238,25 @@ import VMM
             try await client.execute(uri: "/api/v1/vm.snapshot", method: .put, body: snapshot) { response in
                 #expect(response.status == .notFound, "snapshot without a VM")
             }
-            for endpoint in [Endpoint.vmBoot, .vmPause, .vmResume, .vmShutdown, .vmReboot, .vmDelete, .vmInfo] {
+            for endpoint in [Endpoint.vmBoot, .vmPause, .vmResume, .vmShutdown, .vmReboot, .vmInfo, .vmNmi, .vmPowerButton] {
                 try await client.execute(uri: endpoint.path, method: endpoint.httpMethod) { response in
                     #expect(response.status == .notFound, "\(endpoint) without a VM")
                     #expect(String(buffer: response.body) == #"["no VM has been created"]"#)
                 }
             }
+            // As Cloud Hypervisor: deleting nothing succeeds, and emits nothing.
+            try await client.execute(uri: "/api/v1/vm.delete", method: .put) { #expect($0.status == .noContent) }
             let create = ByteBuffer(string: #"{"payload": {"kernel": "\#(Self.bootableKernel)"}}"#)
             try await client.execute(uri: "/api/v1/vm.create", method: .put, body: create) { #expect($0.status == .noContent) }
             try await client.execute(uri: "/api/v1/vm.create", method: .put, body: create) { #expect($0.status == .conflict) }
-            for endpoint in [Endpoint.vmPause, .vmResume, .vmShutdown, .vmReboot] {
+            for endpoint in [Endpoint.vmPause, .vmResume, .vmShutdown, .vmReboot, .vmNmi] {
                 try await client.execute(uri: endpoint.path, method: endpoint.httpMethod) { response in
                     #expect(response.status == .conflict, "\(endpoint) on a Created VM")
                     #expect(String(buffer: response.body).contains("the VM is Created"))
                 }
+            }
+            try await client.execute(uri: "/api/v1/vm.power-button", method: .put) { response in
+                #expect(response.status == .badRequest && String(buffer: response.body).contains("no ACPI power button"))
             }
             try await client.execute(uri: "/api/v1/vm.snapshot", method: .put, body: snapshot) { response in
                 #expect(response.status == .conflict, "snapshot of a VM that is not paused")
@@ -294,7 +307,7 @@ import VMM
             try await expectConflicts([(.vmBoot, nil), (.vmPause, nil), (.vmCreate, create), (.vmRestore, restore)],
                                       in: "Paused")
             #expect(try await put(.vmShutdown) == .noContent)
-            try await expectConflicts([(.vmPause, nil), (.vmResume, nil), (.vmShutdown, nil), (.vmReboot, nil),
+            try await expectConflicts([(.vmPause, nil), (.vmResume, nil), (.vmShutdown, nil), (.vmReboot, nil), (.vmNmi, nil),
                                        (.vmSnapshot, snapshot), (.vmCreate, create), (.vmRestore, restore)], in: "Shutdown")
             #expect(try await put(.vmDelete) == .noContent)
             #expect(!FileManager.default.fileExists(atPath: "/tmp/ferry-test-never-written"))

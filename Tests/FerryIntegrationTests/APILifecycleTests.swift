@@ -135,7 +135,8 @@ struct APILifecycleTests {
         #expect(boot.standardError.contains("no VM has been created (HTTP 404)"))
         let ping = try remote(["ping"])
         #expect(ping.waitForExit(timeout: .seconds(20)) == 0)
-        #expect(ping.consoleLines.first?.hasPrefix("ferry 0.1.0 (pid \(ferry.pid))") == true)
+        #expect(ping.consoleLines.first?.hasPrefix("cloud-hypervisor v48.0.0-ferry-0.1.0 (pid \(ferry.pid))") == true,
+                "\(ping.consoleLines)")
         ferry.signal(SIGTERM)
         #expect(ferry.waitForExit(timeout: .seconds(20)) == 0)
     }

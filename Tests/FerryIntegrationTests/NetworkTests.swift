@@ -80,7 +80,9 @@ struct NetworkTests {
         }
         let text = { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
         let deadline = ContinuousClock.now + .seconds(60)
-        while ContinuousClock.now < deadline, !text().contains("NET ready") { try await Task.sleep(for: .milliseconds(50)) }
+        // Up to the end of the line: QEMU may have written only part of it when the file is read.
+        let ready = { text().split(separator: "\n").dropLast().contains { $0.contains("NET ready") } }
+        while ContinuousClock.now < deadline, !ready() { try await Task.sleep(for: .milliseconds(50)) }
         #expect(text().contains("NET ready mac=\(Self.mac) link=1"), "the guest drives QEMU's card: \(text().suffix(500))")
 
         let ping = try await Self.ping(namespace, count: 20, interval: "0.01")
@@ -153,7 +155,7 @@ struct NetworkTests {
         let guest = TestGuestVM.Network(tap: "unused")
         let ferry = try FerryProcess(
             arguments: Array(namespace.launcher.dropFirst()) + [
-                "/usr/bin/python3", "-c", parent, Repository.ferry.path, "--kernel", try TestGuest.path.get(), "--memory", "size=128M",
+                "/usr/bin/python3", "-c", parent, Repository.ferry.path, "--kernel", try TestGuest.path.get(), "--memory", "size=128M", "--serial", "tty",
                 "--cmdline", "workset_mib=8 heartbeat_ms=500 \(guest.guestKeys)", "--net", "fd=3,mac=\(Self.mac)",
             ],
             executable: URL(fileURLWithPath: namespace.launcher[0]))

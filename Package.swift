@@ -44,7 +44,7 @@ let package = Package(
         .target(
             name: "API",
             dependencies: [
-                "APIModels", "VMM", "LiveMigration", "MigrationWire", "Machine", "Events", "HostOS",
+                "APIModels", "VMM", "LiveMigration", "MigrationWire", "Machine", "Events", "HostOS", "CKVM",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),

@@ -130,9 +130,24 @@ public struct APIServer: Sendable {
             return Response(status: .noContent)
         }
         router.put(.init(Endpoint.vmRestore.path)) { request, _ in
-            let config = try await decode(RestoreConfig.self, from: request)
-            let directory = try Snapshot.directory(fromURL: config.source_url, field: "source_url")
-            try await vmm.restore(from: directory, resume: config.resume ?? false)
+            try await withPassedDescriptors(of: request) { passed in
+                let config = try await decode(RestoreConfig.self, from: request)
+                let directory = try Snapshot.directory(fromURL: config.source_url, field: "source_url")
+                try await vmm.restore(from: directory, resume: config.resume ?? false,
+                                      tapDescriptors: try config.tapDescriptors(passed))
+            }
+            return Response(status: .noContent)
+        }
+        router.put(.init(Endpoint.vmAddNet.path)) { request, _ in
+            try await withPassedDescriptors(of: request) { passed in
+                guard passed.count <= 1 else {
+                    throw VMMError(.invalidRequest, "\(passed.count) tap descriptors came with vm.add-net; Ferry's virtio-net has one queue pair, so one descriptor")
+                }
+                let card = try await decode(VmConfig.Net.self, from: request)
+                let index = (try? vmm.info().configuration.machine.networks.count) ?? 0
+                try await vmm.addNetwork(try card.networkConfiguration(index: index, field: "vm.add-net",
+                                                                       passedDescriptor: passed.first))
+            }
             return Response(status: .noContent)
         }
         router.put(.init(Endpoint.vmSendMigration.path)) { request, _ in
@@ -179,6 +194,20 @@ public struct APIServer: Sendable {
             }
         }
         return router
+    }
+
+    /// Runs `body` with the descriptors that came with `request` (on an inherited API socket); if
+    /// it fails, they are closed, and if it succeeds they are the VMM's.
+    static func withPassedDescriptors(of request: Request, _ body: ([Int32]) async throws -> Void) async throws {
+        let name = PassedDescriptors.header.lowercased()
+        let token = request.headers.first { $0.name.canonicalName == name }.flatMap { UInt64($0.value) }
+        let passed = token.map { PassedDescriptors.shared.take($0) } ?? []
+        do {
+            try await body(passed)
+        } catch {
+            for descriptor in passed { close(descriptor) }
+            throw error
+        }
     }
 
     /// Decodes a JSON body; the error says which field is wrong and why.

@@ -1,9 +1,14 @@
+import CKVM
 import Foundation
 import HostOS
+import Synchronization
 
 /// Serves an inherited listening socket (`--api-socket fd=N`, how libvirt hands Cloud Hypervisor
 /// its API socket) by relaying each connection it accepts to the API server's own Unix socket.
 /// The HTTP server binds by path only, so this relay is what lets it answer on a descriptor.
+/// Descriptors a client sends with a request (SCM_RIGHTS: libvirt's tap descriptors for
+/// `vm.add-net` and `vm.restore`) are kept in `PassedDescriptors`, and the request reaches the
+/// server with a header that names them.
 final class InheritedSocketForwarder: Sendable {
     /// Bytes moved per read.
     static let bufferSize = 64 << 10
@@ -78,24 +83,101 @@ final class InheritedSocketForwarder: Sendable {
         }
     }
 
-    /// Moves bytes both ways until either side closes; both close when the relay ends.
-    static func relay(_ first: FileDescriptor, _ second: FileDescriptor) {
-        var descriptors = [pollfd(fd: first.rawValue, events: Int16(POLLIN), revents: 0),
-                           pollfd(fd: second.rawValue, events: Int16(POLLIN), revents: 0)]
+    /// Moves bytes both ways until either side closes; both close when the relay ends. What the
+    /// client sends is read with its descriptors; descriptors no route took are closed at the end.
+    static func relay(_ client: FileDescriptor, _ server: FileDescriptor) {
+        var descriptors = [pollfd(fd: client.rawValue, events: Int16(POLLIN), revents: 0),
+                           pollfd(fd: server.rawValue, events: Int16(POLLIN), revents: 0)]
         var buffer = [UInt8](repeating: 0, count: bufferSize)
+        var request = RequestTagger()
+        defer { PassedDescriptors.shared.discard(request.tokens) }
         while true {
             guard (try? systemCall("poll") { poll(&descriptors, 2, -1) }) != nil else { return }
             for (index, descriptor) in descriptors.enumerated() where descriptor.revents != 0 {
-                let destination = index == 0 ? second : first
+                var passed = [Int32](repeating: -1, count: PassedDescriptors.mostPerRequest)
+                var passedCount: Int32 = 0
                 let count = buffer.withUnsafeMutableBytes { bytes in
-                    (try? systemCall("read") { read(descriptor.fd, bytes.baseAddress, bytes.count) }) ?? 0
+                    index == 0
+                        ? ckvm_receive_with_descriptors(descriptor.fd, bytes.baseAddress, bytes.count, &passed,
+                                                        Int32(passed.count), &passedCount)
+                        : read(descriptor.fd, bytes.baseAddress, bytes.count)
                 }
+                if count < 0, errno == EINTR || errno == EAGAIN { continue }
                 guard count > 0 else { return }
-                let written = buffer.withUnsafeBytes { bytes in
-                    Result { () throws(SystemError) in try destination.writeAll(UnsafeRawBufferPointer(rebasing: bytes[0..<count])) }
+                var bytes = Array(buffer[0..<count])
+                let destination = index == 0 ? server : client
+                if index == 0 {
+                    // More descriptors than a request may carry: the request cannot be served whole.
+                    guard passedCount >= 0 else { return }
+                    bytes = request.tag(bytes, passing: Array(passed.prefix(Int(passedCount))))
                 }
-                guard case .success = written else { return }
+                guard (try? destination.writeAll(bytes)) != nil else { return }
             }
+        }
+    }
+}
+
+/// Tags the request that descriptors came with: the descriptors ride on its first bytes, so the
+/// header naming them goes right after its request line (once that line is whole).
+struct RequestTagger {
+    /// Every token this connection was given, for closing what no route took.
+    private(set) var tokens: [UInt64] = []
+    /// Bytes held back until the request line they belong to is whole.
+    private var held: [UInt8] = []
+    private var pendingToken: UInt64?
+
+    /// What to pass on of `bytes`, which came with `descriptors`.
+    mutating func tag(_ bytes: [UInt8], passing descriptors: [Int32]) -> [UInt8] {
+        if !descriptors.isEmpty {
+            let token = PassedDescriptors.shared.deposit(descriptors)
+            tokens.append(token)
+            // A second batch before the request line is whole is kept (and closed at the end),
+            // never named.
+            if pendingToken == nil { pendingToken = token }
+        }
+        guard let token = pendingToken else { return bytes }
+        held += bytes
+        guard let end = held.firstRange(of: [13, 10]) else {
+            // No request line within a whole buffer: pass it on untagged.
+            if held.count > InheritedSocketForwarder.bufferSize { pendingToken = nil; defer { held = [] }; return held }
+            return []
+        }
+        pendingToken = nil
+        defer { held = [] }
+        return Array(held[..<end.upperBound]) + Array("\(PassedDescriptors.header): \(token)\r\n".utf8) + Array(held[end.upperBound...])
+    }
+}
+
+/// Descriptors that came with requests on the inherited API socket, by token, until the route
+/// of the request that carried them takes them. The token is random, and the socket only its
+/// owner can reach.
+final class PassedDescriptors: Sendable {
+    static let shared = PassedDescriptors()
+    /// The header that carries a request's token to its route.
+    static let header = "Ferry-Passed-Descriptors"
+    /// The most descriptors one request may carry (libvirt sends one per queue pair).
+    static let mostPerRequest = 16
+
+    private let store = Mutex<[UInt64: [Int32]]>([:])
+
+    func deposit(_ descriptors: [Int32]) -> UInt64 {
+        store.withLock { store in
+            var token = UInt64.random(in: 1...UInt64.max)
+            while store[token] != nil { token = UInt64.random(in: 1...UInt64.max) }
+            store[token] = descriptors
+            return token
+        }
+    }
+
+    /// The descriptors deposited under `token` (empty if none), which the caller now owns.
+    func take(_ token: UInt64) -> [Int32] {
+        store.withLock { $0.removeValue(forKey: token) } ?? []
+    }
+
+    /// Closes what is still deposited under `tokens`.
+    func discard(_ tokens: [UInt64]) {
+        for token in tokens {
+            for descriptor in take(token) { close(descriptor) }
         }
     }
 }

@@ -78,16 +78,20 @@ extension VmConfig {
 }
 
 extension VmConfig.Net {
-    /// The card this describes, the `index`th of the request's `net`.
-    func networkConfiguration(index: Int) throws(VMMError) -> NetworkConfiguration {
-        let field = "net[\(index)]"
+    /// The card this describes, the `index`th of the VM's cards (`field` names it in errors). A
+    /// card that came with a descriptor (`vm.add-net` on an inherited API socket, as libvirt
+    /// sends it) uses that tap instead of opening one by name.
+    func networkConfiguration(index: Int, field: String? = nil, passedDescriptor: Int32? = nil) throws(VMMError) -> NetworkConfiguration {
+        let field = field ?? "net[\(index)]"
         if vhost_user == true { throw VMMError(.invalidRequest, "\(field).vhost_user: Ferry has no vhost-user backend; use a tap") }
         if host_mac != nil { throw VMMError(.invalidRequest, "\(field).host_mac: not supported; set the tap's address on the host") }
         if mtu != nil { throw VMMError(.invalidRequest, "\(field).mtu: not supported; the card offers the tap's default MTU") }
         if let fds, !fds.isEmpty {
-            throw VMMError(.invalidRequest, "\(field).fds: descriptors cannot travel in a JSON body; name a tap, or pass fd= to ferry --net")
+            throw VMMError(.invalidRequest, "\(field).fds: descriptor numbers in a JSON body mean nothing to this process; send the descriptors with the request on an inherited API socket (--api-socket fd=N), name a tap, or pass fd= to ferry --net")
         }
-        guard let tap, !tap.isEmpty else { throw VMMError(.invalidRequest, "\(field).tap: required (the tap to open or create)") }
+        if passedDescriptor == nil, tap?.isEmpty ?? true {
+            throw VMMError(.invalidRequest, "\(field).tap: required (the tap to open or create) unless a tap descriptor comes with the request")
+        }
         var address = MACAddress.random()
         if let mac {
             guard let parsed = MACAddress(mac) else { throw VMMError(.invalidRequest, "\(field).mac: '\(mac)' is not a MAC address") }
@@ -100,7 +104,8 @@ extension VmConfig.Net {
         guard let queueSize = UInt16(exactly: size) else {
             throw VMMError(.invalidRequest, "\(field).queue_size: \(size) is not a power of two from 2 to \(NetworkConfiguration.maximumQueueSize)")
         }
-        var network = NetworkConfiguration(id: id ?? NetworkConfiguration.defaultID(index: index), mac: address, tap: tap,
+        var network = NetworkConfiguration(id: id ?? NetworkConfiguration.defaultID(index: index), mac: address,
+                                           tap: passedDescriptor == nil ? tap : nil, fd: passedDescriptor,
                                            hostAddress: ip, hostNetmask: mask, queueSize: queueSize)
         network.offloadTSO = offload_tso ?? true
         network.offloadUFO = offload_ufo ?? true
@@ -157,6 +162,27 @@ extension SerialMode {
             }
             self = .file(path)
         }
+    }
+}
+
+extension RestoreConfig {
+    /// The tap descriptor of each card `net_fds` names, from the descriptors that came with the
+    /// request, in order: one per card (one queue pair), and exactly as many as were sent.
+    func tapDescriptors(_ passed: [Int32]) throws(VMMError) -> [String: Int32] {
+        let entries = net_fds ?? []
+        var descriptors: [String: Int32] = [:]
+        for (index, entry) in entries.enumerated() {
+            guard entry.num_fds == 1 else {
+                throw VMMError(.invalidRequest, "net_fds[\(index)].num_fds: \(entry.num_fds); Ferry's virtio-net has one queue pair, so 1")
+            }
+            guard descriptors[entry.id] == nil else { throw VMMError(.invalidRequest, "net_fds[\(index)].id: \(entry.id) is named twice") }
+            guard index < passed.count else { break }
+            descriptors[entry.id] = passed[index]
+        }
+        guard passed.count == entries.count else {
+            throw VMMError(.invalidRequest, "net_fds names \(entries.count) descriptors and \(passed.count) came with the request")
+        }
+        return descriptors
     }
 }
 

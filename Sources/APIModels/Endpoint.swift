@@ -14,6 +14,7 @@ public enum Endpoint: String, CaseIterable, Sendable {
     case vmReboot = "vm.reboot"
     case vmPowerButton = "vm.power-button"
     case vmNmi = "vm.nmi"
+    case vmAddNet = "vm.add-net"
     case vmDelete = "vm.delete"
     case vmSnapshot = "vm.snapshot"
     case vmRestore = "vm.restore"

@@ -229,11 +229,26 @@ public struct RestoreConfig: Codable, Equatable, Sendable {
     /// Run the guest at once; otherwise the restored VM is Paused.
     public var resume: Bool?
     public var prefault: Bool?
+    /// New tap descriptors for the snapshot's network cards, by card id: the descriptors travel
+    /// with the request (SCM_RIGHTS on an inherited API socket), `num_fds` of them per card, in
+    /// this order.
+    public var net_fds: [RestoredNetDescriptors]?
 
-    public init(source_url: String, resume: Bool?, prefault: Bool? = nil) {
+    public struct RestoredNetDescriptors: Codable, Equatable, Sendable {
+        public var id: String
+        public var num_fds: Int
+
+        public init(id: String, num_fds: Int) {
+            self.id = id
+            self.num_fds = num_fds
+        }
+    }
+
+    public init(source_url: String, resume: Bool?, prefault: Bool? = nil, net_fds: [RestoredNetDescriptors]? = nil) {
         self.source_url = source_url
         self.resume = resume
         self.prefault = prefault
+        self.net_fds = net_fds
     }
 }
 

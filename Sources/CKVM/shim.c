@@ -35,6 +35,36 @@ int ckvm_open_pty(char *path, size_t size) {
     return main;
 }
 
+long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *descriptors, int capacity, int *count) {
+    enum { most = 64 };
+    union {
+        char bytes[CMSG_SPACE(most * sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct iovec vector = { .iov_base = buffer, .iov_len = size };
+    struct msghdr message = {
+        .msg_iov = &vector, .msg_iovlen = 1,
+        .msg_control = control.bytes, .msg_controllen = sizeof control.bytes,
+    };
+    *count = 0;
+    ssize_t received = recvmsg(socket, &message, MSG_CMSG_CLOEXEC);
+    if (received < 0) return -1;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        size_t n = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *passed = (int *)CMSG_DATA(header);
+        for (size_t i = 0; i < n; i++) {
+            if (*count >= 0 && *count < capacity) descriptors[(*count)++] = passed[i];
+            else close(passed[i]);
+        }
+    }
+    if (message.msg_flags & MSG_CTRUNC) {
+        for (int i = 0; i < *count; i++) close(descriptors[i]);
+        *count = -1;
+    }
+    return (long)received;
+}
+
 int ckvm_open_direct_flag(void) {
     return O_DIRECT;
 }

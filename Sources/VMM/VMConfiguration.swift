@@ -174,6 +174,40 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
         self.init(machine: machine, serial: machine.serialPort ? serial : .off, console: machine.virtioConsole ? console : .off)
     }
 
+    /// This configuration with one more network card (`vm.add-net` before boot), checked whole.
+    public func adding(_ network: NetworkConfiguration) throws(VMMError) -> VMConfiguration {
+        var machine = self.machine
+        machine.networks.append(network)
+        do {
+            try machine.validate()
+        } catch {
+            throw VMMError(.invalidRequest, error.message, cause: error)
+        }
+        return VMConfiguration(machine: machine, serial: serial, console: console)
+    }
+
+    /// This configuration with the cards named in `descriptors` on those tap descriptors (a
+    /// restore with new taps, as libvirt restores): the snapshot's tap names and host addresses
+    /// of those cards are dropped. A descriptor for a card the VM does not have is refused.
+    public func withTapDescriptors(_ descriptors: [String: Int32]) throws(VMMError) -> VMConfiguration {
+        var machine = self.machine
+        for (id, descriptor) in descriptors {
+            guard let index = machine.networks.firstIndex(where: { $0.id == id }) else {
+                throw VMMError(.invalidRequest, "net_fds: the snapshot's VM has no network card \(id)")
+            }
+            machine.networks[index].fd = descriptor
+            machine.networks[index].tap = nil
+            machine.networks[index].hostAddress = nil
+            machine.networks[index].hostNetmask = nil
+        }
+        return VMConfiguration(machine: machine, serial: serial, console: console)
+    }
+
+    /// The tap descriptors this configuration's cards hold (inherited with `--net fd=`, or sent
+    /// with `vm.add-net` or `vm.restore`): each machine works on a duplicate, so they stay open
+    /// for the VM's next boot until the VM is deleted.
+    public var tapDescriptors: [Int32] { machine.networks.compactMap(\.fd) }
+
     private enum CodingKeys: String, CodingKey { case machine, serial, console }
 
     public init(from decoder: any Decoder) throws {

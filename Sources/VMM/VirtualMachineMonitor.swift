@@ -289,6 +289,21 @@ public actor VirtualMachineMonitor {
         events.emit(VMEvent.Paused())
     }
 
+    /// `vm.add-net` before boot: the card joins the Created (or Shutdown) VM's configuration. A
+    /// running guest cannot take one: Ferry has no PCI hotplug.
+    public func addNetwork(_ network: NetworkConfiguration) throws(VMMError) {
+        switch lifecycle {
+        case let .created(configuration):
+            lifecycle = .created(try configuration.adding(network))
+        case let .shutDown(configuration):
+            lifecycle = .shutDown(try configuration.adding(network))
+        case .running, .paused:
+            throw refusal("Ferry has no hotplug: add network cards between vm.create and vm.boot")
+        default:
+            throw refusal()
+        }
+    }
+
     /// `vm.nmi`: a non-maskable interrupt to every vCPU of the Running or Paused guest.
     public func nmi() throws(VMMError) {
         let vm: LiveVM
@@ -362,8 +377,14 @@ public actor VirtualMachineMonitor {
         case .migratingOut, .migratingIn:
             throw refusal()
         }
-        lifecycle = .noVM
+        forgetVM()
         events.emit(VMEvent.Deleted())
+    }
+
+    /// The VM is gone from this VMM: the tap descriptors it held are closed.
+    func forgetVM() {
+        for descriptor in lifecycle.configuration?.tapDescriptors ?? [] { close(descriptor) }
+        lifecycle = .noVM
     }
 
     /// The VM of a Running or Paused lifecycle.
@@ -394,22 +415,24 @@ public actor VirtualMachineMonitor {
     }
 
     /// Creates the VM from a snapshot directory; it runs if `resume`, and is Paused otherwise.
-    public func restore(from directory: String, resume: Bool) throws(VMMError) {
+    /// Restores the snapshot in `directory`; the cards named in `tapDescriptors` use those taps.
+    public func restore(from directory: String, resume: Bool, tapDescriptors: [String: Int32] = [:]) throws(VMMError) {
         switch lifecycle {
         case .noVM: break
         case .migratingOut, .migratingIn: throw refusal()
         default: throw VMMError(.wrongState, "a VM already exists; restore needs a VMM without one")
         }
         let snapshot = try Snapshot.read(from: directory)
+        let configuration = try snapshot.configuration.withTapDescriptors(tapDescriptors)
         do {
-            try snapshot.configuration.machine.validate()
+            try configuration.machine.validate()
         } catch {
             throw VMMError(.invalidRequest, "the snapshot's VM does not fit this host: \(error)", cause: error)
         }
         events.emit(VMEvent.Restoring(source: directory))
         let vm: LiveVM
         do {
-            vm = try prepareMachine(snapshot.configuration, appendingToConsole: true)
+            vm = try prepareMachine(configuration, appendingToConsole: true)
             try vm.machine.loadMemory(fromFile: (directory as NSString).appendingPathComponent(Snapshot.memoryFile))
             try vm.machine.restore(snapshot.machine)
         } catch {

@@ -329,3 +329,42 @@ extension Endpoint {
         method == .get ? .get : .put
     }
 }
+
+/// The relay of an inherited API socket names the descriptors that came with a request in a
+/// header after its request line, even when that line arrives in pieces.
+@Suite struct PassedDescriptorTests {
+    @Test func theHeaderFollowsTheRequestLineWhateverTheChunks() throws {
+        let request = Array("PUT /api/v1/vm.add-net HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}".utf8)
+        for split in [1, 10, 32, 33, request.count] {
+            var tagger = RequestTagger()
+            let descriptor = open("/dev/null", O_RDONLY)
+            var relayed = tagger.tag(Array(request[..<split]), passing: [descriptor])
+            relayed += tagger.tag(Array(request[split...]), passing: [])
+            let text = String(decoding: relayed, as: UTF8.self)
+            let token = try #require(tagger.tokens.first)
+            #expect(text == "PUT /api/v1/vm.add-net HTTP/1.1\r\n\(PassedDescriptors.header): \(token)\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}",
+                    "split at \(split): \(text)")
+            #expect(PassedDescriptors.shared.take(token) == [descriptor])
+            close(descriptor)
+        }
+    }
+
+    /// The write end of a pipe is deposited and discarded: its read end then sees the end of the
+    /// stream, which only the last close of the write end gives.
+    @Test func descriptorsNoRouteTookAreClosed() {
+        var ends: [Int32] = [-1, -1]
+        #expect(pipe(&ends) == 0)
+        let token = PassedDescriptors.shared.deposit([ends[1]])
+        PassedDescriptors.shared.discard([token])
+        var byte: UInt8 = 0
+        #expect(read(ends[0], &byte, 1) == 0, "the write end was closed")
+        #expect(PassedDescriptors.shared.take(token).isEmpty)
+        close(ends[0])
+    }
+
+    @Test func aRequestWithoutDescriptorsPassesUnchanged() {
+        var tagger = RequestTagger()
+        let bytes = Array("GET /api/v1/vm.info HTTP/1.1\r\n\r\n".utf8)
+        #expect(tagger.tag(bytes, passing: []) == bytes && tagger.tokens.isEmpty)
+    }
+}

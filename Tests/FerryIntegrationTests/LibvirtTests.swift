@@ -1,4 +1,5 @@
 import APIModels
+import FerryClient
 import FerryTestSupport
 import Foundation
 import Testing
@@ -90,6 +91,41 @@ struct LibvirtTests {
         #expect(try await !daemon.virsh(["list", "--all", "--name"]).contains(name))
     }
 
+    /// libvirt's own network card: in a namespace of the test's, libvirt creates a tap for an
+    /// `<interface type='ethernet'>` and hands Ferry its descriptor with `vm.add-net` (SCM_RIGHTS
+    /// on the API socket it inherited); the guest answers the host's pings through it.
+    @Test(.enabled(if: NetworkTools.tapsAvailable, NetworkTools.tapsUnavailable))
+    func libvirtsTapReachesTheGuestThroughTheAPISocket() async throws {
+        let namespace = try await NetworkNamespace.make("libvirt")
+        let daemon = try await Libvirt.Daemon.start(launcher: namespace.launcher)
+        defer { daemon.stop() }
+        let name = "ferry-net-\(getpid())"
+        let guest = TestGuestVM.Network(tap: "lvtap0")
+        let domain = try daemon.domain(name: name, commandLine: "workset_mib=1 heartbeat_ms=200 \(guest.guestKeys)",
+                                       interface: (tap: guest.tap, mac: guest.mac))
+        defer { domain.cleanUp() }
+        try await daemon.virsh(["create", domain.xmlPath])
+        let vmm = try daemon.vmmPID(of: name)
+        defer { Libvirt.reap(vmm) }
+        try await namespace.run(["address", "add", "\(guest.peerAddress)/24", "dev", guest.tap])
+        try await namespace.run(["link", "set", guest.tap, "up"])
+        let ping = try #require(NetworkTools.ping)
+        var replies = 0
+        for _ in 0..<3 where replies == 0 {
+            let output = (try? await offThePool {
+                try runTool(namespace.launcher[0], Array(namespace.launcher.dropFirst())
+                            + [ping, "-n", "-c", "5", "-i", "0.2", "-W", "2", guest.guestAddress])
+            }) ?? ""
+            replies = output.split(separator: "\n").filter { $0.contains("bytes from \(guest.guestAddress)") }.count
+        }
+        #expect(replies > 0, "the guest answers pings through the tap libvirt made")
+        let api = APIClient(socketPath: "\(Libvirt.stateDirectory)/\(name)-socket")
+        let info = try JSONDecoder().decode(VmInfo.self, from: try await api.send(.vmInfo))
+        #expect(info.config.net?.first?.mac == guest.mac && info.config.net?.first?.tap == nil,
+                "the card is on the descriptor libvirt sent: \(String(describing: info.config.net))")
+        try await daemon.virsh(["destroy", name])
+    }
+
     /// The directory libvirt saved into restores in a Ferry of its own, and the guest goes on.
     static func expectRestorable(_ saved: String, in directory: TemporaryDirectory) async throws {
         let vmm = try await TestVMM("restorer", in: directory)
@@ -144,8 +180,9 @@ enum Libvirt {
         let pidFile: String
         let process: Process
 
-        static func start() async throws -> Daemon {
-            let daemon = try Daemon()
+        /// `launcher` runs the daemon, e.g. inside a network namespace (`ip netns exec NAME`).
+        static func start(launcher: [String] = []) async throws -> Daemon {
+            let daemon = try Daemon(launcher: launcher)
             let deadline = ContinuousClock.now + .seconds(30)
             while (try? await daemon.virsh(["version"])) == nil {
                 guard daemon.process.isRunning, ContinuousClock.now < deadline else {
@@ -157,7 +194,7 @@ enum Libvirt {
             return daemon
         }
 
-        private init() throws {
+        private init(launcher: [String]) throws {
             directory = try TemporaryDirectory()
             // A daemon left by an earlier run holds the sockets under the prefix.
             pidFile = Libvirt.prefix + "/var/run/ferry-test-virtchd.pid"
@@ -170,9 +207,11 @@ enum Libvirt {
             let configuration = directory.path("virtchd.conf")
             try Data(#"log_outputs="2:file:\#(directory.path("virtchd.log"))""#.utf8).write(to: URL(fileURLWithPath: configuration))
             process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
-            process.arguments = ["-m", "--propagation", "private", "sh", "-c",
-                                 "umount -R /sys/fs/cgroup 2>/dev/null; exec \(Libvirt.virtchd) -f \(configuration) -p \(pidFile)"]
+            let command = ["/usr/bin/unshare", "-m", "--propagation", "private", "sh", "-c",
+                           "umount -R /sys/fs/cgroup 2>/dev/null; exec \(Libvirt.virtchd) -f \(configuration) -p \(pidFile)"]
+            let full = launcher + command
+            process.executableURL = URL(fileURLWithPath: full[0])
+            process.arguments = Array(full.dropFirst())
             var environment = ProcessInfo.processInfo.environment
             environment["PATH"] = "\(bin):" + (environment["PATH"] ?? "/usr/bin:/bin")
             process.environment = environment
@@ -219,8 +258,8 @@ enum Libvirt {
             return pid
         }
 
-        func domain(name: String, commandLine: String) throws -> Domain {
-            let domain = Domain(name: name, directory: try TemporaryDirectory(), daemon: self)
+        func domain(name: String, commandLine: String, interface: (tap: String, mac: String)? = nil) throws -> Domain {
+            let domain = Domain(name: name, directory: try TemporaryDirectory(), daemon: self, interface: interface.map { [$0.tap, $0.mac] })
             try domain.writeXML(commandLine: commandLine)
             return domain
         }
@@ -232,6 +271,8 @@ enum Libvirt {
         let name: String
         let directory: TemporaryDirectory
         let daemon: Daemon
+        /// An `<interface type='ethernet'>` on a tap libvirt creates: its name and the card's MAC.
+        let interface: [String]?
         /// Kept across redefinitions: a new definition of the same name must carry its UUID.
         let uuid = UUID().uuidString.lowercased()
         var xmlPath: String { directory.path("domain.xml") }
@@ -251,6 +292,7 @@ enum Libvirt {
                   <devices>
                     <serial type='pty'/>
                     <console type='pty'><target type='virtio'/></console>
+                    \(interface.map { "<interface type='ethernet'><target dev='\($0[0])'/><mac address='\($0[1])'/></interface>" } ?? "")
                   </devices>
                 </domain>
                 """

@@ -170,6 +170,83 @@ struct NetworkTests {
         #expect(try await offThePool { ferry.waitForExit(timeout: .seconds(20)) } == 0)
     }
 
+    /// Tap descriptors sent with requests on an inherited API socket (libvirt's way: SCM_RIGHTS
+    /// with `vm.add-net` before boot, and with `vm.restore`'s `net_fds`) carry the guest, also
+    /// after a reboot on the same descriptor; requests the descriptors cannot serve are refused.
+    @Test func tapDescriptorsSentOnTheAPISocketCarryTheGuest() async throws {
+        let namespace = try await NetworkNamespace.make("net-passed")
+        let directory = try TemporaryDirectory()
+        let socket = directory.path("api.sock")
+        let parent = """
+            import os, socket, sys
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(sys.argv[1] + ".new"); listener.listen(16)
+            os.rename(sys.argv[1] + ".new", sys.argv[1])
+            os.dup2(listener.fileno(), 3); os.set_inheritable(3, True)
+            os.execv(sys.argv[2], [sys.argv[2], "--api-socket", "fd=3", "--serial", "tty"])
+            """
+        let ferry = try FerryProcess(arguments: Array(namespace.launcher.dropFirst()) + ["/usr/bin/python3", "-c", parent, socket, Repository.ferry.path],
+                                     executable: URL(fileURLWithPath: namespace.launcher[0]))
+        defer { ferry.signal(SIGKILL) }
+        #expect(APILifecycleTests.waitForFile(socket, timeout: .seconds(20)))
+        // Opens each named tap and sends the request with their descriptors; prints the status line.
+        let sender = """
+            import fcntl, os, socket, struct, sys
+            path, endpoint, body = sys.argv[1:4]
+            fds = []
+            for name in sys.argv[4:]:
+                tap = os.open("/dev/net/tun", os.O_RDWR)
+                fcntl.ioctl(tap, 0x400454ca, struct.pack("16sH", name.encode(), 0x0002 | 0x1000 | 0x4000))
+                fds.append(tap)
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); connection.connect(path)
+            request = ("PUT /api/v1/%s HTTP/1.1\\r\\nHost: localhost\\r\\nContent-Type: application/json\\r\\n"
+                       "Content-Length: %d\\r\\n\\r\\n%s" % (endpoint, len(body), body)).encode()
+            control = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))] if fds else []
+            connection.sendmsg([request], control)
+            answer = connection.recv(4096).decode()
+            print(answer.split("\\r\\n")[0], answer.split("\\r\\n\\r\\n")[-1])
+            """
+        func send(_ endpoint: String, _ body: String, taps: [String]) async throws -> String {
+            try await offThePool {
+                try runTool(namespace.launcher[0], Array(namespace.launcher.dropFirst())
+                            + ["/usr/bin/python3", "-c", sender, socket, endpoint, body] + taps)
+            }
+        }
+        let client = APIClient(socketPath: socket)
+        let guest = TestGuestVM(cpus: 1, memoryMiB: 128, workload: "workset_mib=8",
+                                reporting: "heartbeat_ms=500 \(TestGuestVM.Network(tap: "unused").guestKeys)")
+        try await client.send(.vmCreate, body: guest.configuration(kernel: try TestGuest.path.get()))
+        let card = #"{"id": "net0", "mac": "\#(Self.mac)", "num_queues": 2}"#
+        #expect(try await send("vm.add-net", card, taps: ["ptap1", "ptap2"]).contains("400"), "two descriptors: two queue pairs")
+        #expect(try await send("vm.add-net", #"{"id": "net0", "fds": [3]}"#, taps: []).contains("400"), "descriptor numbers in the body")
+        #expect(try await send("vm.add-net", card, taps: ["ptap0"]).hasPrefix("HTTP/1.1 204"))
+        #expect(try await !namespace.run(["link", "show"]).contains("ptap1"), "the refused request's taps were closed (and went away)")
+        try await client.send(.vmBoot)
+        #expect(await waitUntil(.seconds(60)) { ferry.consoleLines.contains { $0.hasPrefix("NET ready mac=\(Self.mac)") } },
+                "stderr: \(ferry.standardError)")
+        try await namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "ptap0"])
+        #expect(try await Self.ping(namespace, count: 5, interval: "0.05").received == 5, "through the descriptor sent with vm.add-net")
+        #expect(try await send("vm.add-net", #"{"id": "net1", "mac": "52:54:00:00:00:09"}"#, taps: ["ptap3"]).contains("409"),
+                "no hotplug into a running guest")
+
+        let mark = ferry.consoleLines.count
+        try await client.send(.vmReboot)
+        #expect(await waitUntil(.seconds(60)) { ferry.consoleLines[mark...].contains { $0.hasPrefix("NET ready") } }, "the rebooted guest has its card")
+        #expect(try await Self.ping(namespace, count: 5, interval: "0.05").received == 5, "the same descriptor after a reboot")
+
+        try await client.send(.vmPause)
+        let snapshot = directory.path("snapshot")
+        try await client.send(.vmSnapshot, body: Data(#"{"destination_url": "file://\#(snapshot)"}"#.utf8))
+        try await client.send(.vmDelete)
+        let restore = #"{"source_url": "file://\#(snapshot)", "resume": true, "net_fds": [{"id": "net0", "num_fds": 1}]}"#
+        #expect(try await send("vm.restore", restore, taps: []).contains("400"), "net_fds without descriptors")
+        #expect(try await send("vm.restore", restore, taps: ["ptap0"]).hasPrefix("HTTP/1.1 204"))
+        try await namespace.run(["addr", "replace", "\(Self.hostAddress)/24", "dev", "ptap0"])
+        #expect(try await Self.ping(namespace, count: 5, interval: "0.05").received == 5, "through the descriptor sent with vm.restore")
+        try await client.send(.vmmShutdown)
+        #expect(try await offThePool { ferry.waitForExit(timeout: .seconds(20)) } == 0)
+    }
+
     @Test func aRestoredGuestAnswersOnTheSameTap() async throws {
         let namespace = try await NetworkNamespace.make("net-snap")
         let directory = try TemporaryDirectory()

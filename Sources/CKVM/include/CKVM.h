@@ -49,6 +49,13 @@ void ckvm_name_current_thread(const char *name);
 /// with errno set.
 int ckvm_open_pty(char *path, size_t size);
 
+/// recvmsg(2) of up to `size` bytes from stream socket `socket`, with the descriptors that came
+/// with them (SCM_RIGHTS, received close-on-exec) written to `descriptors` (at most `capacity`;
+/// more are closed) and their number to `count`. Returns the bytes read, 0 at the end of the
+/// stream, or -1 with errno set. A truncated control message sets `count` to -1 after closing
+/// what it held.
+long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *descriptors, int capacity, int *count);
+
 // Tap devices (shim.c), whose ioctls take a struct ifreq that Swift cannot build portably. Each
 // returns 0 or a descriptor on success and -errno on failure.
 // Opens /dev/net/tun and attaches to the tap `name` (creating it if it does not exist) with

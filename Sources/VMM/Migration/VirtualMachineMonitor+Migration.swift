@@ -136,7 +136,7 @@ extension VirtualMachineMonitor {
         guard case let .migratingOut(vm, guest, _) = lifecycle else { return }
         if ending == .finished {
             stop(vm)
-            lifecycle = .noVM
+            forgetVM()
             events.emit(VMEvent.Deleted())
             if !keepAlive { requestExit(.migrated) }
         } else {

@@ -57,8 +57,9 @@ public final class Tap: Sendable {
         _ = try open(name: network.tap ?? "", for: device)
     }
 
-    /// Takes over a tap descriptor another process opened (libvirt's way): it must be a tap
-    /// without packet information; it is made non-blocking and close-on-exec.
+    /// Works on a duplicate of a tap descriptor another process opened (libvirt's way): it must
+    /// be a tap without packet information; the duplicate is non-blocking and close-on-exec. `fd`
+    /// stays open, so that the VM can boot again on it.
     public static func adopt(descriptor fd: Int32, for device: String) throws(MachineError) -> Tap {
         guard fcntl(fd, F_GETFD) >= 0 else {
             throw MachineError(.invalidConfiguration, "\(device): fd \(fd) is not an open descriptor")
@@ -70,7 +71,6 @@ public final class Tap: Sendable {
         let owned = FileDescriptor(duplicate)
         _ = fcntl(duplicate, F_SETFL, fcntl(duplicate, F_GETFL) | O_NONBLOCK)
         let tap = try Tap(adopting: owned, for: device)
-        close(fd)
         try tap.configure(address: nil, netmask: nil, for: device)
         return tap
     }

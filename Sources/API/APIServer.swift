@@ -118,7 +118,11 @@ public struct APIServer: Sendable {
                             })
         }
         router.put(.init(Endpoint.vmCreate.path)) { request, context in
-            let config = try await decode(VmConfig.self, from: request)
+            let config = try await decode(VmConfig.self, from: request, shape: .vmConfig) { body throws(VMMError) in
+                if let (member, why) = UnsupportedRequest.firstInVmConfig(body) {
+                    throw VMMError(.invalidRequest, "\(member): not supported: \(why)")
+                }
+            }
             let configuration = try config.vmConfiguration()
             try await vmm.create(configuration)
             return Response(status: .noContent)
@@ -131,7 +135,14 @@ public struct APIServer: Sendable {
         }
         router.put(.init(Endpoint.vmRestore.path)) { request, _ in
             try await withPassedDescriptors(of: request) { passed in
-                let config = try await decode(RestoreConfig.self, from: request)
+                let config = try await decode(RestoreConfig.self, from: request, shape: .restoreConfig) { body throws(VMMError) in
+                    if let mode = body["memory_restore_mode"], mode != .string("Copy") {
+                        throw VMMError(.invalidRequest, "memory_restore_mode: only Copy; Ferry copies the snapshot's memory in before the guest runs")
+                    }
+                    if !(body["zone_updates"]?.elements.isEmpty ?? true) {
+                        throw VMMError(.invalidRequest, "zone_updates: Ferry has one memory region and no NUMA")
+                    }
+                }
                 let directory = try Snapshot.directory(fromURL: config.source_url, field: "source_url")
                 try await vmm.restore(from: directory, resume: config.resume ?? false,
                                       tapDescriptors: try config.tapDescriptors(passed))
@@ -143,7 +154,11 @@ public struct APIServer: Sendable {
                 guard passed.count <= 1 else {
                     throw VMMError(.invalidRequest, "\(passed.count) tap descriptors came with vm.add-net; Ferry's virtio-net has one queue pair, so one descriptor")
                 }
-                let card = try await decode(VmConfig.Net.self, from: request)
+                let card = try await decode(VmConfig.Net.self, from: request, shape: .net) { body throws(VMMError) in
+                    for (member, value, asks, why) in RequestShape.netUnsupported(body, field: "vm.add-net") {
+                        if let value, asks(value) { throw VMMError(.invalidRequest, "\(member): not supported: \(why)") }
+                    }
+                }
                 let index = (try? vmm.info().configuration.machine.networks.count) ?? 0
                 try await vmm.addNetwork(try card.networkConfiguration(index: index, field: "vm.add-net",
                                                                        passedDescriptor: passed.first))
@@ -207,6 +222,34 @@ public struct APIServer: Sendable {
         } catch {
             for descriptor in passed { close(descriptor) }
             throw error
+        }
+    }
+
+    /// Decodes a JSON body after checking it against `shape` (Cloud Hypervisor's schema of the
+    /// body) and `check` (what Ferry refuses of it); the error says which field is wrong and why.
+    static func decode<T: Decodable>(_ type: T.Type, from request: Request, shape: RequestShape,
+                                     check: (JSONValue) throws(VMMError) -> Void = { _ in }) async throws -> T {
+        var request = request
+        let body: ByteBuffer
+        do {
+            body = try await request.collectBody(upTo: maximumBodySize)
+        } catch {
+            throw VMMError(.invalidRequest, "request body is larger than \(maximumBodySize) bytes")
+        }
+        guard body.readableBytes > 0 else { throw VMMError(.invalidRequest, "request body is empty; send a JSON object") }
+        let data = Data(buffer: body)
+        let document: JSONValue
+        do {
+            document = try JSONDecoder().decode(JSONValue.self, from: data)
+        } catch {
+            throw VMMError(.invalidRequest, "request body is not valid JSON")
+        }
+        try shape.check(document, at: "")
+        try check(document)
+        do {
+            return try JSONDecoder().decode(T.self, from: data)
+        } catch let error as DecodingError {
+            throw VMMError(.invalidRequest, describe(error))
         }
     }
 

@@ -217,21 +217,47 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
                   console: try container.decode(SerialMode.self, forKey: .console))
     }
 
-    /// `--cpus boot=N`.
+    /// `--cpus boot=N[,max=N]`. Cloud Hypervisor's other keys are known: at the value that asks
+    /// for nothing Ferry lacks they are accepted, otherwise refused naming the key.
     public static func parseCPUs(_ text: String) throws(ConfigurationError) -> Int {
-        let options = try OptionList(parsing: text, flag: "--cpus", allowedKeys: ["boot"])
+        let unsupported: [String: (accepted: Set<String>, why: String)] = [
+            "topology": ([], "Ferry describes each vCPU as a package of its own (MP table)"),
+            "kvm_hyperv": (["off", "false"], "Ferry offers no Hyper-V enlightenments"),
+            "max_phys_bits": ([], "Ferry reports the host's physical address width"),
+            "affinity": ([], "Ferry does not pin vCPU threads; pin the process (taskset, cgroups)"),
+            "features": ([], "Ferry offers no optional CPU features (amx)"),
+            "nested": (["off", "false"], "Ferry does not offer virtualization extensions to the guest"),
+            "core_scheduling": (["off", "Off"], "Ferry does not set up core scheduling"),
+        ]
+        let options = try OptionList(parsing: text, flag: "--cpus", allowedKeys: Set(unsupported.keys).union(["boot", "max"]))
         guard options.words.isEmpty, let boot = options["boot"] else {
             throw ConfigurationError(flag: "--cpus", "write boot=N, e.g. --cpus boot=2")
         }
         guard let count = Int(boot), (1...MachineConfiguration.maximumCPUs).contains(count) else {
             throw ConfigurationError(flag: "--cpus", "boot=\(boot) must be a number from 1 to \(MachineConfiguration.maximumCPUs)")
         }
+        if let max = options["max"], Int(max) != count {
+            throw ConfigurationError(flag: "--cpus", "max=\(max): Ferry has no CPU hotplug; leave it out or make it boot=\(boot)")
+        }
+        try refuseUnsupported(options, unsupported, flag: "--cpus")
         return count
     }
 
-    /// `--memory size=SIZE`.
+    /// `--memory size=SIZE`. Cloud Hypervisor's other keys are known: at the value that asks for
+    /// nothing Ferry lacks they are accepted, otherwise refused naming the key.
     public static func parseMemory(_ text: String) throws(ConfigurationError) -> UInt64 {
-        let options = try OptionList(parsing: text, flag: "--memory", allowedKeys: ["size"])
+        let unsupported: [String: (accepted: Set<String>, why: String)] = [
+            "mergeable": (["off", "false"], "Ferry does not mark guest RAM for KSM"),
+            "shared": (["off", "false"], "Ferry's guest RAM is private anonymous memory"),
+            "hugepages": (["off", "false"], "Ferry backs guest RAM with normal pages (and transparent huge pages)"),
+            "hugepage_size": ([], "Ferry has no hugetlbfs backing"),
+            "prefault": (["off", "false"], "Ferry faults guest RAM in as the guest touches it"),
+            "thp": (["on", "true"], "Ferry always asks for transparent huge pages"),
+            "hotplug_method": (["acpi"], "Ferry has no memory hotplug"),
+            "hotplug_size": (["0"], "Ferry has no memory hotplug"),
+            "hotplugged_size": (["0"], "Ferry has no memory hotplug"),
+        ]
+        let options = try OptionList(parsing: text, flag: "--memory", allowedKeys: Set(unsupported.keys).union(["size"]))
         guard options.words.isEmpty, let size = options["size"] else {
             throw ConfigurationError(flag: "--memory", "write size=SIZE, e.g. --memory size=1G")
         }
@@ -240,9 +266,18 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
             throw ConfigurationError(flag: "--memory", "size=\(size) is below the minimum of \(GuestRAMLayout.minimumSize >> 20)M")
         }
         guard bytes % 4096 == 0 else { throw ConfigurationError(flag: "--memory", "size=\(size) is not a multiple of 4K") }
+        try refuseUnsupported(options, unsupported, flag: "--memory")
         return bytes
     }
 
+    /// Refuses the first key of `options` whose value is not one `unsupported` accepts for it.
+    private static func refuseUnsupported(_ options: OptionList, _ unsupported: [String: (accepted: Set<String>, why: String)],
+                                          flag: String) throws(ConfigurationError) {
+        for key in unsupported.keys.sorted() {
+            guard let value = options[key], let (accepted, why) = unsupported[key], !accepted.contains(value) else { continue }
+            throw ConfigurationError(flag: flag, "\(key)=\(value) is not supported: \(why)")
+        }
+    }
 
     /// `--event-monitor path=PATH|fd=N`.
     public static func parseEventMonitor(_ text: String) throws(ConfigurationError) -> EventSinkTarget {

@@ -18,6 +18,27 @@ import Testing
         }
     }
 
+    /// Cloud Hypervisor's other keys: accepted where they ask for nothing Ferry lacks, refused
+    /// naming the key (and why) where they do.
+    @Test func cloudHypervisorsOtherCPUAndMemoryKeys() throws {
+        #expect(try VMConfiguration.parseCPUs("boot=2,max=2,kvm_hyperv=off,nested=off") == 2)
+        #expect(try VMConfiguration.parseMemory("size=1G,shared=off,hugepages=off,mergeable=off,thp=on,prefault=off,hotplug_size=0") == 1 << 30)
+        let refused: [(String, String)] = [
+            ("boot=2,max=4", "--cpus: max=4: Ferry has no CPU hotplug"),
+            ("boot=2,topology=1:2:1:1", "--cpus: topology=1:2:1:1 is not supported"),
+            ("boot=2,kvm_hyperv=on", "--cpus: kvm_hyperv=on is not supported: Ferry offers no Hyper-V"),
+            ("boot=2,affinity=[0@[0]]", "--cpus: affinity=[0@[0]] is not supported"),
+        ]
+        for (text, message) in refused {
+            #expect { _ = try VMConfiguration.parseCPUs(text) } throws: { "\($0)".hasPrefix(message) }
+        }
+        for (text, message) in [("size=1G,hugepages=on", "--memory: hugepages=on is not supported"),
+                                ("size=1G,thp=off", "--memory: thp=off is not supported"),
+                                ("size=1G,hotplug_size=1G", "--memory: hotplug_size=1G is not supported: Ferry has no memory hotplug")] {
+            #expect { _ = try VMConfiguration.parseMemory(text) } throws: { "\($0)".hasPrefix(message) }
+        }
+    }
+
     @Test(arguments: [("size=64M", UInt64(64) << 20), ("size=1G", 1 << 30), ("size=8G", 8 << 30),
                       ("size=524288K", 512 << 20), ("size=1073741824", 1 << 30), ("size=2g", 2 << 30)])
     func memoryAcceptsCloudHypervisorSizes(text: String, bytes: UInt64) throws {

@@ -229,15 +229,7 @@ public struct APIServer: Sendable {
     /// body) and `check` (what Ferry refuses of it); the error says which field is wrong and why.
     static func decode<T: Decodable>(_ type: T.Type, from request: Request, shape: RequestShape,
                                      check: (JSONValue) throws(VMMError) -> Void = { _ in }) async throws -> T {
-        var request = request
-        let body: ByteBuffer
-        do {
-            body = try await request.collectBody(upTo: maximumBodySize)
-        } catch {
-            throw VMMError(.invalidRequest, "request body is larger than \(maximumBodySize) bytes")
-        }
-        guard body.readableBytes > 0 else { throw VMMError(.invalidRequest, "request body is empty; send a JSON object") }
-        let data = Data(buffer: body)
+        let data = try await body(of: request)
         let document: JSONValue
         do {
             document = try JSONDecoder().decode(JSONValue.self, from: data)
@@ -246,6 +238,15 @@ public struct APIServer: Sendable {
         }
         try shape.check(document, at: "")
         try check(document)
+        return try decode(type, from: data)
+    }
+
+    /// Decodes a JSON body; the error says which field is wrong and why.
+    static func decode<T: Decodable>(_ type: T.Type, from request: Request) async throws -> T {
+        try decode(type, from: try await body(of: request))
+    }
+
+    private static func decode<T: Decodable>(_ type: T.Type, from data: Data) throws -> T {
         do {
             return try JSONDecoder().decode(T.self, from: data)
         } catch let error as DecodingError {
@@ -253,8 +254,8 @@ public struct APIServer: Sendable {
         }
     }
 
-    /// Decodes a JSON body; the error says which field is wrong and why.
-    static func decode<T: Decodable>(_ type: T.Type, from request: Request) async throws -> T {
+    /// The request's body: not empty, at most `maximumBodySize` bytes.
+    private static func body(of request: Request) async throws -> Data {
         var request = request
         let body: ByteBuffer
         do {
@@ -263,11 +264,7 @@ public struct APIServer: Sendable {
             throw VMMError(.invalidRequest, "request body is larger than \(maximumBodySize) bytes")
         }
         guard body.readableBytes > 0 else { throw VMMError(.invalidRequest, "request body is empty; send a JSON object") }
-        do {
-            return try JSONDecoder().decode(T.self, from: Data(buffer: body))
-        } catch let error as DecodingError {
-            throw VMMError(.invalidRequest, describe(error))
-        }
+        return Data(buffer: body)
     }
 
     static func describe(_ error: DecodingError) -> String {

@@ -198,14 +198,17 @@ enum Libvirt {
             directory = try TemporaryDirectory()
             // A daemon left by an earlier run holds the sockets under the prefix.
             pidFile = Libvirt.prefix + "/var/run/ferry-test-virtchd.pid"
-            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8), let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)),
+               let command = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+               String(decoding: command, as: UTF8.self).contains(Libvirt.virtchd) {
                 Libvirt.reap(pid)
             }
             let bin = directory.path("bin")
             try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: true)
             try FileManager.default.createSymbolicLink(atPath: "\(bin)/cloud-hypervisor", withDestinationPath: Repository.ferry.path)
             let configuration = directory.path("virtchd.conf")
-            try Data(#"log_outputs="2:file:\#(directory.path("virtchd.log"))""#.utf8).write(to: URL(fileURLWithPath: configuration))
+            try Data(#"log_filters="1:ch 1:util.command"\#nlog_outputs="1:file:\#(directory.path("virtchd.log"))""#.utf8).write(to: URL(fileURLWithPath: configuration))
             process = Process()
             let command = ["/usr/bin/unshare", "-m", "--propagation", "private", "sh", "-c",
                            "umount -R /sys/fs/cgroup 2>/dev/null; exec \(Libvirt.virtchd) -f \(configuration) -p \(pidFile)"]
@@ -230,10 +233,15 @@ enum Libvirt {
             }
         }
 
-        /// Runs `virsh -c ch:///system ARGUMENTS`; its output, or a failure carrying it.
+        /// Runs `virsh -c ch:///system ARGUMENTS`; its output, or a failure carrying it and the
+        /// end of the daemon's log.
         @discardableResult
         func virsh(_ arguments: [String]) async throws -> String {
-            try await offThePool { try runTool(Libvirt.virsh, ["-c", "ch:///system"] + arguments) }
+            do {
+                return try await offThePool { try runTool(Libvirt.virsh, ["-c", "ch:///system"] + arguments) }
+            } catch {
+                throw TestFailure("\(error)\nvirtchd's log ends: \(log.suffix(3000))")
+            }
         }
 
         func state(of name: String) async throws -> String {

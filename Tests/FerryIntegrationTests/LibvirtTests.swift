@@ -153,13 +153,22 @@ enum Libvirt {
 
     static let skipReason: Comment = "needs libvirt's ch driver (scripts/libvirt-ch builds it), /dev/kvm, root and unshare(1)"
 
-    /// Ends a VMM libvirt left running: libvirt 11.3 signals only its own children, and the VMM
-    /// it starts is its child's child.
+    /// Ends a VMM libvirt left running (libvirt 11.3 signals only its own children, and the VMM
+    /// it starts is its child's child), or a daemon of this test's: only while `pid` is still
+    /// such a process, never one that took the pid over.
     static func reap(_ pid: pid_t?) {
-        guard let pid, pid > 0 else { return }
+        guard let pid, pid > 0, isOurs(pid) else { return }
         kill(pid, SIGKILL)
         let deadline = ContinuousClock.now + .seconds(10)
-        while kill(pid, 0) == 0, ContinuousClock.now < deadline { usleep(20_000) }
+        while isOurs(pid), ContinuousClock.now < deadline { usleep(20_000) }
+    }
+
+    /// Whether `pid` runs a VMM started as `cloud-hypervisor` or this build's virtchd (a zombie
+    /// has no command line any more).
+    private static func isOurs(_ pid: pid_t) -> Bool {
+        guard let command = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+        let text = String(decoding: command, as: UTF8.self)
+        return text.contains("cloud-hypervisor") || text.contains(virtchd)
     }
 
     /// Ends every VMM started for `name` (found by its event FIFO's path on its command line).
@@ -198,11 +207,8 @@ enum Libvirt {
             directory = try TemporaryDirectory()
             // A daemon left by an earlier run holds the sockets under the prefix.
             pidFile = Libvirt.prefix + "/var/run/ferry-test-virtchd.pid"
-            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
-               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)),
-               let command = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
-               String(decoding: command, as: UTF8.self).contains(Libvirt.virtchd) {
-                Libvirt.reap(pid)
+            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8) {
+                Libvirt.reap(pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)))
             }
             let bin = directory.path("bin")
             try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: true)

@@ -75,7 +75,7 @@ struct NetworkTests {
         process.standardInput = FileHandle.nullDevice
         try process.run()
         defer {
-            kill(process.processIdentifier, SIGKILL)
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
             process.waitUntilExit()
         }
         let text = { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }

@@ -102,7 +102,10 @@ public final class FerryProcess: Sendable {
         return process.terminationStatus
     }
 
+    /// Sends `number` to the process while it runs. Never after it ended: its pid may by then
+    /// be another process's (pids wrap around at 32768 here, and the suites start thousands).
     public func signal(_ number: Int32) {
+        guard process.isRunning else { return }
         kill(process.processIdentifier, number)
     }
 }

@@ -171,8 +171,12 @@ public struct APIServer: Sendable {
             return Response(status: .noContent)
         }
         router.put(.init(Endpoint.vmReceiveMigration.path)) { request, _ in
-            let options = try await decode(ReceiveMigrationData.self, from: request).options()
-            try await vmm.receiveMigration(options)
+            var options: ReceiveMigrationOptions?
+            try await withPassedDescriptors(of: request) { passed in
+                options = try await decode(ReceiveMigrationData.self, from: request).options(passed: passed)
+            }
+            // From here the VMM owns the descriptors: the arriving guest's, or closed if none arrives.
+            if let options { try await vmm.receiveMigration(options) }
             return Response(status: .noContent)
         }
         router.put(.init(Endpoint.vmCancelMigration.path)) { _, _ in

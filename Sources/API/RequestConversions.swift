@@ -169,7 +169,10 @@ extension RestoreConfig {
     /// The tap descriptor of each card `net_fds` names, from the descriptors that came with the
     /// request, in order: one per card (one queue pair), and exactly as many as were sent.
     func tapDescriptors(_ passed: [Int32]) throws(VMMError) -> [String: Int32] {
-        let entries = net_fds ?? []
+        try Self.tapDescriptors(net_fds ?? [], passed)
+    }
+
+    static func tapDescriptors(_ entries: [RestoredNetDescriptors], _ passed: [Int32]) throws(VMMError) -> [String: Int32] {
         var descriptors: [String: Int32] = [:]
         for (index, entry) in entries.enumerated() {
             guard entry.num_fds == 1 else {
@@ -217,15 +220,21 @@ extension SendMigrationData {
 }
 
 extension ReceiveMigrationData {
-    /// The checked request: the URL, and the console this host gives the arriving guest.
-    func options() throws(VMMError) -> ReceiveMigrationOptions {
+    /// The checked request: the URL, and the console, disks and taps this host gives the
+    /// arriving guest (`passed`: the tap descriptors that came with the request).
+    func options(passed: [Int32] = []) throws(VMMError) -> ReceiveMigrationOptions {
         let url = try MigrationURL(receiver_url, field: "receiver_url")
         // Off would take the UART from a guest that has one: to discard its output, use Null.
         let serialMode = try SerialMode(serial, field: "serial", allowed: [.null, .pty, .tty, .file, .socket])
         let consoleMode = try SerialMode(console, field: "console", allowed: [.null, .pty, .tty, .file])
         let paths = try Self.placements(disks ?? [], field: "disks", what: "disk") { ($0.id, $0.path, "path") }
         let taps = try Self.placements(net ?? [], field: "net", what: "network card") { ($0.id, $0.tap, "tap") }
-        return ReceiveMigrationOptions(url: url, serial: serialMode, console: consoleMode, diskPaths: paths, netTaps: taps)
+        let descriptors = try RestoreConfig.tapDescriptors(net_fds ?? [], passed)
+        if let twice = Set(taps.keys).intersection(descriptors.keys).sorted().first {
+            throw VMMError(.invalidRequest, "net and net_fds: network card \(twice) is placed twice")
+        }
+        return ReceiveMigrationOptions(url: url, serial: serialMode, console: consoleMode, diskPaths: paths, netTaps: taps,
+                                       netDescriptors: descriptors)
     }
 
     /// Where each arriving device goes on this host, by id: every entry has both an id and a

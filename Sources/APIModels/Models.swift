@@ -295,8 +295,12 @@ public struct ReceiveMigrationData: Codable, Equatable, Sendable {
     /// the file the source used, under this host's path). Every disk must be placed.
     public var disks: [DiskPlacement]?
     /// The tap each of the arriving guest's network cards uses on this host, by the card's id
-    /// (opened, or created, as `VmConfig.net[].tap`). Every card must be placed.
+    /// (opened, or created, as `VmConfig.net[].tap`). Every card must be placed, here or in
+    /// `net_fds`.
     public var net: [NetPlacement]?
+    /// Cards placed on tap descriptors that travel with the request (SCM_RIGHTS on an inherited
+    /// API socket, libvirt's way), `num_fds` of them per card, in this order.
+    public var net_fds: [RestoreConfig.RestoredNetDescriptors]?
 
     public struct DiskPlacement: Codable, Equatable, Sendable {
         public var id: String
@@ -319,11 +323,12 @@ public struct ReceiveMigrationData: Codable, Equatable, Sendable {
     }
 
     public init(receiver_url: String, serial: VmConfig.Console? = nil, console: VmConfig.Console? = nil,
-                disks: [DiskPlacement]? = nil, net: [NetPlacement]? = nil) {
+                disks: [DiskPlacement]? = nil, net: [NetPlacement]? = nil, net_fds: [RestoreConfig.RestoredNetDescriptors]? = nil) {
         self.receiver_url = receiver_url
         self.serial = serial
         self.console = console
         self.disks = disks
         self.net = net
+        self.net_fds = net_fds
     }
 }

@@ -145,7 +145,8 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
     /// network card's host end the tap this host names for its id (`netTaps`). A disk or card
     /// without a place here is refused, naming it.
     public init(arriving machine: MachineConfiguration, serial: SerialMode, console: SerialMode = .null,
-                diskPaths: [String: String] = [:], netTaps: [String: String] = [:]) throws(VMMError) {
+                diskPaths: [String: String] = [:], netTaps: [String: String] = [:],
+                netDescriptors: [String: Int32] = [:]) throws(VMMError) {
         var machine = machine
         for index in machine.disks.indices {
             let id = machine.disks[index].id
@@ -159,16 +160,17 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
         }
         for index in machine.networks.indices {
             let id = machine.networks[index].id
-            guard let tap = netTaps[id] else {
+            guard netTaps[id] != nil || netDescriptors[id] != nil else {
                 throw VMMError(.invalidRequest, "net \(id): the arriving guest has this network card and the receive request does not place it (net: [{\"id\": \"\(id)\", \"tap\": ...}])")
             }
-            // The host end is this host's: its tap, configured here; nothing of the sender's.
-            machine.networks[index].tap = tap
-            machine.networks[index].fd = nil
+            // The host end is this host's: its tap (by name or descriptor), configured here;
+            // nothing of the sender's.
+            machine.networks[index].tap = netTaps[id]
+            machine.networks[index].fd = netDescriptors[id]
             machine.networks[index].hostAddress = nil
             machine.networks[index].hostNetmask = nil
         }
-        if let extra = Set(netTaps.keys).subtracting(machine.networks.map(\.id)).sorted().first {
+        if let extra = Set(netTaps.keys).union(netDescriptors.keys).subtracting(machine.networks.map(\.id)).sorted().first {
             throw VMMError(.invalidRequest, "net \(extra): the receive request places a network card the arriving guest does not have")
         }
         self.init(machine: machine, serial: machine.serialPort ? serial : .off, console: machine.virtioConsole ? console : .off)

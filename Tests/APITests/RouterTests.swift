@@ -197,6 +197,10 @@ import VMM
         (#"{"receiver_url": "ftp:x"}"#, "vm.receive-migration", "receiver_url: 'ftp:x'"),
         (#"{"receiver_url": "unix:"}"#, "vm.receive-migration", "receiver_url:"),
         (#"{}"#, "vm.receive-migration", "receiver_url: required field is missing"),
+        (#"{"receiver_url": "tcp:127.0.0.1:0", "net_fds": [{"id": "net0", "num_fds": 1}]}"#, "vm.receive-migration",
+         "net_fds names 1 descriptors and 0 came with the request"),
+        (#"{"receiver_url": "tcp:127.0.0.1:0", "net_fds": [{"id": "net0", "num_fds": 2}]}"#, "vm.receive-migration",
+         "net_fds[0].num_fds: 2; Ferry's virtio-net has one queue pair"),
     ])
     func invalidMigrationRequestsGet400NamingTheField(body: String, endpoint: String, message: String) async throws {
         try await withRouter { client, vmm in

@@ -171,8 +171,9 @@ struct NetworkTests {
     }
 
     /// Tap descriptors sent with requests on an inherited API socket (libvirt's way: SCM_RIGHTS
-    /// with `vm.add-net` before boot, and with `vm.restore`'s `net_fds`) carry the guest, also
-    /// after a reboot on the same descriptor; requests the descriptors cannot serve are refused.
+    /// with `vm.add-net` before boot, with `vm.restore`'s and `vm.receive-migration`'s `net_fds`)
+    /// carry the guest, also after a reboot on the same descriptor; requests the descriptors
+    /// cannot serve are refused.
     @Test func tapDescriptorsSentOnTheAPISocketCarryTheGuest() async throws {
         let namespace = try await NetworkNamespace.make("net-passed")
         let directory = try TemporaryDirectory()
@@ -185,10 +186,6 @@ struct NetworkTests {
             os.dup2(listener.fileno(), 3); os.set_inheritable(3, True)
             os.execv(sys.argv[2], [sys.argv[2], "--api-socket", "fd=3", "--serial", "tty"])
             """
-        let ferry = try FerryProcess(arguments: Array(namespace.launcher.dropFirst()) + ["/usr/bin/python3", "-c", parent, socket, Repository.ferry.path],
-                                     executable: URL(fileURLWithPath: namespace.launcher[0]))
-        defer { ferry.signal(SIGKILL) }
-        #expect(APILifecycleTests.waitForFile(socket, timeout: .seconds(20)))
         // Opens each named tap and sends the request with their descriptors; prints the status line.
         let sender = """
             import fcntl, os, socket, struct, sys
@@ -206,12 +203,19 @@ struct NetworkTests {
             answer = connection.recv(4096).decode()
             print(answer.split("\\r\\n")[0], answer.split("\\r\\n\\r\\n")[-1])
             """
-        func send(_ endpoint: String, _ body: String, taps: [String]) async throws -> String {
+        @Sendable func send(to api: String = socket, _ endpoint: String, _ body: String, taps: [String]) async throws -> String {
             try await offThePool {
                 try runTool(namespace.launcher[0], Array(namespace.launcher.dropFirst())
-                            + ["/usr/bin/python3", "-c", sender, socket, endpoint, body] + taps)
+                            + ["/usr/bin/python3", "-c", sender, api, endpoint, body] + taps)
             }
         }
+        func start(on api: String) throws -> FerryProcess {
+            try FerryProcess(arguments: Array(namespace.launcher.dropFirst()) + ["/usr/bin/python3", "-c", parent, api, Repository.ferry.path],
+                             executable: URL(fileURLWithPath: namespace.launcher[0]))
+        }
+        let ferry = try start(on: socket)
+        defer { ferry.signal(SIGKILL) }
+        #expect(APILifecycleTests.waitForFile(socket, timeout: .seconds(20)))
         let client = APIClient(socketPath: socket)
         let guest = TestGuestVM(cpus: 1, memoryMiB: 128, workload: "workset_mib=8",
                                 reporting: "heartbeat_ms=500 \(TestGuestVM.Network(tap: "unused").guestKeys)")
@@ -245,8 +249,23 @@ struct NetworkTests {
         #expect(try await send("vm.restore", restore, taps: ["ptap0"]).hasPrefix("HTTP/1.1 204"))
         try await namespace.run(["addr", "replace", "\(Self.hostAddress)/24", "dev", "ptap0"])
         #expect(try await Self.ping(namespace, count: 10, interval: "0.1").received > 0, "through the descriptor sent with vm.restore")
-        try await client.send(.vmmShutdown)
-        #expect(try await offThePool { ferry.waitForExit(timeout: .seconds(20)) } == 0)
+
+        // A migration to a second Ferry, whose receive places the card on a descriptor it sent.
+        let destinationSocket = directory.path("destination.sock")
+        let destination = try start(on: destinationSocket)
+        defer { destination.signal(SIGKILL) }
+        #expect(APILifecycleTests.waitForFile(destinationSocket, timeout: .seconds(20)))
+        let migrationSocket = directory.path("migration.sock")
+        let receiveBody = #"{"receiver_url": "unix:\#(migrationSocket)", "serial": {"mode": "Tty"}, "net_fds": [{"id": "net0", "num_fds": 1}]}"#
+        let receive = Task { try await send(to: destinationSocket, "vm.receive-migration", receiveBody, taps: ["ptap5"]) }
+        #expect(await waitUntil(.seconds(30)) { FileManager.default.fileExists(atPath: migrationSocket) }, "the destination listens")
+        try await client.send(.vmSendMigration, body: Data(#"{"destination_url": "unix:\#(migrationSocket)"}"#.utf8))
+        #expect(try await receive.value.hasPrefix("HTTP/1.1 204"), "the guest arrived on the descriptor sent with vm.receive-migration")
+        #expect(try await offThePool { ferry.waitForExit(timeout: .seconds(30)) } == 0, "the source ends with its migrated VM")
+        try await namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "ptap5"])
+        #expect(try await Self.ping(namespace, count: 10, interval: "0.1").received > 0, "through the descriptor sent with vm.receive-migration")
+        try await APIClient(socketPath: destinationSocket).send(.vmmShutdown)
+        #expect(try await offThePool { destination.waitForExit(timeout: .seconds(20)) } == 0)
     }
 
     @Test func aRestoredGuestAnswersOnTheSameTap() async throws {

@@ -18,14 +18,18 @@ public struct ReceiveMigrationOptions: Equatable, Sendable {
     public var diskPaths: [String: String]
     /// The tap of each arriving network card on this host, by card id.
     public var netTaps: [String: String]
+    /// The tap descriptor of each arriving card placed on one (sent with the request), by card
+    /// id. The VMM owns them: they become the arrived guest's, or are closed if none arrives.
+    public var netDescriptors: [String: Int32]
 
     public init(url: MigrationURL, serial: SerialMode = .null, console: SerialMode = .null, diskPaths: [String: String] = [:],
-                netTaps: [String: String] = [:]) {
+                netTaps: [String: String] = [:], netDescriptors: [String: Int32] = [:]) {
         self.url = url
         self.serial = serial
         self.console = console
         self.diskPaths = diskPaths
         self.netTaps = netTaps
+        self.netDescriptors = netDescriptors
     }
 }
 
@@ -151,6 +155,10 @@ extension VirtualMachineMonitor {
     /// was paused on the source). Returns when the guest runs here; throws when the receive failed,
     /// after which this VMM can receive again.
     public func receiveMigration(_ options: ReceiveMigrationOptions) async throws(VMMError) {
+        var guestArrived = false
+        defer {
+            if !guestArrived { for descriptor in options.netDescriptors.values { close(descriptor) } }
+        }
         switch lifecycle {
         case .noVM: break
         case .migratingOut, .migratingIn: throw VMMError(.wrongState, "a migration is already in progress; wait for it to end")
@@ -170,7 +178,8 @@ extension VirtualMachineMonitor {
                 prepare: { [weak self] machine in
                     guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }
                     let configuration = try VMConfiguration(arriving: machine, serial: options.serial, console: options.console,
-                                                            diskPaths: options.diskPaths, netTaps: options.netTaps)
+                                                            diskPaths: options.diskPaths, netTaps: options.netTaps,
+                                                            netDescriptors: options.netDescriptors)
                     let vm = try prepareMachine(configuration, appendingToConsole: true)
                     prepared.vm.withLock { $0 = vm }
                     return vm.machine
@@ -186,6 +195,7 @@ extension VirtualMachineMonitor {
         receiver.announce()
         let ending = await onOwnThread(named: "migration-receive") { receiver.run() }
         if case .migratingIn(let incoming) = lifecycle {
+            guestArrived = incoming.arrived != nil
             lifecycle = incoming.arrived.map { .settled($0.vm, $0.guest) } ?? .noVM
         }
         migrationEnded()

@@ -123,7 +123,8 @@ struct DeviceTests {
         let source = try await TestVMM("source", in: directory, launcher: ["/usr/bin/env", "FERRY_DEBUG_UNTRACKED_DEVICE_WRITES=1"])
         let destination = try await TestVMM("destination", in: directory)
         try await source.boot(guest)
-        #expect(await waitUntil(.seconds(60)) { !source.process.consoleLines.blockPasses.isEmpty })
+        // The first pass over 2048 blocks has taken over a minute with every suite running at once.
+        #expect(await waitUntil(.seconds(180)) { !source.process.consoleLines.blockPasses.isEmpty })
         let incoming = try await destination.startReceive(at: "tcp:127.0.0.1:0", disks: guest.devices!.placements)
         let link = try ThrottledLink(to: incoming.url, transport: .tcp, in: directory, bytesPerSecond: 20_000_000)
         try await source.api.send(.vmSendMigration, body: try JSONEncoder().encode(SendMigrationData(destination_url: link.url)))

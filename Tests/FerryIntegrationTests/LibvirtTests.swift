@@ -192,15 +192,21 @@ enum Libvirt {
         /// `launcher` runs the daemon, e.g. inside a network namespace (`ip netns exec NAME`).
         static func start(launcher: [String] = []) async throws -> Daemon {
             let daemon = try Daemon(launcher: launcher)
-            let deadline = ContinuousClock.now + .seconds(30)
-            while (try? await daemon.virsh(["version"])) == nil {
-                guard daemon.process.isRunning, ContinuousClock.now < deadline else {
-                    daemon.stop()
-                    throw TestFailure("virtchd did not answer: \(daemon.log)")
+            // Generous: with every suite running at once, starting the daemon has taken over 30 s.
+            let deadline = ContinuousClock.now + .seconds(120)
+            while true {
+                do {
+                    try await daemon.virsh(["version"])
+                    return daemon
+                } catch {
+                    guard daemon.process.isRunning, ContinuousClock.now < deadline else {
+                        let state = daemon.process.isRunning ? "running" : "exited with status \(daemon.process.terminationStatus)"
+                        daemon.stop()
+                        throw TestFailure("virtchd (\(state)) did not answer: \(error)")
+                    }
                 }
-                try await Task.sleep(for: .milliseconds(100))
+                try await Task.sleep(for: .milliseconds(200))
             }
-            return daemon
         }
 
         private init(launcher: [String]) throws {

@@ -222,8 +222,11 @@ public final class Machine: Sendable {
 
     public var phase: Phase { control.currentPhase }
 
-    /// `ready` → `running`: starts every vCPU on its own thread.
+    /// `ready` → `running`: starts every vCPU on its own thread, and returns once each thread
+    /// runs under its name (`vcpuN`, which management software such as libvirt looks for in
+    /// `/proc/PID/task/*/comm` as soon as the VM has booted).
     public func start() throws(MachineError) {
+        let named = DispatchSemaphore(value: 0)
         try control.start {
             for device in virtioDevices { device.startIO() }
             VCPUControl.installKickSignalHandler()
@@ -231,6 +234,7 @@ public final class Machine: Sendable {
                 let name = "vcpu\(vcpu.id)"
                 let thread = Thread { [self] in
                     ckvm_name_current_thread(name)
+                    named.signal()
                     runLoop(vcpu)
                 }
                 thread.name = name
@@ -238,6 +242,7 @@ public final class Machine: Sendable {
                 thread.start()
             }
         }
+        for _ in vcpus { named.wait() }
     }
 
     /// `running` → `paused`: stops every vCPU at its next exit and returns once all are parked.

@@ -149,6 +149,22 @@ struct TwoWayConsoleTests {
         #expect(await vmm.shutDown())
     }
 
+    /// As soon as `vm.boot` has answered, each vCPU thread carries its name (`vcpuN`) in
+    /// `/proc/PID/task/*/comm`: libvirt reads them at once to pin the vCPUs.
+    @Test func vcpuThreadsAreNamedWhenBootAnswers() async throws {
+        let directory = try TemporaryDirectory()
+        let vmm = try await TestVMM("vmm", in: directory)
+        let body = Self.guestBody(try TestGuest.path.get(), #""serial": {"mode": "Null"}"#)
+        try await vmm.api.send(.vmCreate, body: Data(body.utf8))
+        try await vmm.api.send(.vmBoot)
+        let task = "/proc/\(vmm.process.pid)/task"
+        let names = try FileManager.default.contentsOfDirectory(atPath: task).compactMap { tid in
+            (try? String(contentsOfFile: "\(task)/\(tid)/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        #expect(names.filter { $0.hasPrefix("vcpu") }.sorted() == ["vcpu0", "vcpu1"], "\(names)")
+        #expect(await vmm.shutDown())
+    }
+
     /// `vm.nmi` reaches every vCPU (the guest counts NMIs and says so), and the guest goes on.
     @Test func nmiReachesEveryVCPUAndTheGuestGoesOn() async throws {
         let directory = try TemporaryDirectory()

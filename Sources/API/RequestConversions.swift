@@ -165,6 +165,12 @@ extension SerialMode {
     }
 }
 
+extension VMMError {
+    /// A migration asked for TLS, which Ferry does not have yet: refused rather than run in
+    /// plaintext.
+    static let noTLS = VMMError(.invalidRequest, "tls_dir: Ferry has no encrypted migration channel yet; refused rather than sending the guest's memory in plaintext")
+}
+
 extension RestoreConfig {
     /// The tap descriptor of each card `net_fds` names, from the descriptors that came with the
     /// request, in order: one per card (one queue pair), and exactly as many as were sent.
@@ -209,6 +215,7 @@ extension SendMigrationData {
         if let connections, connections != Int64(SendMigrationOptions.connections) {
             throw VMMError(.invalidRequest, "connections: \(connections) is not available; Ferry migrates over 1 connection")
         }
+        if tls_dir != nil { throw VMMError.noTLS }
         if local == true {
             throw VMMError(.invalidRequest, "local: local migration (handing guest memory over on one host) is not available; omit it or set it to false")
         }
@@ -224,6 +231,7 @@ extension ReceiveMigrationData {
     /// arriving guest (`passed`: the tap descriptors that came with the request).
     func options(passed: [Int32] = []) throws(VMMError) -> ReceiveMigrationOptions {
         let url = try MigrationURL(receiver_url, field: "receiver_url")
+        if tls_dir != nil { throw VMMError.noTLS }
         // Off would take the UART from a guest that has one: to discard its output, use Null.
         let serialMode = try SerialMode(serial, field: "serial", allowed: [.null, .pty, .tty, .file, .socket])
         let consoleMode = try SerialMode(console, field: "console", allowed: [.null, .pty, .tty, .file])

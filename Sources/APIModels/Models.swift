@@ -268,6 +268,9 @@ public struct SendMigrationData: Codable, Equatable, Sendable {
     public var local: Bool?
     /// Keep the source VMM running after the migration finished.
     public var keep_alive: Bool?
+    /// Cloud Hypervisor's TLS directory: refused, since Ferry has no encrypted channel yet and
+    /// will not send a guest's memory in plaintext to a client that asked for encryption.
+    public var tls_dir: String?
 
     public init(destination_url: String, downtime_ms: Int64? = nil, timeout_s: Int64? = nil,
                 timeout_strategy: String? = nil, connections: Int64? = nil, local: Bool? = nil, keep_alive: Bool? = nil) {
@@ -301,6 +304,8 @@ public struct ReceiveMigrationData: Codable, Equatable, Sendable {
     /// Cards placed on tap descriptors that travel with the request (SCM_RIGHTS on an inherited
     /// API socket, libvirt's way), `num_fds` of them per card, in this order.
     public var net_fds: [RestoreConfig.RestoredNetDescriptors]?
+    /// Cloud Hypervisor's TLS directory: refused, as in `SendMigrationData`.
+    public var tls_dir: String?
 
     public struct DiskPlacement: Codable, Equatable, Sendable {
         public var id: String

@@ -197,6 +197,8 @@ import VMM
         (#"{"receiver_url": "ftp:x"}"#, "vm.receive-migration", "receiver_url: 'ftp:x'"),
         (#"{"receiver_url": "unix:"}"#, "vm.receive-migration", "receiver_url:"),
         (#"{}"#, "vm.receive-migration", "receiver_url: required field is missing"),
+        (#"{"receiver_url": "tcp:127.0.0.1:0", "tls_dir": "/etc/ferry/tls"}"#, "vm.receive-migration", "tls_dir: Ferry has no encrypted migration channel"),
+        (#"{"destination_url": "tcp:127.0.0.1:6000", "tls_dir": "/etc/ferry/tls"}"#, "vm.send-migration", "tls_dir: Ferry has no encrypted migration channel"),
         (#"{"receiver_url": "tcp:127.0.0.1:0", "net_fds": [{"id": "net0", "num_fds": 1}]}"#, "vm.receive-migration",
          "net_fds names 1 descriptors and 0 came with the request"),
         (#"{"receiver_url": "tcp:127.0.0.1:0", "net_fds": [{"id": "net0", "num_fds": 2}]}"#, "vm.receive-migration",

@@ -157,6 +157,15 @@ struct CrossHostMigrationTests {
         }
         print("cross-host cut: fault → source terminal event \(sourceEnded.map { "\($0)" } ?? "none"), "
             + "fault → destination terminal event \(destinationEnded.map { "\($0)" } ?? "none")")
+        // The switch-over can complete on the destination in the instant the link goes down, its
+        // answer to `complete` lost: the documented case in which the guest then runs on both
+        // sides (docs/migration-protocol.md, "Point of no return"). The cut did not land in the
+        // pre-copy then: nothing was tested, and it is tried again.
+        if destination.events().contains(where: { $0.name == "vm.migration-receive-finished" && $0.properties["migration_id"] == id }) {
+            _ = await source.shutDown()
+            _ = await destination.shutDown()
+            return false
+        }
         #expect(sourceEnded != nil && destinationEnded != nil,
                 "both sides end the migration within the I/O timeout (\(MigrationConnection.defaultIOTimeout)) and a margin")
         #expect(await receive.outcome() is APIError, "the destination's vm.receive-migration fails")

@@ -28,6 +28,7 @@ struct NetworkTests {
         #expect(try await namespace.run(["addr", "show", "ftap0"]).contains("\(Self.hostAddress)/24"))
         let stream = try namespace.udpSocket(address: Self.hostAddress, port: 5001)
 
+        #expect(await Self.answering(namespace), "the guest answers")
         let ping = try await Self.ping(namespace, count: 20, interval: "0.01")
         #expect(ping.received == 20, "the host kernel's pings are answered: \(ping.summary)")
 
@@ -164,6 +165,7 @@ struct NetworkTests {
                 "stderr: \(ferry.standardError)")
         try await namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "ltap0"])
         #expect(try await namespace.run(["link", "show", "ltap0"]).contains("UP"), "ferry brought the inherited tap up")
+        #expect(await Self.answering(namespace), "the guest answers")
         let ping = try await Self.ping(namespace, count: 10, interval: "0.02")
         #expect(ping.received == 10, "\(ping.summary)")
         ferry.signal(SIGTERM)
@@ -229,6 +231,7 @@ struct NetworkTests {
         #expect(await waitUntil(.seconds(60)) { ferry.consoleLines.contains { $0.hasPrefix("NET ready mac=\(Self.mac)") } },
                 "stderr: \(ferry.standardError)")
         try await namespace.run(["addr", "add", "\(Self.hostAddress)/24", "dev", "ptap0"])
+        #expect(await Self.answering(namespace), "the guest answers")
         #expect(try await Self.ping(namespace, count: 5, interval: "0.05").received == 5, "through the descriptor sent with vm.add-net")
         #expect(try await send("vm.add-net", #"{"id": "net1", "mac": "52:54:00:00:00:09"}"#, taps: ["ptap3"]).contains("409"),
                 "no hotplug into a running guest")
@@ -275,6 +278,7 @@ struct NetworkTests {
         let network = TestGuestVM.Network(tap: "ftap0", mac: Self.mac, hostAddress: Self.hostAddress)
         try await source.boot(TestGuestVM(cpus: 1, memoryMiB: 128, workload: "workset_mib=8", network: network))
         try await source.waitForConsoleLine { $0.hasPrefix("NET ready") }
+        #expect(await Self.answering(namespace), "the guest answers")
         #expect(try await Self.ping(namespace, count: 5, interval: "0.05").received == 5)
         try await source.api.send(.vmPause)
         let snapshot = directory.path("snapshot")
@@ -284,6 +288,7 @@ struct NetworkTests {
         // The tap Ferry created went with the source; the restored VM creates it again, with its address.
         let target = try await TestVMM("target", in: directory, launcher: namespace.launcher)
         try await target.api.send(.vmRestore, body: Data(#"{"source_url": "file://\#(snapshot)", "resume": true}"#.utf8))
+        #expect(await Self.answering(namespace), "the restored guest answers")
         let ping = try await Self.ping(namespace, count: 20, interval: "0.01")
         #expect(ping.received == 20, "the restored guest answers: \(ping.summary)")
         let echoed = try await HostSide(namespace: namespace).echo(count: 20, size: 500)
@@ -405,6 +410,16 @@ struct NetworkTests {
     }
 
     /// Runs ping(8) `count` times in `namespace`, off the concurrency pool.
+    /// Waits, at most 30 s, until the guest answers a ping: a guest that has just started (or
+    /// been restored) on a loaded host may take more than ping's second to answer its first
+    /// one. The pings after it measure the steady state.
+    static func answering(_ namespace: NetworkNamespace) async -> Bool {
+        for _ in 0..<30 {
+            if let result = try? await ping(namespace, count: 1, interval: "0.2"), result.received == 1 { return true }
+        }
+        return false
+    }
+
     static func ping(_ namespace: NetworkNamespace, count: Int, interval: String) async throws -> PingResult {
         let ping = try #require(NetworkTools.ping)
         return try await offThePool { try pingBlocking(namespace, ping: ping, count: count, interval: interval) }

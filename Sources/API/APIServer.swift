@@ -98,7 +98,7 @@ public struct APIServer: Sendable {
         let router = Router()
         router.add(middleware: EndpointCheck())
         router.get(.init(Endpoint.vmmPing.path)) { _, _ in
-            try json(VmmPingResponse(build_version: "v\(VirtualMachineMonitor.cloudHypervisorVersion)-ferry-\(VirtualMachineMonitor.version)",
+            try json(VmmPingResponse(build_version: VirtualMachineMonitor.buildVersion,
                                      version: VirtualMachineMonitor.cloudHypervisorVersion, pid: getpid(),
                                      features: VirtualMachineMonitor.features))
         }

@@ -234,22 +234,22 @@ enum UnsupportedRequest {
     /// The first member of `config` (a `vm.create` body) that asks for something Ferry does not
     /// do, and why; nil when there is none. Members at their default values ask for nothing.
     static func firstInVmConfig(_ config: JSONValue) -> (member: String, why: String)? {
-        let noHotplug = "Ferry has no memory hotplug"
+        let reason = UnsupportedOption.reason
         var checks: [(String, JSONValue?, (JSONValue) -> Bool, String)] = [
-            ("cpus.topology", config["cpus", "topology"], { _ in true }, "Ferry describes each vCPU as a package of its own (MP table); omit it"),
-            ("cpus.kvm_hyperv", config["cpus", "kvm_hyperv"], { $0 == .bool(true) }, "Ferry offers no Hyper-V enlightenments"),
-            ("cpus.affinity", config["cpus", "affinity"], { !$0.elements.isEmpty }, "Ferry does not pin vCPU threads; pin the process (taskset, cgroups)"),
-            ("cpus.features.amx", config["cpus", "features", "amx"], { $0 == .bool(true) }, "Ferry does not offer AMX"),
-            ("cpus.max_phys_bits", config["cpus", "max_phys_bits"], { _ in true }, "Ferry reports the host's physical address width; omit it"),
-            ("memory.hugepages", config["memory", "hugepages"], { $0 == .bool(true) }, "Ferry backs guest RAM with normal pages (and transparent huge pages)"),
-            ("memory.hugepage_size", config["memory", "hugepage_size"], { _ in true }, "Ferry has no hugetlbfs backing"),
-            ("memory.shared", config["memory", "shared"], { $0 == .bool(true) }, "Ferry's guest RAM is private anonymous memory"),
-            ("memory.mergeable", config["memory", "mergeable"], { $0 == .bool(true) }, "Ferry does not mark guest RAM for KSM"),
-            ("memory.thp", config["memory", "thp"], { $0 == .bool(false) }, "Ferry always asks for transparent huge pages"),
-            ("memory.prefault", config["memory", "prefault"], { $0 == .bool(true) }, "Ferry faults guest RAM in as the guest touches it"),
-            ("memory.hotplug_size", config["memory", "hotplug_size"], { $0 != .integer(0) }, noHotplug),
-            ("memory.hotplugged_size", config["memory", "hotplugged_size"], { $0 != .integer(0) }, noHotplug),
-            ("memory.zones", config["memory", "zones"], { !$0.elements.isEmpty }, "Ferry has one memory region and no NUMA"),
+            ("cpus.topology", config["cpus", "topology"], { _ in true }, reason("cpus.topology")),
+            ("cpus.kvm_hyperv", config["cpus", "kvm_hyperv"], { $0 == .bool(true) }, reason("cpus.kvm_hyperv")),
+            ("cpus.affinity", config["cpus", "affinity"], { !$0.elements.isEmpty }, reason("cpus.affinity")),
+            ("cpus.features.amx", config["cpus", "features", "amx"], { $0 == .bool(true) }, reason("cpus.features")),
+            ("cpus.max_phys_bits", config["cpus", "max_phys_bits"], { _ in true }, reason("cpus.max_phys_bits")),
+            ("memory.hugepages", config["memory", "hugepages"], { $0 == .bool(true) }, reason("memory.hugepages")),
+            ("memory.hugepage_size", config["memory", "hugepage_size"], { _ in true }, reason("memory.hugepage_size")),
+            ("memory.shared", config["memory", "shared"], { $0 == .bool(true) }, reason("memory.shared")),
+            ("memory.mergeable", config["memory", "mergeable"], { $0 == .bool(true) }, reason("memory.mergeable")),
+            ("memory.thp", config["memory", "thp"], { $0 == .bool(false) }, reason("memory.thp")),
+            ("memory.prefault", config["memory", "prefault"], { $0 == .bool(true) }, reason("memory.prefault")),
+            ("memory.hotplug_size", config["memory", "hotplug_size"], { $0 != .integer(0) }, reason("memory.hotplug_size")),
+            ("memory.hotplugged_size", config["memory", "hotplugged_size"], { $0 != .integer(0) }, reason("memory.hotplugged_size")),
+            ("memory.zones", config["memory", "zones"], { !$0.elements.isEmpty }, reason("memory.zones")),
             ("payload.firmware", config["payload", "firmware"], { _ in true }, "Ferry boots kernels directly (PVH or the Linux boot protocol), not firmware"),
             ("payload.igvm", config["payload", "igvm"], { _ in true }, "Ferry has no confidential guests"),
             ("payload.host_data", config["payload", "host_data"], { _ in true }, "Ferry has no confidential guests"),

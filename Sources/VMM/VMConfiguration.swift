@@ -108,6 +108,39 @@ extension NetworkConfiguration {
     }
 }
 
+/// Why Ferry refuses what Cloud Hypervisor's CPU and memory settings can ask for, by the
+/// setting's path (`cpus.topology`, `memory.hugepages`): one text for `--cpus`/`--memory` and
+/// for `VmConfig.cpus`/`.memory` in the API.
+public enum UnsupportedOption {
+    static let reasons: [String: String] = {
+        let noHotplug = "Ferry has no memory hotplug"
+        return [
+            "cpus.topology": "Ferry describes each vCPU as a package of its own (MP table)",
+            "cpus.kvm_hyperv": "Ferry offers no Hyper-V enlightenments",
+            "cpus.max_phys_bits": "Ferry reports the host's physical address width",
+            "cpus.affinity": "Ferry does not pin vCPU threads; pin the process (taskset, cgroups)",
+            "cpus.features": "Ferry offers no optional CPU features (amx)",
+            "cpus.nested": "Ferry does not offer virtualization extensions to the guest",
+            "cpus.core_scheduling": "Ferry does not set up core scheduling",
+            "memory.mergeable": "Ferry does not mark guest RAM for KSM",
+            "memory.shared": "Ferry's guest RAM is private anonymous memory",
+            "memory.hugepages": "Ferry backs guest RAM with normal pages (and transparent huge pages)",
+            "memory.hugepage_size": "Ferry has no hugetlbfs backing",
+            "memory.prefault": "Ferry faults guest RAM in as the guest touches it",
+            "memory.thp": "Ferry always asks for transparent huge pages",
+            "memory.hotplug_method": noHotplug,
+            "memory.hotplug_size": noHotplug,
+            "memory.hotplugged_size": noHotplug,
+            "memory.zones": "Ferry has one memory region and no NUMA",
+        ]
+    }()
+
+    public static func reason(_ path: String) -> String {
+        guard let reason = reasons[path] else { preconditionFailure("no reason is written for \(path)") }
+        return reason
+    }
+}
+
 /// `--rng src=PATH`: the host file the guest's virtio-rng reads (Cloud Hypervisor's default is
 /// `/dev/urandom`).
 public func parseEntropySource(_ text: String) throws(ConfigurationError) -> String {
@@ -222,14 +255,10 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
     /// `--cpus boot=N[,max=N]`. Cloud Hypervisor's other keys are known: at the value that asks
     /// for nothing Ferry lacks they are accepted, otherwise refused naming the key.
     public static func parseCPUs(_ text: String) throws(ConfigurationError) -> Int {
-        let unsupported: [String: (accepted: Set<String>, why: String)] = [
-            "topology": ([], "Ferry describes each vCPU as a package of its own (MP table)"),
-            "kvm_hyperv": (["off", "false"], "Ferry offers no Hyper-V enlightenments"),
-            "max_phys_bits": ([], "Ferry reports the host's physical address width"),
-            "affinity": ([], "Ferry does not pin vCPU threads; pin the process (taskset, cgroups)"),
-            "features": ([], "Ferry offers no optional CPU features (amx)"),
-            "nested": (["off", "false"], "Ferry does not offer virtualization extensions to the guest"),
-            "core_scheduling": (["off", "Off"], "Ferry does not set up core scheduling"),
+        // The values each key may have: the ones that ask for nothing Ferry lacks.
+        let unsupported: [String: Set<String>] = [
+            "topology": [], "kvm_hyperv": ["off", "false"], "max_phys_bits": [], "affinity": [], "features": [],
+            "nested": ["off", "false"], "core_scheduling": ["off", "Off"],
         ]
         let options = try OptionList(parsing: text, flag: "--cpus", allowedKeys: Set(unsupported.keys).union(["boot", "max"]))
         guard options.words.isEmpty, let boot = options["boot"] else {
@@ -241,23 +270,18 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
         if let max = options["max"], Int(max) != count {
             throw ConfigurationError(flag: "--cpus", "max=\(max): Ferry has no CPU hotplug; leave it out or make it boot=\(boot)")
         }
-        try refuseUnsupported(options, unsupported, flag: "--cpus")
+        try refuseUnsupported(options, unsupported, section: "cpus", flag: "--cpus")
         return count
     }
 
     /// `--memory size=SIZE`. Cloud Hypervisor's other keys are known: at the value that asks for
     /// nothing Ferry lacks they are accepted, otherwise refused naming the key.
     public static func parseMemory(_ text: String) throws(ConfigurationError) -> UInt64 {
-        let unsupported: [String: (accepted: Set<String>, why: String)] = [
-            "mergeable": (["off", "false"], "Ferry does not mark guest RAM for KSM"),
-            "shared": (["off", "false"], "Ferry's guest RAM is private anonymous memory"),
-            "hugepages": (["off", "false"], "Ferry backs guest RAM with normal pages (and transparent huge pages)"),
-            "hugepage_size": ([], "Ferry has no hugetlbfs backing"),
-            "prefault": (["off", "false"], "Ferry faults guest RAM in as the guest touches it"),
-            "thp": (["on", "true"], "Ferry always asks for transparent huge pages"),
-            "hotplug_method": (["acpi"], "Ferry has no memory hotplug"),
-            "hotplug_size": (["0"], "Ferry has no memory hotplug"),
-            "hotplugged_size": (["0"], "Ferry has no memory hotplug"),
+        // The values each key may have: the ones that ask for nothing Ferry lacks.
+        let unsupported: [String: Set<String>] = [
+            "mergeable": ["off", "false"], "shared": ["off", "false"], "hugepages": ["off", "false"], "hugepage_size": [],
+            "prefault": ["off", "false"], "thp": ["on", "true"], "hotplug_method": ["acpi"], "hotplug_size": ["0"],
+            "hotplugged_size": ["0"],
         ]
         let options = try OptionList(parsing: text, flag: "--memory", allowedKeys: Set(unsupported.keys).union(["size"]))
         guard options.words.isEmpty, let size = options["size"] else {
@@ -268,16 +292,17 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
             throw ConfigurationError(flag: "--memory", "size=\(size) is below the minimum of \(GuestRAMLayout.minimumSize >> 20)M")
         }
         guard bytes % 4096 == 0 else { throw ConfigurationError(flag: "--memory", "size=\(size) is not a multiple of 4K") }
-        try refuseUnsupported(options, unsupported, flag: "--memory")
+        try refuseUnsupported(options, unsupported, section: "memory", flag: "--memory")
         return bytes
     }
 
-    /// Refuses the first key of `options` whose value is not one `unsupported` accepts for it.
-    private static func refuseUnsupported(_ options: OptionList, _ unsupported: [String: (accepted: Set<String>, why: String)],
+    /// Refuses the first key of `options` whose value is not one `accepted` allows for it, with
+    /// the reason `UnsupportedOption` gives for `section.key`.
+    private static func refuseUnsupported(_ options: OptionList, _ accepted: [String: Set<String>], section: String,
                                           flag: String) throws(ConfigurationError) {
-        for key in unsupported.keys.sorted() {
-            guard let value = options[key], let (accepted, why) = unsupported[key], !accepted.contains(value) else { continue }
-            throw ConfigurationError(flag: flag, "\(key)=\(value) is not supported: \(why)")
+        for key in accepted.keys.sorted() {
+            guard let value = options[key], accepted[key]?.contains(value) == false else { continue }
+            throw ConfigurationError(flag: flag, "\(key)=\(value) is not supported: \(UnsupportedOption.reason("\(section).\(key)"))")
         }
     }
 

@@ -17,6 +17,9 @@ public actor VirtualMachineMonitor {
     /// The Cloud Hypervisor release whose API, flags and events Ferry serves: what `--version`
     /// and `vmm.ping` report to clients that switch features on by it (libvirt's ch driver).
     public static let cloudHypervisorVersion = "48.0.0"
+    /// Both, in Cloud Hypervisor's build-version form: `v48.0.0-ferry-0.1.0` (`vmm.ping`'s
+    /// `build_version`, and `--version` after `cloud-hypervisor `).
+    public static let buildVersion = "v\(cloudHypervisorVersion)-ferry-\(version)"
     /// What `vmm.ping` lists in `features`, for clients to switch on: Cloud Hypervisor's `kvm`
     /// (the hypervisor), then Ferry's capabilities beyond that release, each named after what it
     /// adds.

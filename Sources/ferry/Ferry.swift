@@ -97,7 +97,7 @@ struct Ferry: AsyncParsableCommand {
     /// What `--version` prints: Cloud Hypervisor's `cloud-hypervisor vX.Y.Z` (which clients such as
     /// libvirt parse, up to the first `-`), then Ferry's own version.
     static var versionLine: String {
-        "cloud-hypervisor v\(VirtualMachineMonitor.cloudHypervisorVersion)-ferry-\(VirtualMachineMonitor.version)"
+        "cloud-hypervisor \(VirtualMachineMonitor.buildVersion)"
     }
 
     mutating func validate() throws {

@@ -4,6 +4,7 @@ import PackageDescription
 /// Ferry's modules are layers (docs/architecture.md); each depends only on layers below it.
 ///
 ///     CKVM, HostOS          C shim for <linux/kvm.h>; descriptors, system calls, sockets, clocks
+///     CTLS                  C shim for the system's OpenSSL (the migration channel's TLS)
 ///     KVM                   /dev/kvm, VM and vCPU descriptors
 ///     Machine               guest memory, boot, devices, vCPU threads, saved state, dirty log
 ///     Events                the event catalogue, monitor and reader
@@ -33,7 +34,8 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CKVM", "HostOS"]),
         .target(name: "Machine", dependencies: ["KVM", "CKVM", "HostOS"]),
         .target(name: "Events", dependencies: ["HostOS"]),
-        .target(name: "MigrationWire", dependencies: ["Machine", "HostOS"]),
+        .target(name: "CTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
+        .target(name: "MigrationWire", dependencies: ["Machine", "HostOS", "CTLS"]),
         .target(name: "LiveMigration", dependencies: ["MigrationWire", "Machine", "Events", "HostOS"]),
         .target(
             name: "VMM",

@@ -168,7 +168,15 @@ extension SerialMode {
 extension VMMError {
     /// A migration asked for TLS, which Ferry does not have yet: refused rather than run in
     /// plaintext.
-    static let noTLS = VMMError(.invalidRequest, "tls_dir: Ferry has no encrypted migration channel yet; refused rather than sending the guest's memory in plaintext")
+    /// `tls_dir` checked against the migration's URL: TLS is for `tcp:` only, as in Cloud Hypervisor.
+    static func tlsDirectory(_ directory: String?, for url: MigrationURL) throws(VMMError) -> String? {
+        guard let directory else { return nil }
+        guard case .tcp = url else {
+            throw VMMError(.invalidRequest, "tls_dir: TLS is for tcp: migrations; a unix: socket never leaves this host")
+        }
+        guard !directory.isEmpty else { throw VMMError(.invalidRequest, "tls_dir: empty; name the directory with the certificates") }
+        return directory
+    }
 }
 
 extension RestoreConfig {
@@ -215,14 +223,14 @@ extension SendMigrationData {
         if let connections, connections != Int64(SendMigrationOptions.connections) {
             throw VMMError(.invalidRequest, "connections: \(connections) is not available; Ferry migrates over 1 connection")
         }
-        if tls_dir != nil { throw VMMError.noTLS }
+        let tlsDirectory = try VMMError.tlsDirectory(tls_dir, for: destination)
         if local == true {
             throw VMMError(.invalidRequest, "local: local migration (handing guest memory over on one host) is not available; omit it or set it to false")
         }
         return SendMigrationOptions(
             destination: destination,
             policy: PrecopyPolicy(downtimeLimit: .milliseconds(downtime), timeout: .seconds(timeout), timeoutStrategy: strategy),
-            keepAlive: keep_alive ?? false)
+            keepAlive: keep_alive ?? false, tlsDirectory: tlsDirectory)
     }
 }
 
@@ -231,7 +239,7 @@ extension ReceiveMigrationData {
     /// arriving guest (`passed`: the tap descriptors that came with the request).
     func options(passed: [Int32] = []) throws(VMMError) -> ReceiveMigrationOptions {
         let url = try MigrationURL(receiver_url, field: "receiver_url")
-        if tls_dir != nil { throw VMMError.noTLS }
+        let tlsDirectory = try VMMError.tlsDirectory(tls_dir, for: url)
         // Off would take the UART from a guest that has one: to discard its output, use Null.
         let serialMode = try SerialMode(serial, field: "serial", allowed: [.null, .pty, .tty, .file, .socket])
         let consoleMode = try SerialMode(console, field: "console", allowed: [.null, .pty, .tty, .file])
@@ -242,7 +250,7 @@ extension ReceiveMigrationData {
             throw VMMError(.invalidRequest, "net and net_fds: network card \(twice) is placed twice")
         }
         return ReceiveMigrationOptions(url: url, serial: serialMode, console: consoleMode, diskPaths: paths, netTaps: taps,
-                                       netDescriptors: descriptors)
+                                       netDescriptors: descriptors, tlsDirectory: tlsDirectory)
     }
 
     /// Where each arriving device goes on this host, by id: every entry has both an id and a
@@ -293,7 +301,7 @@ extension MigrationProgressReport {
             downtime_configured_ms: progress.downtimeLimit.map { UInt64($0.wholeMilliseconds) } ?? 0,
             downtime_estimated_ms: progress.estimatedDowntime.map { UInt64($0.wholeMilliseconds) } ?? 0,
             transportation_mode: progress.transport == "Unix" ? .unix(connections: progress.connections)
-                : .tcp(connections: progress.connections, tls: false),
+                : .tcp(connections: progress.connections, tls: progress.tls),
             state: state,
             memory_transmission_info: MemoryTransmissionInfo(
                 memory_iteration: memory.pass, memory_transmission_bps: memory.bytesPerSecond,

@@ -268,12 +268,14 @@ public struct SendMigrationData: Codable, Equatable, Sendable {
     public var local: Bool?
     /// Keep the source VMM running after the migration finished.
     public var keep_alive: Bool?
-    /// Cloud Hypervisor's TLS directory: refused, since Ferry has no encrypted channel yet and
-    /// will not send a guest's memory in plaintext to a client that asked for encryption.
+    /// Mutual TLS (`tcp:` only): a directory with `ca-cert.pem`, `client-cert.pem` and
+    /// `client-key.pem`. The migration never runs in plaintext when it is given.
     public var tls_dir: String?
 
     public init(destination_url: String, downtime_ms: Int64? = nil, timeout_s: Int64? = nil,
-                timeout_strategy: String? = nil, connections: Int64? = nil, local: Bool? = nil, keep_alive: Bool? = nil) {
+                timeout_strategy: String? = nil, connections: Int64? = nil, local: Bool? = nil, keep_alive: Bool? = nil,
+                tls_dir: String? = nil) {
+        self.tls_dir = tls_dir
         self.destination_url = destination_url
         self.downtime_ms = downtime_ms
         self.timeout_s = timeout_s
@@ -304,7 +306,8 @@ public struct ReceiveMigrationData: Codable, Equatable, Sendable {
     /// Cards placed on tap descriptors that travel with the request (SCM_RIGHTS on an inherited
     /// API socket, libvirt's way), `num_fds` of them per card, in this order.
     public var net_fds: [RestoreConfig.RestoredNetDescriptors]?
-    /// Cloud Hypervisor's TLS directory: refused, as in `SendMigrationData`.
+    /// Mutual TLS (`tcp:` only): a directory with `ca-cert.pem`, `server-cert.pem` and
+    /// `server-key.pem`. Only a sender with a certificate the CA signed is let in.
     public var tls_dir: String?
 
     public struct DiskPlacement: Codable, Equatable, Sendable {
@@ -328,7 +331,9 @@ public struct ReceiveMigrationData: Codable, Equatable, Sendable {
     }
 
     public init(receiver_url: String, serial: VmConfig.Console? = nil, console: VmConfig.Console? = nil,
-                disks: [DiskPlacement]? = nil, net: [NetPlacement]? = nil, net_fds: [RestoreConfig.RestoredNetDescriptors]? = nil) {
+                disks: [DiskPlacement]? = nil, net: [NetPlacement]? = nil, net_fds: [RestoreConfig.RestoredNetDescriptors]? = nil,
+                tls_dir: String? = nil) {
+        self.tls_dir = tls_dir
         self.receiver_url = receiver_url
         self.serial = serial
         self.console = console

@@ -23,7 +23,7 @@ extension VMEvent {
         public static let name = "migration-started"
         public static let example = MigrationStarted(
             migrationID: "3f2c0b4e-5d55-4c1e-9d0e-5f7f5f6a0c11", destinationURL: "tcp:192.0.2.7:6000",
-            downtimeMs: 300, timeoutS: 3600, connections: 1, local: false)
+            downtimeMs: 300, timeoutS: 3600, connections: 1, local: false, tls: true)
         public var migrationID: String
         public var destinationURL: String
         /// The downtime limit asked for.
@@ -31,14 +31,19 @@ extension VMEvent {
         public var timeoutS: Int64
         public var connections: Int
         public var local: Bool
+        /// The migration runs over mutually authenticated TLS (`tls_dir`); it never falls back to
+        /// plaintext.
+        public var tls: Bool
 
-        public init(migrationID: String, destinationURL: String, downtimeMs: Int64, timeoutS: Int64, connections: Int, local: Bool) {
+        public init(migrationID: String, destinationURL: String, downtimeMs: Int64, timeoutS: Int64, connections: Int, local: Bool,
+                    tls: Bool) {
             self.migrationID = migrationID
             self.destinationURL = destinationURL
             self.downtimeMs = downtimeMs
             self.timeoutS = timeoutS
             self.connections = connections
             self.local = local
+            self.tls = tls
         }
     }
 
@@ -168,13 +173,17 @@ extension VMEvent {
     public struct MigrationReceiveStarted: EventPayload {
         public static let source = EventSource.vm
         public static let name = "migration-receive-started"
-        public static let example = MigrationReceiveStarted(migrationID: MigrationStarted.example.migrationID, peer: "192.0.2.5:41234")
+        public static let example = MigrationReceiveStarted(migrationID: MigrationStarted.example.migrationID, peer: "192.0.2.5:41234",
+                                                            tls: true)
         public var migrationID: String
         public var peer: String
+        /// The sender connected over mutually authenticated TLS, its certificate checked.
+        public var tls: Bool
 
-        public init(migrationID: String, peer: String) {
+        public init(migrationID: String, peer: String, tls: Bool) {
             self.migrationID = migrationID
             self.peer = peer
+            self.tls = tls
         }
     }
 

@@ -10,11 +10,14 @@ public enum StreamTransferError: Error, Equatable, Sendable, CustomStringConvert
     case peerClosed(transferred: Int)
     /// A system call failed otherwise.
     case failed(SystemError)
+    /// The protocol on the socket failed: a TLS record that does not authenticate, an alert from
+    /// the peer. The text says what happened.
+    case channelFailed(String)
 
     public var transferred: Int {
         switch self {
         case .timedOut(let count), .peerClosed(let count): count
-        case .failed: 0
+        case .failed, .channelFailed: 0
         }
     }
 
@@ -23,6 +26,7 @@ public enum StreamTransferError: Error, Equatable, Sendable, CustomStringConvert
         case .timedOut(let count): "the peer made no progress (after \(count) bytes)"
         case .peerClosed(let count): "the peer closed the connection (after \(count) bytes)"
         case .failed(let error): error.description
+        case .channelFailed(let reason): reason
         }
     }
 }

@@ -10,10 +10,13 @@ public struct SendMigrationOptions: Equatable, Sendable {
     public var policy: PrecopyPolicy
     /// The source VMM stays up after the migration finished (its VM is deleted either way).
     public var keepAlive: Bool
+    /// Mutual TLS with the sender's credentials from this directory (`tls_dir`); `tcp:` only.
+    public var tlsDirectory: String?
 
-    public init(destination: MigrationURL, policy: PrecopyPolicy = PrecopyPolicy(), keepAlive: Bool = false) {
+    public init(destination: MigrationURL, policy: PrecopyPolicy = PrecopyPolicy(), keepAlive: Bool = false, tlsDirectory: String? = nil) {
         self.destination = destination
         self.policy = policy
         self.keepAlive = keepAlive
+        self.tlsDirectory = tlsDirectory
     }
 }

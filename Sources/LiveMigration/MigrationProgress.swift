@@ -58,6 +58,8 @@ public struct MigrationProgress: Equatable, Sendable {
     /// `Tcp` or `Unix`.
     public var transport: String
     public var connections: Int
+    /// The connections are TLS (`tls_dir`).
+    public var tls: Bool
     public var state: State
     public var memory: Memory
     /// Measured by the source once the migration finished: pause on the source to resume on the
@@ -66,10 +68,11 @@ public struct MigrationProgress: Equatable, Sendable {
     /// How long the migration took; nil while it runs.
     public var total: Duration?
 
-    public init(direction: Direction, transport: String, connections: Int, downtimeLimit: Duration? = nil) {
+    public init(direction: Direction, transport: String, connections: Int, tls: Bool = false, downtimeLimit: Duration? = nil) {
         self.direction = direction
         self.transport = transport
         self.connections = connections
+        self.tls = tls
         self.downtimeLimit = downtimeLimit
         beganAtMilliseconds = Self.wallClockMilliseconds()
         state = .ongoing(.starting)

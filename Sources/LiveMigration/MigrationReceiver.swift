@@ -38,6 +38,8 @@ public final class MigrationReceiver: Sendable {
     }
 
     let listener: MigrationListener
+    /// The receiver's TLS credentials: the sender must connect over TLS with a certificate the CA signed.
+    let tls: MigrationTLS?
     let events: EventMonitor
     let destinationVM: DestinationVM
     let ioTimeout: Duration
@@ -46,14 +48,15 @@ public final class MigrationReceiver: Sendable {
     private let stopReason = Mutex<String?>(nil)
     private let connection = Mutex<MigrationConnection?>(nil)
 
-    public init(listener: MigrationListener, events: EventMonitor, destinationVM: DestinationVM,
+    public init(listener: MigrationListener, tls: MigrationTLS? = nil, events: EventMonitor, destinationVM: DestinationVM,
                 ioTimeout: Duration = MigrationConnection.defaultIOTimeout) {
         self.listener = listener
+        self.tls = tls
         self.events = events
         self.destinationVM = destinationVM
         self.ioTimeout = ioTimeout
         progress = MigrationProgressTracker(MigrationProgress(
-            direction: .incoming, transport: listener.url.transport, connections: SendMigrationOptions.connections))
+            direction: .incoming, transport: listener.url.transport, connections: SendMigrationOptions.connections, tls: tls != nil))
     }
 
     /// Emits `vm.migration-receive-ready`: a sender may connect now.
@@ -89,7 +92,7 @@ public final class MigrationReceiver: Sendable {
     private func receive() -> Ending {
         let connection: MigrationConnection
         do {
-            connection = try listener.accept(ioTimeout: ioTimeout)
+            connection = try listener.accept(ioTimeout: ioTimeout, tls: tls)
         } catch {
             listener.close()
             return .failed(stopReason.withLock { $0 } ?? "accepting a sender failed: \(error)")
@@ -101,6 +104,13 @@ public final class MigrationReceiver: Sendable {
             connection.close()
         }
         if let reason = stopReason.withLock({ $0 }) { return .failed(reason) }
+        let peer = connection.peer
+        do {
+            try connection.handshake()
+        } catch {
+            // Nothing identifies a migration yet: the receive fails with no receive-started event.
+            return .failed(stopReason.withLock { $0 } ?? "the sender at \(peer) did not open a migration: \(error)")
+        }
 
         let start: MigrationStart
         do {
@@ -118,7 +128,7 @@ public final class MigrationReceiver: Sendable {
             $0.migrationID = id
             $0.beganAtMilliseconds = MigrationProgress.wallClockMilliseconds()
         }
-        events.emit(VMEvent.MigrationReceiveStarted(migrationID: id, peer: connection.peer))
+        events.emit(VMEvent.MigrationReceiveStarted(migrationID: id, peer: connection.peer, tls: connection.isEncrypted))
         let began = ContinuousClock.now
         var phase = MigrationPhase.starting
         func enter(_ next: MigrationPhase) {

@@ -75,7 +75,7 @@ public final class MigrationSender: Sendable {
         started = .now
         progress = MigrationProgressTracker(MigrationProgress(
             direction: .outgoing, transport: options.destination.transport, connections: SendMigrationOptions.connections,
-            downtimeLimit: options.policy.downtimeLimit))
+            tls: connection.isEncrypted, downtimeLimit: options.policy.downtimeLimit))
         progress.update {
             $0.migrationID = id.lowercasedString
             $0.memory.totalBytes = machine.memory.size
@@ -88,10 +88,22 @@ public final class MigrationSender: Sendable {
         events.emit(VMEvent.MigrationStarted(
             migrationID: id.lowercasedString, destinationURL: options.destination.description,
             downtimeMs: options.policy.downtimeLimit.wholeMilliseconds, timeoutS: options.policy.timeout.components.seconds,
-            connections: SendMigrationOptions.connections, local: false))
+            connections: SendMigrationOptions.connections, local: false, tls: connection.isEncrypted))
         let thread = Thread { [self] in ended(run()) }
         thread.name = "migration-send"
         thread.start()
+    }
+
+    /// The destination accepted the start request. One that closes the connection instead, with a
+    /// plaintext sender, may be expecting TLS: the error says so.
+    private func expectStartAnswered() throws(MigrationError) {
+        do {
+            try connection.expectOK(after: .start)
+        } catch {
+            guard error.kind == .peerWentAway, !connection.isEncrypted else { throw error }
+            throw MigrationError(error.kind, "\(error.message) (before it answered the start request; "
+                                 + "a destination that expects TLS, with tls_dir, closes a plaintext connection so)", cause: error.cause)
+        }
     }
 
     /// Stops the migration as soon as possible: a blocked send or receive returns at once.
@@ -135,8 +147,9 @@ public final class MigrationSender: Sendable {
             progress.update { $0.state = .ongoing(next) }
         }
         do {
+            try connection.handshake()
             try connection.sendStart(MigrationStart(migrationID: id))
-            try connection.expectOK(after: .start)
+            try expectStartAnswered()
             try connection.sendConfig(MigrationConfig(machine: machine.configuration))
             try connection.expectOK(after: .config)
 

@@ -59,6 +59,18 @@ public final class MigrationConnection: Sendable {
     /// Who is at the other end: `HOST:PORT` over TCP, `unix:PATH` over a Unix socket.
     public var peer: String { transport.peer }
 
+    /// Sets up the transport before the first message: the TLS handshake, for a TLS connection.
+    /// Gives up once the peer has made no progress for `ioTimeout`.
+    public func handshake() throws(MigrationError) {
+        try transport.handshake(progressTimeout: ioTimeout)
+    }
+
+    /// Whether the connection is TLS (whether or not its handshake is done yet).
+    public var isEncrypted: Bool { transport is TLSTransport }
+
+    /// Protocol and cipher suite after the handshake; nil on a plain socket.
+    public var encryption: String? { transport.encryption }
+
     /// Closes the connection, once. Call it from the thread that uses the connection, after its
     /// I/O; to interrupt I/O from another thread, call `shutdown()`.
     public func close() {
@@ -259,6 +271,8 @@ public final class MigrationConnection: Sendable {
                 throw MigrationError(.timedOut, "the peer made no progress for \(ioTimeout) in \(what) (after \(done) bytes)")
             case .failed(let cause):
                 throw .system(cause)
+            case .channelFailed(let reason):
+                throw MigrationError(.tlsHandshake, "the encrypted channel failed in \(what): \(reason)")
             }
         }
     }

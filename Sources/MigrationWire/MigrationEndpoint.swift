@@ -8,19 +8,23 @@ extension MigrationConnection {
     public static let defaultConnectTimeout: Duration = .seconds(10)
 
     /// Connects to a receiver at `url`, trying each address the host resolves to, and gives up on
-    /// each after `timeout`.
+    /// each after `timeout`. With `tls`, the connection is TLS, its handshake still to do
+    /// (`handshake()`), and the receiver's certificate must name `url`'s host.
     public static func connect(to url: MigrationURL, timeout: Duration = defaultConnectTimeout,
-                               ioTimeout: Duration = defaultIOTimeout) throws(MigrationError) -> MigrationConnection {
+                               ioTimeout: Duration = defaultIOTimeout, tls: MigrationTLS? = nil) throws(MigrationError) -> MigrationConnection {
         if case .tcp(_, 0) = url {
             throw MigrationError(.invalidURL, "'\(url)': port 0 can only be listened on; connect to the port the receiver listens on")
         }
+        let socket: FileDescriptor
         do {
-            let socket = try Socket.connect(to: url.endpoint, timeout: timeout)
-            return MigrationConnection(SocketTransport(socket), ioTimeout: ioTimeout)
+            socket = try Socket.connect(to: url.endpoint, timeout: timeout)
         } catch {
             let reason = error.errno == ETIMEDOUT ? "connecting to \(url) timed out after \(timeout)" : "cannot connect to \(url): \(error)"
             throw MigrationError(.connectionFailed, reason, cause: error)
         }
+        guard let tls else { return MigrationConnection(SocketTransport(socket), ioTimeout: ioTimeout) }
+        let host: String? = if case .tcp(let host, _) = url { host } else { nil }
+        return MigrationConnection(try TLSTransport(socket, tls: tls, peerHost: host), ioTimeout: ioTimeout)
     }
 }
 
@@ -47,8 +51,9 @@ public final class MigrationListener: Sendable {
     }
 
     /// Accepts one sender, waiting at most `timeout` (nil: until one connects or `shutdown()`).
-    public func accept(timeout: Duration? = nil,
-                       ioTimeout: Duration = MigrationConnection.defaultIOTimeout) throws(MigrationError) -> MigrationConnection {
+    /// With `tls`, the connection is TLS, its handshake still to do (`handshake()`).
+    public func accept(timeout: Duration? = nil, ioTimeout: Duration = MigrationConnection.defaultIOTimeout,
+                       tls: MigrationTLS? = nil) throws(MigrationError) -> MigrationConnection {
         let accepted: FileDescriptor?
         do {
             accepted = try socket.accept(until: timeout.map { .now + $0 })
@@ -58,7 +63,8 @@ public final class MigrationListener: Sendable {
         guard let accepted else {
             throw MigrationError(.timedOut, "no sender connected to \(url) within \(timeout ?? .zero)")
         }
-        return MigrationConnection(SocketTransport(accepted), ioTimeout: ioTimeout)
+        guard let tls else { return MigrationConnection(SocketTransport(accepted), ioTimeout: ioTimeout) }
+        return MigrationConnection(try TLSTransport(accepted, tls: tls, peerHost: nil), ioTimeout: ioTimeout)
     }
 
     /// Wakes a thread blocked in `accept`, which then fails. Safe from any thread.

@@ -40,6 +40,12 @@ public struct MigrationError: Error, Equatable, Sendable, CustomStringConvertibl
         case invalidURL
         /// Connecting, listening or accepting failed.
         case connectionFailed
+        /// The TLS credentials cannot be used: a file missing, unreadable, not PEM, or a key that
+        /// does not match its certificate.
+        case tlsSetup
+        /// The TLS handshake failed, or the peer refused it: a certificate the CA did not sign,
+        /// expired, or for another host; no certificate; a peer that does not speak TLS.
+        case tlsHandshake
         /// A system call failed otherwise.
         case systemError
     }

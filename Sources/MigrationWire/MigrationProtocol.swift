@@ -201,7 +201,10 @@ struct FrameHeader {
         }
         magic = bytes.littleEndian(UInt32.self, at: 0) ?? 0
         guard magic == expected else {
-            throw MigrationError(.badMagic, "\(kind) header starts with 0x\(hex(magic)), not the migration \(kind) magic 0x\(hex(expected))\(notMagic)")
+            // A TLS record: content type handshake (22), alert (21) or data (23), then version 3.x.
+            let tls = (21...23).contains(bytes[0]) && bytes[1] == 3
+            let why = tls ? ": the bytes are TLS; the peer uses TLS (tls_dir) and this side does not" : notMagic
+            throw MigrationError(.badMagic, "\(kind) header starts with 0x\(hex(magic)), not the migration \(kind) magic 0x\(hex(expected))\(why)")
         }
         field = bytes.littleEndian(UInt16.self, at: 4) ?? 0
         reserved = bytes.littleEndian(UInt16.self, at: 6) ?? 0

@@ -4,7 +4,7 @@ import Glibc
 import HostOS
 
 /// A connected byte stream between a migration's sender and receiver. The framing
-/// (`MigrationConnection`) works over any transport, so an encrypted one can take a socket's place.
+/// (`MigrationConnection`) works over any transport: a plain socket, or TLS on one (`TLSTransport`).
 ///
 /// One thread does the I/O; `shutdown()` may come from any thread and makes that I/O return at
 /// once. `close()` is for the owner, after its I/O.
@@ -19,6 +19,16 @@ public protocol MigrationTransport: Sendable {
     func close()
     /// Who is at the other end, for people.
     var peer: String { get }
+    /// Sets up the channel before anything else moves on it (the TLS handshake); nothing to do
+    /// on a plain socket.
+    func handshake(progressTimeout: Duration) throws(MigrationError)
+    /// What protects the bytes once `handshake` is done (protocol and cipher), nil for none.
+    var encryption: String? { get }
+}
+
+extension MigrationTransport {
+    public func handshake(progressTimeout: Duration) throws(MigrationError) {}
+    public var encryption: String? { nil }
 }
 
 /// A migration over a plain stream socket (`tcp:` or `unix:`).

@@ -48,6 +48,10 @@ struct SendMigration: AsyncParsableCommand {
     var timeoutStrategy: TimeoutStrategyArgument?
     @Flag(name: .customLong("keep-alive"), help: "Keep the source VMM running after the migration finished.")
     var keepAlive = false
+    @Option(name: .customLong("tls-dir"),
+            help: ArgumentHelp("Migrate over mutual TLS (tcp: only) with ca-cert.pem, client-cert.pem and client-key.pem from this directory.",
+                               valueName: "dir"))
+    var tlsDir: String?
     @Flag(help: "Start the migration and return at once; follow it with events or migration-progress.")
     var dispatch = false
 
@@ -64,10 +68,10 @@ struct SendMigration: AsyncParsableCommand {
     /// The request; the argument may be ch-remote's `destination_url=URL[,downtime_ms=N]…` form.
     var request: SendMigrationData {
         get throws {
-            let keys: Set = ["destination_url", "downtime_ms", "timeout_s", "timeout_strategy", "connections", "local", "keep_alive"]
+            let keys: Set = ["destination_url", "downtime_ms", "timeout_s", "timeout_strategy", "connections", "local", "keep_alive", "tls_dir"]
             guard let fields = try KeyValueArgument(destination, firstKey: "destination_url", keys: keys) else {
                 return SendMigrationData(destination_url: destination, downtime_ms: downtimeMs, timeout_s: timeoutS,
-                                         timeout_strategy: timeoutStrategy?.apiValue, keep_alive: keepAlive ? true : nil)
+                                         timeout_strategy: timeoutStrategy?.apiValue, keep_alive: keepAlive ? true : nil, tls_dir: tlsDir)
             }
             let strategy = try fields.string("timeout_strategy").map { text in
                 guard let parsed = TimeoutStrategyArgument(rawValue: text.lowercased()) else {
@@ -80,7 +84,8 @@ struct SendMigration: AsyncParsableCommand {
                                      timeout_s: try fields.number("timeout_s") ?? timeoutS,
                                      timeout_strategy: strategy ?? timeoutStrategy?.apiValue,
                                      connections: try fields.number("connections"), local: try fields.flag("local"),
-                                     keep_alive: try fields.flag("keep_alive") ?? (keepAlive ? true : nil))
+                                     keep_alive: try fields.flag("keep_alive") ?? (keepAlive ? true : nil),
+                                     tls_dir: try fields.string("tls_dir") ?? tlsDir)
         }
     }
 
@@ -115,12 +120,19 @@ struct ReceiveMigration: AsyncParsableCommand {
     @Argument(help: ArgumentHelp("Where to listen for the source (or ch-remote's receiver_url=URL).", valueName: "tcp:HOST:PORT|unix:PATH"))
     var receiver: String
 
-    /// The URL, also from ch-remote's `receiver_url=URL` form.
-    var receiverURL: String {
+    /// The URL and TLS directory, also from ch-remote's `receiver_url=URL[,tls_dir=DIR]` form.
+    var receiverURLAndTLS: (url: String, tlsDir: String?) {
         get throws {
-            try KeyValueArgument(receiver, firstKey: "receiver_url", keys: ["receiver_url"])?.required("receiver_url") ?? receiver
+            guard let fields = try KeyValueArgument(receiver, firstKey: "receiver_url", keys: ["receiver_url", "tls_dir"]) else {
+                return (receiver, tlsDir)
+            }
+            return (try fields.required("receiver_url"), try fields.string("tls_dir") ?? tlsDir)
         }
     }
+    @Option(name: .customLong("tls-dir"),
+            help: ArgumentHelp("Let in only a sender over mutual TLS (tcp: only), with ca-cert.pem, server-cert.pem and server-key.pem from this directory.",
+                               valueName: "dir"))
+    var tlsDir: String?
     @Option(help: ArgumentHelp("Where the arriving guest's serial console goes on this host: null (the default), tty (the VMM's standard output), pty, file=PATH or socket=PATH.",
                                valueName: "null|tty|pty|file=PATH|socket=PATH"))
     var serial: String = "null"
@@ -137,7 +149,7 @@ struct ReceiveMigration: AsyncParsableCommand {
     func validate() throws {
         _ = try Self.console(serial, flag: "--serial")
         _ = try Self.console(console, flag: "--console")
-        _ = try receiverURL
+        _ = try receiverURLAndTLS
         _ = try diskPlacements()
         _ = try netPlacements()
     }
@@ -201,16 +213,17 @@ struct ReceiveMigration: AsyncParsableCommand {
                     } else if let ready = try? event.decode(VMEvent.MigrationReceiveReady.self) {
                         printLine("listening on \(ready.receiverURL)")
                     } else if let started = try? event.decode(VMEvent.MigrationReceiveStarted.self) {
-                        printLine("receiving migration \(started.migrationID) from \(started.peer)")
+                        printLine("receiving migration \(started.migrationID) from \(started.peer)\(started.tls ? " over TLS" : "")")
                     }
                     if event.is(VMEvent.MigrationReceiveFinished.self) || event.is(VMEvent.MigrationReceiveFailed.self) { return }
                 }
             }
             defer { narrator.cancel() }
             do {
-                let request = ReceiveMigrationData(receiver_url: try receiverURL, serial: try Self.console(serial, flag: "--serial"),
+                let (url, tlsDir) = try receiverURLAndTLS
+                let request = ReceiveMigrationData(receiver_url: url, serial: try Self.console(serial, flag: "--serial"),
                                                    console: try Self.console(console, flag: "--console"),
-                                                   disks: try diskPlacements(), net: try netPlacements())
+                                                   disks: try diskPlacements(), net: try netPlacements(), tls_dir: tlsDir)
                 try await client.send(.vmReceiveMigration, body: try body(request), timeout: APIClient.unlimited)
             } catch {
                 // A receive that failed after it began (500) has events still on their way.

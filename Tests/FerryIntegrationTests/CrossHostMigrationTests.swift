@@ -31,12 +31,23 @@ struct CrossHostMigrationTests {
     /// by the wrong time or unit.
     static let bandwidthBounds = 0.15...1.1
 
-    @Test func migratesOverAGigabitLinkWithinTheDowntimeLimitAndMeasuresTheLink() async throws {
+    /// With `tls`, over mutual TLS: the destination's certificate names its address on the link.
+    @Test(arguments: [false, true])
+    func migratesOverAGigabitLinkWithinTheDowntimeLimitAndMeasuresTheLink(tls: Bool) async throws {
         let hosts = try await offThePool { try TwoHosts() }
         defer { withExtendedLifetime(hosts) {} }  // the namespaces stay until the test ends
         let shaping = try hosts.limitLink(rate: "1gbit", tokenBucketBurst: "1mb")
         print("cross-host 1 Gbit/s: \(shaping)")
         let directory = try TemporaryDirectory()
+        var tlsDirectories: (sender: String, receiver: String)?
+        if tls {
+            let certificates = try TestCertificates(in: directory.path("pki"))
+            let ca = try certificates.authority("ferry-ca")
+            tlsDirectories = (
+                try certificates.tlsDirectory("sender-tls", sender: true, trusting: ca, presenting: try certificates.issue("source", by: ca)),
+                try certificates.tlsDirectory("receiver-tls", sender: false, trusting: ca, presenting: try certificates.issue(
+                    "destination", by: ca, subjectAltNames: ["IP:\(TwoHosts.destinationAddress)"])))
+        }
         let source = try await hosts.startVMM(on: .source, directory, "source")
         let destination = try await hosts.startVMM(on: .destination, directory, "destination")
 
@@ -44,13 +55,13 @@ struct CrossHostMigrationTests {
         // the poller to see several memory requests (64 MiB each) complete while it runs.
         try await source.boot(TestGuestVM(cpus: 2, memoryMiB: 512, workload: "workset_mib=256 dirty_rate=2000"))
 
-        let receive = try await destination.startReceive(at: "tcp:\(TwoHosts.destinationAddress):0")
+        let receive = try await destination.startReceive(at: "tcp:\(TwoHosts.destinationAddress):0", tlsDir: tlsDirectories?.receiver)
         // One call before the send opens the API connection the poller reuses: on a loaded host a
         // first connection once took longer than the whole migration.
         _ = try? await source.progress()
         let began = ContinuousClock.now
         // keep_alive: the source stays up after the migration, so that its finished progress can be read.
-        let id = try await source.startSend(to: receive.url, downtimeMs: 300, keepAlive: true)
+        let id = try await source.startSend(to: receive.url, downtimeMs: 300, keepAlive: true, tlsDir: tlsDirectories?.sender)
         let poller = pollProgress(source)
         let end = try #require(await source.waitForTerminal(MigrationStreams.sourceTerminal))
         let migrationTime = ContinuousClock.now - began
@@ -91,6 +102,8 @@ struct CrossHostMigrationTests {
                 "the finished progress: \(last.state), \(last.memory_transmission_info.memory_bytes_transmitted) bytes; events: \(finished.bytesTotal)")
         let incoming = try await destination.progress()
         #expect(incoming.state == .finished && incoming.memory_transmission_info.memory_bytes_transmitted == finished.bytesTotal)
+        #expect(last.transportation_mode == .tcp(connections: 1, tls: tls) && incoming.transportation_mode == last.transportation_mode,
+                "\(last.transportation_mode), \(incoming.transportation_mode)")
         let received = try await destination.waitForEvent(MigrationStreams.destinationTerminal, id: id)
         #expect(try received.decode(VMEvent.MigrationReceiveFinished.self)?.bytesTotal == finished.bytesTotal)
 
@@ -104,7 +117,7 @@ struct CrossHostMigrationTests {
 
         let megabytesPerSecond = { (value: Double) in String(format: "%.1f MB/s", value / 1e6) }
         print("""
-            cross-host 1 Gbit/s: migration \(migrationTime), \(iterations.count) pre-copy passes, \(finished.bytesTotal) bytes, \
+            cross-host 1 Gbit/s\(tls ? " over TLS" : ""): migration \(migrationTime), \(iterations.count) pre-copy passes, \(finished.bytesTotal) bytes, \
             estimated downtime \(downtime.estimatedDowntimeMs) ms, measured downtime \(finished.downtimeMs) ms; \
             iteration bandwidths \(iterationBandwidths.map(megabytesPerSecond)); progress bandwidths \
             \(measured.min().map(megabytesPerSecond) ?? "-")…\(measured.max().map(megabytesPerSecond) ?? "-") over \(measured.count) answers

@@ -119,6 +119,7 @@ struct ThrottledLink: Sendable {
     private static let program = """
         import socket, struct, sys, threading, time
         listen_url, target_url, rate = sys.argv[1], sys.argv[2], float(sys.argv[3])
+        capture = open(sys.argv[4], "wb") if len(sys.argv) > 4 else None
         def address(url):
             scheme, rest = url.split(":", 1)
             if scheme == "unix":
@@ -137,6 +138,9 @@ struct ThrottledLink: Sendable {
                     if not data:
                         break
                     sink.sendall(data)
+                    if capture and limit is not None:
+                        capture.write(data)
+                        capture.flush()
                     if limit:
                         due = max(due, time.monotonic()) + len(data) / limit
                         time.sleep(max(0.0, due - time.monotonic()))
@@ -167,12 +171,14 @@ struct ThrottledLink: Sendable {
             receiver.connect(target)
             connected(family, sender)
             threading.Thread(target=pump, args=(sender, receiver, rate), daemon=True).start()
-            threading.Thread(target=pump, args=(receiver, sender, 0), daemon=True).start()
+            threading.Thread(target=pump, args=(receiver, sender, None), daemon=True).start()
         """
 
-    init(to destinationURL: String, transport: MigrationTransport, in directory: TemporaryDirectory, bytesPerSecond: Int) throws {
+    /// `bytesPerSecond` 0: no limit. `capture`: a file that receives every byte the sender sent.
+    init(to destinationURL: String, transport: MigrationTransport, in directory: TemporaryDirectory, bytesPerSecond: Int,
+         capture: String? = nil) throws {
         relay = try FerryProcess(arguments: ["-c", Self.program, transport.receiverURL(in: directory, name: "link.sock"),
-                                             destinationURL, "\(bytesPerSecond)"],
+                                             destinationURL, "\(bytesPerSecond)"] + (capture.map { [$0] } ?? []),
                                  executable: URL(fileURLWithPath: "/usr/bin/python3"))
         guard let line = relay.waitForConsoleLine(timeout: .seconds(20), where: { $0.hasPrefix("listening ") }) else {
             throw TestFailure("the relay does not listen: \(relay.standardError)")
@@ -394,6 +400,8 @@ enum MigrationStreams {
         #expect(started.properties["timeout_s"] == "\(expected.timeoutSeconds)", "started echoes timeout_s", sourceLocation: sourceLocation)
         #expect(started.properties["connections"] == "1", "started: connections=1", sourceLocation: sourceLocation)
         #expect(started.properties["local"] == "false", "started: local=false", sourceLocation: sourceLocation)
+        #expect(started.properties["tls"] == "\(expected.request.tls_dir != nil)", "started: tls says whether tls_dir was given",
+                sourceLocation: sourceLocation)
 
         var end = segment.endIndex
         if let terminal = segment.firstIndex(where: { sourceTerminal.contains($0.name) }) { end = terminal + 1 }
@@ -516,6 +524,8 @@ enum MigrationStreams {
                 sourceLocation: sourceLocation)
         let peer = started.properties["peer"] ?? ""
         #expect(!peer.isEmpty, "receive-started names the peer", sourceLocation: sourceLocation)
+        #expect(started.properties["tls"] == "\(expected.request.tls_dir != nil)", "receive-started: tls as the source's",
+                sourceLocation: sourceLocation)
         if expected.incoming.requestedURL.hasPrefix("tcp:127.0.0.1:") {
             #expect(peer.contains("127.0.0.1"), "the peer is the loopback sender: \(peer)", sourceLocation: sourceLocation)
         }

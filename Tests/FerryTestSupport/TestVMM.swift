@@ -175,11 +175,11 @@ public final class TestVMM: Sendable {
     public func startReceive(at url: String, serial: VmConfig.Console? = VmConfig.Console(mode: "Tty"),
                              console: VmConfig.Console? = nil,
                              disks: [ReceiveMigrationData.DiskPlacement]? = nil,
-                             net: [ReceiveMigrationData.NetPlacement]? = nil) async throws -> IncomingMigration {
+                             net: [ReceiveMigrationData.NetPlacement]? = nil, tlsDir: String? = nil) async throws -> IncomingMigration {
         let mark = events().count
         let api = api
         let body = try JSONEncoder().encode(ReceiveMigrationData(receiver_url: url, serial: serial, console: console, disks: disks,
-                                                                 net: net))
+                                                                 net: net, tls_dir: tlsDir))
         let call = Task { _ = try await api.send(.vmReceiveMigration, body: body, timeout: APIClient.unlimited) }
         do {
             // Generous: on a loaded machine (every suite runs at once) a VMM has taken over 30 s to answer.
@@ -194,10 +194,10 @@ public final class TestVMM: Sendable {
 
     /// Sends the VM to `url`; returns the migration id once `vm.migration-started` is out.
     public func startSend(to url: String, downtimeMs: Int64? = nil, timeoutS: Int64? = nil, strategy: String? = nil,
-                          keepAlive: Bool? = nil) async throws -> String {
+                          keepAlive: Bool? = nil, tlsDir: String? = nil) async throws -> String {
         let mark = events().count
         let body = try JSONEncoder().encode(SendMigrationData(destination_url: url, downtime_ms: downtimeMs, timeout_s: timeoutS,
-                                                              timeout_strategy: strategy, keep_alive: keepAlive))
+                                                              timeout_strategy: strategy, keep_alive: keepAlive, tls_dir: tlsDir))
         try await api.send(.vmSendMigration, body: body)
         let started = try await waitForEvent([VMEvent.MigrationStarted.qualifiedName], after: mark, timeout: .seconds(10))
         guard let id = try started.decode(VMEvent.MigrationStarted.self)?.migrationID else { throw TestFailure("no migration id") }

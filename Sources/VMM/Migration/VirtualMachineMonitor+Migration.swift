@@ -21,9 +21,12 @@ public struct ReceiveMigrationOptions: Equatable, Sendable {
     /// The tap descriptor of each arriving card placed on one (sent with the request), by card
     /// id. The VMM owns them: they become the arrived guest's, or are closed if none arrives.
     public var netDescriptors: [String: Int32]
+    /// Mutual TLS with the receiver's credentials from this directory (`tls_dir`); `tcp:` only.
+    public var tlsDirectory: String?
 
     public init(url: MigrationURL, serial: SerialMode = .null, console: SerialMode = .null, diskPaths: [String: String] = [:],
-                netTaps: [String: String] = [:], netDescriptors: [String: Int32] = [:]) {
+                netTaps: [String: String] = [:], netDescriptors: [String: Int32] = [:], tlsDirectory: String? = nil) {
+        self.tlsDirectory = tlsDirectory
         self.url = url
         self.serial = serial
         self.console = console
@@ -52,11 +55,12 @@ extension VirtualMachineMonitor {
         case .migratingOut, .migratingIn: throw VMMError(.wrongState, "a migration is already in progress; wait for it to end")
         default: throw refusal("only a Running or Paused VM can migrate")
         }
+        let tls = try Self.credentials(options.tlsDirectory, role: .sender)
         lifecycle = .migratingOut(vm, guest, .connecting(cancelRequested: false))
         let destination = options.destination
         let connected = await onOwnThread(named: "migration-connect") { () -> Result<MigrationConnection, MigrationError> in
             Result { () throws(MigrationError) in
-                try MigrationConnection.connect(to: destination, timeout: Self.migrationConnectTimeout)
+                try MigrationConnection.connect(to: destination, timeout: Self.migrationConnectTimeout, tls: tls)
             }
         }
         // Every other operation is refused while connecting; only the guest stopping
@@ -106,6 +110,17 @@ extension VirtualMachineMonitor {
         sender.start { [weak self] ending in
             guard let self else { return }
             waitFor { await self.sendEnded(ending, keepAlive: keepAlive) }
+        }
+    }
+
+    /// The TLS credentials in `directory`, checked before anything connects or listens; a file
+    /// that cannot be used is the request's fault.
+    private static func credentials(_ directory: String?, role: MigrationTLS.Role) throws(VMMError) -> MigrationTLS? {
+        guard let directory else { return nil }
+        do {
+            return try MigrationTLS(directory: directory, role: role)
+        } catch {
+            throw VMMError(.invalidRequest, error.message, cause: error)
         }
     }
 
@@ -165,6 +180,7 @@ extension VirtualMachineMonitor {
         default:
             throw VMMError(.wrongState, "a VM already exists here (\(lifecycle.vmState?.rawValue ?? "")); only a VMM without one can receive a migration")
         }
+        let tls = try Self.credentials(options.tlsDirectory, role: .receiver)
         let listener: MigrationListener
         do {
             listener = try MigrationListener(listeningOn: options.url)
@@ -173,7 +189,7 @@ extension VirtualMachineMonitor {
         }
         let prepared = PreparedVM()
         let receiver = MigrationReceiver(
-            listener: listener, events: events,
+            listener: listener, tls: tls, events: events,
             destinationVM: MigrationReceiver.DestinationVM(
                 prepare: { [weak self] machine in
                     guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }

@@ -4,7 +4,7 @@ import PackageDescription
 /// Ferry's modules are layers (docs/architecture.md); each depends only on layers below it.
 ///
 ///     CKVM, HostOS          C shim for <linux/kvm.h>; descriptors, system calls, sockets, clocks
-///     CTLS                  C shim for the system's OpenSSL (the migration channel's TLS)
+///     CTLS, CSeccomp        C shims for the system's OpenSSL (migration TLS) and libseccomp
 ///     KVM                   /dev/kvm, VM and vCPU descriptors
 ///     Machine               guest memory, boot, devices, vCPU threads, saved state, dirty log
 ///     Events                the event catalogue, monitor and reader
@@ -30,7 +30,8 @@ let package = Package(
     ],
     targets: [
         .target(name: "CKVM"),
-        .target(name: "HostOS"),
+        .target(name: "CSeccomp", linkerSettings: [.linkedLibrary("seccomp")]),
+        .target(name: "HostOS", dependencies: ["CSeccomp"]),
         .target(name: "KVM", dependencies: ["CKVM", "HostOS"]),
         .target(name: "Machine", dependencies: ["KVM", "CKVM", "HostOS"]),
         .target(name: "Events", dependencies: ["HostOS"]),
@@ -59,7 +60,7 @@ let package = Package(
         .executableTarget(
             name: "ferry",
             dependencies: [
-                "VMM", "API", "Events", "Machine",
+                "VMM", "API", "Events", "Machine", "HostOS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -77,7 +78,7 @@ let package = Package(
             path: "Tests/FerryTestSupport"
         ),
         .target(name: "CTestSupport", path: "Tests/CTestSupport"),
-        .testTarget(name: "HostOSTests", dependencies: ["HostOS", "FerryTestSupport"]),
+        .testTarget(name: "HostOSTests", dependencies: ["HostOS", "CSeccomp", "FerryTestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "HostOS"]),
         .testTarget(name: "EventsTests", dependencies: ["Events", "HostOS", "FerryTestSupport"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "KVM", "HostOS", "FerryTestSupport"]),

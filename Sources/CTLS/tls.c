@@ -137,6 +137,8 @@ SSL_CTX *ferry_tls_context_new(int server, const char *ca_path, const char *cert
         return NULL;
     }
     SSL_CTX_set_verify(context, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    // AES-128-GCM first: with AES-NI the fastest of TLS 1.3's suites, and as strong as needed.
+    SSL_CTX_set_ciphersuites(context, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
     // Writes may end after some records; the buffer may move between retries of one write.
     SSL_CTX_set_mode(context, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     if (server) {

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// Runs blocking work (socket I/O, waits on other threads) on a new OS thread named `name`, never
 /// on Swift's cooperative pool, and awaits its result without blocking the caller's thread.
@@ -7,5 +8,39 @@ public func onOwnThread<T: Sendable>(named name: String, _ body: @escaping @Send
         let thread = Thread { continuation.resume(returning: body()) }
         thread.name = name
         thread.start()
+    }
+}
+
+/// Runs work on one long-lived thread of its own, in the order it was posted. For a thread under a
+/// narrow seccomp list (a vCPU's) that must reach Swift's concurrency: starting a `Task` there
+/// could make the runtime create a pool thread from it, and that thread would inherit the narrow
+/// list; posting here only wakes the courier's thread, which starts the task instead.
+public final class Courier: Sendable {
+    /// The process's courier; its thread starts on first use, which must be on a thread with the
+    /// VMM's filters only (`VirtualMachineMonitor` touches it when it is made).
+    public static let shared = Courier(name: "courier")
+
+    private let work = Mutex<[@Sendable () -> Void]>([])
+    private let posted = DispatchSemaphore(value: 0)
+
+    private init(name: String) {
+        let thread = Thread { [self] in
+            while true {
+                posted.wait()
+                let batch = work.withLock { work in
+                    defer { work.removeAll() }
+                    return work
+                }
+                for item in batch { item() }
+            }
+        }
+        thread.name = name
+        thread.start()
+    }
+
+    /// Hands `item` to the courier's thread; never blocks and never creates a thread.
+    public func post(_ item: @escaping @Sendable () -> Void) {
+        work.withLock { $0.append(item) }
+        posted.signal()
     }
 }

@@ -234,6 +234,7 @@ public final class Machine: Sendable {
                 let name = "vcpu\(vcpu.id)"
                 let thread = Thread { [self] in
                     ckvm_name_current_thread(name)
+                    Self.confine(.vcpu, name: name)
                     named.signal()
                     runLoop(vcpu)
                 }
@@ -418,5 +419,17 @@ final class StopLatch: Sendable {
         }
         if first, reason != .requested { handler(reason) }
         return first
+    }
+}
+
+extension Machine {
+    /// Adds `kind`'s seccomp list (`SeccompPolicy`) to the calling thread before it acts for the
+    /// guest. A thread that cannot be confined ends the process rather than run the guest unconfined.
+    static func confine(_ kind: SeccompPolicy.ThreadKind, name: String) {
+        do {
+            try Seccomp.confineCurrentThread(kind, name: name)
+        } catch {
+            fatalError("\(name): \(error)")
+        }
     }
 }

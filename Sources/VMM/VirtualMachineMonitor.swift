@@ -1,5 +1,6 @@
 import Events
 import Foundation
+import HostOS
 import LiveMigration
 import Logging
 import Machine
@@ -170,6 +171,7 @@ public actor VirtualMachineMonitor {
         self.events = events
         self.logger = logger
         self.exitsWithVM = exitsWithVM
+        _ = Courier.shared  // its thread starts here, with the process's filters only
         events.emitStarting(version: Self.version)
     }
 
@@ -501,9 +503,10 @@ public actor VirtualMachineMonitor {
     }
 
     /// What a machine calls when its guest stops by itself: a report to this VMM, naming the machine.
+    /// It comes from a vCPU thread, under the vCPU's seccomp list: the courier starts the task.
     private nonisolated func stopHandler() -> @Sendable (Machine.ID, MachineStop) -> Void {
         { [weak self] machine, stop in
-            Task { await self?.machineStopped(stop, machine: machine) }
+            Courier.shared.post { [weak self] in Task { await self?.machineStopped(stop, machine: machine) } }
         }
     }
 

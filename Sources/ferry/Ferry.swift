@@ -3,6 +3,7 @@ import ArgumentParser
 import Dispatch
 import Events
 import Foundation
+import HostOS
 import Logging
 import Machine
 import VMM
@@ -83,7 +84,7 @@ struct Ferry: AsyncParsableCommand {
     @Option(name: .customLong("log-file"), help: ArgumentHelp("Write the log to this file instead of standard error.", valueName: "path"))
     var logFile: String?
 
-    @Option(help: ArgumentHelp("Cloud Hypervisor's seccomp setting: true, false or log. Ferry installs no seccomp filter yet; true and log say so at start.", valueName: "true|false|log"))
+    @Option(help: ArgumentHelp("System-call filters, as Cloud Hypervisor's: true (a forbidden call ends the process, naming it), log (allowed and logged by the kernel) or false. See docs/security.md.", valueName: "true|false|log"))
     var seccomp: String = "true"
 
     /// Parsed in `validate()` so that a bad value fails before anything starts.
@@ -103,7 +104,7 @@ struct Ferry: AsyncParsableCommand {
     mutating func validate() throws {
         if showVersion { throw CleanExit.message(Self.versionLine) }
         do {
-            guard ["true", "false", "log"].contains(seccomp) else {
+            guard Seccomp.Mode(rawValue: seccomp) != nil else {
                 throw ConfigurationError(flag: "--seccomp", "'\(seccomp)' is not a setting; use true, false or log")
             }
             let cpuCount = try VMConfiguration.parseCPUs(cpus)
@@ -152,6 +153,12 @@ struct Ferry: AsyncParsableCommand {
         }
     }
 
+    static let seccompSummary = [
+        "true": "every thread is held to its system-call list; a forbidden call ends the process, naming it",
+        "log": "forbidden system calls are allowed and logged by the kernel",
+        "false": "no system-call filter",
+    ]
+
     /// `--api-socket path=PATH`, `fd=N` or a bare path, as Cloud Hypervisor accepts.
     static func parseAPISocket(_ text: String) throws -> APIServer.Socket {
         let options = try OptionList(parsing: text, flag: "--api-socket", allowedKeys: ["path", "fd"])
@@ -174,9 +181,12 @@ struct Ferry: AsyncParsableCommand {
         let level = [Logger.Level.info, .debug, .trace].prefix(verbosity).last.map { min($0, logLevel) } ?? logLevel
         try Self.bootstrapLogging(file: logFile)
         let logger = { var logger = Logger(label: "ferry"); logger.logLevel = level; return logger }()
-        if seccomp != "false" {
-            logger.warning("--seccomp \(seccomp): Ferry installs no seccomp filter yet; this process is not confined")
+        do {
+            try Seccomp.confineProcess(Seccomp.Mode(rawValue: seccomp) ?? .enforce)
+        } catch {
+            throw ValidationError("--seccomp \(seccomp): \(error)")
         }
+        logger.info("--seccomp \(seccomp): \(Self.seccompSummary[seccomp] ?? "")")
         let vmm = VirtualMachineMonitor(events: EventMonitor(sink: parsed.events), logger: logger,
                                         exitsWithVM: parsed.socket == nil)
         let signalSources = [SIGTERM, SIGINT].map { number in

@@ -36,7 +36,7 @@ struct CloudHypervisorHabitsTests {
         #expect(ferry.waitForExit(timeout: .seconds(60)) == 0, "the guest powers off: \(ferry.standardError)")
         let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
         #expect(text.contains(" info ") && text.contains("VM booted"), "log: \(text)")
-        #expect(text.contains("--seccomp true: Ferry installs no seccomp filter yet"), "log: \(text)")
+        #expect(text.contains("--seccomp true: every thread is held to its system-call list"), "log: \(text)")
         #expect(ferry.standardError.isEmpty, "stderr: \(ferry.standardError)")
         #expect(!ferry.consoleLines.contains { $0.hasPrefix("HEARTBEAT") }, "the serial port discards by default")
         #expect(ferry.consoleLines.contains { $0.hasPrefix("CONSOLE seq=") }, "the virtio console is the terminal: \(ferry.consoleLines.suffix(4))")

@@ -1,0 +1,35 @@
+// C shim over libseccomp (Debian's) for Ferry's system-call filters (docs/security.md).
+//
+// The allow-lists themselves are Swift (HostOS/SeccompPolicy.swift); this side builds and loads
+// the filter and reports a forbidden call from the SIGSYS handler, where only async-signal-safe
+// code may run.
+#ifndef FERRY_CSECCOMP_H
+#define FERRY_CSECCOMP_H
+
+#include <stddef.h>
+
+enum {
+    /// A forbidden call raises SIGSYS; the reporter names it and ends the process.
+    FERRY_SECCOMP_TRAP = 0,
+    /// A forbidden call is allowed and the kernel logs it (audit, in the kernel log).
+    FERRY_SECCOMP_LOG = 1,
+};
+
+/// Loads a filter that allows the system calls named in `names` and handles every other one as
+/// `mode` says: on the calling thread, or on every thread of the process with `all_threads`.
+/// `thread_name` is what the reporter calls this thread. 0, or -1 with the reason in `error`.
+int ferry_seccomp_load(const char *const *names, size_t count, int mode, int all_threads, const char *thread_name,
+                       char *error, size_t error_size);
+
+/// Installs the SIGSYS handler that reports a forbidden call: it writes the call's name, number and
+/// the thread to standard error and ends the process with status 159 (128 + SIGSYS). With
+/// `record_only` (for tests) it records the call instead, makes it fail with ENOSYS, and returns.
+void ferry_seccomp_install_reporter(int record_only);
+
+/// The number of the last call the reporter recorded (record-only mode), or -1.
+long ferry_seccomp_last_recorded(void);
+
+/// The number of the system call `name` on this architecture, or -1.
+long ferry_seccomp_number(const char *name);
+
+#endif

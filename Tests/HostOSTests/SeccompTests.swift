@@ -1,0 +1,57 @@
+import CSeccomp
+import FerryTestSupport
+@testable import HostOS
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The filters of `SeccompPolicy` loaded for real, on a thread of this test process made for the
+/// purpose (a filter stays with its thread, which then ends). The SIGSYS reporter runs in its
+/// record-only mode here: it records the forbidden call and makes it fail with ENOSYS, where in
+/// `ferry` it names the call and ends the process.
+@Suite(.serialized) struct SeccompTests {
+    init() {
+        ferry_seccomp_install_reporter(1)
+    }
+
+    @Test func aCallOutsideTheVCPUListIsCaughtAndOneInsideItRuns() throws {
+        let outcome = try BackgroundThread { () throws -> (parent: Int, caught: Int, pid: Int32) in
+            try Seccomp.load(.vcpu, mode: .enforce, allThreads: false, name: "test-vcpu")
+            let pid = getpid()  // in every list
+            let parent = Int(getppid())  // in no thread's list but the VMM's
+            return (parent, ferry_seccomp_last_recorded(), pid)
+        }.join()
+        #expect(outcome.caught == ferry_seccomp_number("getppid"), "the filter caught getppid: \(outcome)")
+        // getppid's wrapper cannot fail, so it hands back the kernel's -ENOSYS as it is.
+        #expect(outcome.parent == -Int(ENOSYS), "the call failed instead of running: \(outcome)")
+        #expect(outcome.pid == getpid(), "an allowed call ran")
+        #expect(!SeccompPolicy.allowed(for: .vcpu).contains("getppid") && SeccompPolicy.allowed(for: .vmm).contains("getppid"))
+    }
+
+    @Test func logModeAllowsTheCall() throws {
+        let before = ferry_seccomp_last_recorded()
+        let parent = try BackgroundThread { () throws -> Int in
+            try Seccomp.load(.deviceIO, mode: .log, allThreads: false, name: "test-device")
+            return Int(getppid())
+        }.join()
+        #expect(parent == Int(getppid()), "the call ran")
+        #expect(ferry_seccomp_last_recorded() == before, "nothing was trapped")
+    }
+
+    /// Each narrow list is inside the VMM's: a thread is held to both.
+    @Test func everyThreadsListIsInsideTheVMMsAndNamesRealCalls() throws {
+        let vmm = Set(SeccompPolicy.allowed(for: .vmm))
+        for kind in SeccompPolicy.ThreadKind.allCases {
+            let list = SeccompPolicy.allowed(for: kind)
+            #expect(Set(list).isSubset(of: vmm), "\(kind): \(Set(list).subtracting(vmm))")
+            print("seccomp list \(kind.rawValue): \(Set(list).count) system calls")
+        }
+        // Loading resolves every name: a typo would fail here.
+        for kind in SeccompPolicy.ThreadKind.allCases {
+            try BackgroundThread { () throws -> Void in
+                try Seccomp.load(kind, mode: .log, allThreads: false, name: "test-\(kind.rawValue)")
+            }.join()
+        }
+    }
+}

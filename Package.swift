@@ -49,6 +49,7 @@ let package = Package(
             dependencies: [
                 "APIModels", "VMM", "LiveMigration", "MigrationWire", "Machine", "Events", "HostOS", "CKVM",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -2,6 +2,7 @@ import APIModels
 import Events
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import Logging
 import NIOCore
 import ServiceLifecycle
@@ -12,6 +13,14 @@ import VMM
 public struct APIServer: Sendable {
     /// Largest request body accepted (a `VmConfig` is a few hundred bytes).
     static let maximumBodySize = 1 << 20
+    /// Largest request head: the request line and all header fields (Cloud Hypervisor's clients
+    /// send a few hundred bytes); one field at most `maximumHeaderFieldSize`, at most
+    /// `maximumHeaderFields` of them. A request over a limit is answered 400 and its connection closed.
+    static let maximumHeaderSize = 16 << 10
+    static let maximumHeaderFieldSize = 8 << 10
+    static let maximumHeaderFields = 100
+    /// Connections open at once (each `vmm.events` subscriber holds one); one more is closed at once.
+    static let maximumConnections = 128
     /// How long shutdown waits for relayed answers on an inherited socket to reach their clients.
     static let relayDrainTimeout: Duration = .seconds(2)
     /// Events a `vmm.events` subscriber may fall behind by before it is disconnected.
@@ -63,8 +72,14 @@ public struct APIServer: Sendable {
         unlink(stagingSocket)
         var serverLogger = logger
         serverLogger.logLevel = .critical  // its errors reach the caller as thrown errors
+        let connections = ConnectionLimit.Count(limit: Self.maximumConnections)
+        let http = HTTP1Channel.Configuration(
+            additionalChannelHandlers: [ConnectionLimit(connections)], idleTimeout: nil,
+            httpDecoderConfiguration: .init(maxHeaderFieldSize: Self.maximumHeaderFieldSize, maxHeaderListSize: Self.maximumHeaderSize,
+                                            maxHeaderFieldCount: Self.maximumHeaderFields))
         let application = Application(
             router: Self.router(vmm: vmm),
+            server: .http1(configuration: http),
             configuration: .init(address: .unixDomainSocket(path: stagingSocket), serverName: "ferry"),
             onServerRunning: { _ in
                 chmod(stagingSocket, 0o600)

@@ -4,7 +4,7 @@ import PackageDescription
 /// Ferry's modules are layers (docs/architecture.md); each depends only on layers below it.
 ///
 ///     CKVM, HostOS          C shim for <linux/kvm.h>; descriptors, system calls, sockets, clocks
-///     CTLS, CSeccomp        C shims for the system's OpenSSL (migration TLS) and libseccomp
+///     CTLS, CSandbox        C shims for the system's OpenSSL (migration TLS), libseccomp and Landlock
 ///     KVM                   /dev/kvm, VM and vCPU descriptors
 ///     Machine               guest memory, boot, devices, vCPU threads, saved state, dirty log
 ///     Events                the event catalogue, monitor and reader
@@ -30,8 +30,8 @@ let package = Package(
     ],
     targets: [
         .target(name: "CKVM"),
-        .target(name: "CSeccomp", linkerSettings: [.linkedLibrary("seccomp")]),
-        .target(name: "HostOS", dependencies: ["CSeccomp"]),
+        .target(name: "CSandbox", linkerSettings: [.linkedLibrary("seccomp")]),
+        .target(name: "HostOS", dependencies: ["CSandbox"]),
         .target(name: "KVM", dependencies: ["CKVM", "HostOS"]),
         .target(name: "Machine", dependencies: ["KVM", "CKVM", "HostOS"]),
         .target(name: "Events", dependencies: ["HostOS"]),
@@ -79,7 +79,7 @@ let package = Package(
             path: "Tests/FerryTestSupport"
         ),
         .target(name: "CTestSupport", path: "Tests/CTestSupport"),
-        .testTarget(name: "HostOSTests", dependencies: ["HostOS", "CSeccomp", "FerryTestSupport"]),
+        .testTarget(name: "HostOSTests", dependencies: ["HostOS", "CSandbox", "FerryTestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "HostOS"]),
         .testTarget(name: "EventsTests", dependencies: ["Events", "HostOS", "FerryTestSupport"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "KVM", "HostOS", "FerryTestSupport"]),

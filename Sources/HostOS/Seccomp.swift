@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CSeccomp
+import CSandbox
 import Synchronization
 
 /// Ferry's system-call filters (`--seccomp`), with the lists of `SeccompPolicy`.

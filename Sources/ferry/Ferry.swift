@@ -9,7 +9,32 @@ import Machine
 import VMM
 
 /// `ferry`: the VMM process. One VM per process; flags spelled as Cloud Hypervisor spells them.
+/// The entry point: parses (and checks) the command line on the main thread while it is the
+/// process's only thread — `--landlock` confines the process there (docs/security.md) — and only
+/// then starts Swift's concurrency to run the VMM.
 @main
+enum Main {
+    static func main() {
+        let command: Ferry
+        do {
+            guard let parsed = try Ferry.parseAsRoot() as? Ferry else { Ferry.exit() }
+            command = parsed
+        } catch {
+            Ferry.exit(withError: error)
+        }
+        Task {
+            var command = command
+            do {
+                try await command.run()
+                Ferry.exit()
+            } catch {
+                Ferry.exit(withError: error)
+            }
+        }
+        dispatchMain()
+    }
+}
+
 struct Ferry: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ferry",
@@ -87,12 +112,20 @@ struct Ferry: AsyncParsableCommand {
     @Option(help: ArgumentHelp("System-call filters, as Cloud Hypervisor's: true (a forbidden call ends the process, naming it), log (allowed and logged by the kernel) or false. See docs/security.md.", valueName: "true|false|log"))
     var seccomp: String = "true"
 
+    @Flag(help: "Landlock, as Cloud Hypervisor's: from start the process may open only the paths its configuration names and those of --landlock-rules. Refused where the kernel lacks Landlock. See docs/security.md.")
+    var landlock = false
+
+    @Option(name: .customLong("landlock-rules"), parsing: .singleValue,
+            help: ArgumentHelp("A path the process may still open with --landlock (repeatable): path=PATH,access=r|rw (rw: also create, remove and rename beneath a directory).",
+                               valueName: "path=PATH,access=r|rw"))
+    var landlockRules: [String] = []
+
     /// Parsed in `validate()` so that a bad value fails before anything starts.
     private var parsed: (vm: VMConfiguration?, events: EventSinkTarget?, socket: APIServer.Socket?)?
 
     enum CodingKeys: String, CodingKey {
         case showVersion, apiSocket, kernel, initramfs, cmdline, cpus, memory, serial, console, disk, net, rng, eventMonitor
-        case logLevel, verbosity, logFile, seccomp
+        case logLevel, verbosity, logFile, seccomp, landlock, landlockRules
     }
 
     /// What `--version` prints: Cloud Hypervisor's `cloud-hypervisor vX.Y.Z` (which clients such as
@@ -124,11 +157,16 @@ struct Ferry: AsyncParsableCommand {
             let entropySource = try rng.map(parseEntropySource)
             let sink = try eventMonitor.map(VMConfiguration.parseEventMonitor)
             let socket = try apiSocket.map(Self.parseAPISocket)
+            let extraRules = try landlockRules.map(Self.parseLandlockRule)
+            if !landlock, !extraRules.isEmpty {
+                throw ConfigurationError(flag: "--landlock-rules", "only with --landlock")
+            }
             guard let kernel else {
                 guard socket != nil else {
                     throw ConfigurationError(flag: "--kernel", "required unless --api-socket is given")
                 }
                 parsed = (nil, sink, socket)
+                if landlock { try confine(vm: nil, sink: sink, socket: socket, extraRules: extraRules) }
                 return
             }
             guard FileManager.default.isReadableFile(atPath: kernel) else {
@@ -147,11 +185,70 @@ struct Ferry: AsyncParsableCommand {
                     .first { error.message.hasPrefix($0.key) }?.value ?? "--kernel"
                 throw ConfigurationError(flag: flag, error.message)
             }
-            parsed = (VMConfiguration(machine: machine, serial: serialMode, console: consoleMode), sink, socket)
+            let vm = VMConfiguration(machine: machine, serial: serialMode, console: consoleMode)
+            parsed = (vm, sink, socket)
+            if landlock { try confine(vm: vm, sink: sink, socket: socket, extraRules: extraRules) }
         } catch let error as ConfigurationError {
             throw ValidationError(error.description)
         }
     }
+
+    /// `--landlock-rules path=PATH,access=r|rw`, Cloud Hypervisor's spelling.
+    static func parseLandlockRule(_ text: String) throws(ConfigurationError) -> Landlock.Rule {
+        let options = try OptionList(parsing: text, flag: "--landlock-rules", allowedKeys: ["path", "access"])
+        guard options.words.isEmpty, let path = options["path"], !path.isEmpty, let access = options["access"],
+              ["r", "rw"].contains(access) else {
+            throw ConfigurationError(flag: "--landlock-rules", "write path=PATH,access=r or access=rw, e.g. path=/var/lib/ferry/snapshots,access=rw")
+        }
+        return Landlock.Rule(path, write: access == "rw")
+    }
+
+    /// Confines the process with Landlock to what this configuration opens, now, while it is the
+    /// only thread (docs/security.md): `vm`'s files, the API socket's and event file's
+    /// directories, the log file, the devices a VM needs, what the runtime reads, and `extraRules`.
+    func confine(vm: VMConfiguration?, sink: EventSinkTarget?, socket: APIServer.Socket?, extraRules: [Landlock.Rule]) throws(ConfigurationError) {
+        var rules = Self.runtimeRules + extraRules
+        /// A file that may not exist yet (it is created at start): its directory.
+        func created(_ path: String) -> Landlock.Rule {
+            FileManager.default.fileExists(atPath: path) ? Landlock.Rule(path, write: true)
+                : Landlock.Rule((path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent, write: true)
+        }
+        if case .path(let path)? = socket { rules.append(Landlock.Rule((path as NSString).deletingLastPathComponent, write: true)) }
+        if case .path(let path)? = sink { rules.append(created(path)) }
+        if let logFile { rules.append(created(logFile)) }
+        if let vm {
+            let machine = vm.machine
+            rules.append(Landlock.Rule(machine.kernel, write: false))
+            if let initramfs = machine.initramfs { rules.append(Landlock.Rule(initramfs, write: false)) }
+            rules += machine.disks.map { Landlock.Rule($0.path, write: !$0.readOnly) }
+            if let source = machine.entropySource { rules.append(Landlock.Rule(source, write: false)) }
+            for mode in [vm.serial, vm.console] {
+                switch mode {
+                case .file(let path): rules.append(created(path))
+                case .socket(let path): rules.append(Landlock.Rule((path as NSString).deletingLastPathComponent, write: true))
+                default: break
+                }
+            }
+        }
+        do {
+            try Landlock.restrictProcess(to: rules)
+        } catch {
+            throw ConfigurationError(flag: "--landlock", error.description)
+        }
+    }
+
+    /// What any Ferry process opens after start: KVM, taps, terminals and entropy; its own /proc and
+    /// /sys entries; and what OpenSSL and name lookups read (their configuration, the libraries
+    /// glibc loads for them).
+    static let runtimeRules = [
+        Landlock.Rule("/dev/kvm", write: true), Landlock.Rule("/dev/net/tun", write: true), Landlock.Rule("/dev/null", write: true),
+        Landlock.Rule("/dev/urandom", write: false), Landlock.Rule("/dev/ptmx", write: true), Landlock.Rule("/dev/pts", write: true),
+        Landlock.Rule("/proc", write: false), Landlock.Rule("/sys/devices/system/cpu", write: false),
+        Landlock.Rule("/etc/hosts", write: false), Landlock.Rule("/etc/resolv.conf", write: false),
+        Landlock.Rule("/etc/nsswitch.conf", write: false), Landlock.Rule("/etc/localtime", write: false),
+        Landlock.Rule("/usr/share/zoneinfo", write: false), Landlock.Rule("/usr/lib/ssl", write: false),
+        Landlock.Rule("/etc/ssl", write: false), Landlock.Rule("/usr/lib", write: false),
+    ].filter { FileManager.default.fileExists(atPath: $0.path) }
 
     static let seccompSummary = [
         "true": "every thread is held to its system-call list; a forbidden call ends the process, naming it",

@@ -1,4 +1,4 @@
-import CSeccomp
+import CSandbox
 import FerryTestSupport
 @testable import HostOS
 import Testing

@@ -1,10 +1,10 @@
-// C shim over libseccomp (Debian's) for Ferry's system-call filters (docs/security.md).
+// C shim over libseccomp (Debian's) and Landlock for Ferry's confinement (docs/security.md).
 //
 // The allow-lists themselves are Swift (HostOS/SeccompPolicy.swift); this side builds and loads
 // the filter and reports a forbidden call from the SIGSYS handler, where only async-signal-safe
 // code may run.
-#ifndef FERRY_CSECCOMP_H
-#define FERRY_CSECCOMP_H
+#ifndef FERRY_CSANDBOX_H
+#define FERRY_CSANDBOX_H
 
 #include <stddef.h>
 
@@ -31,5 +31,21 @@ long ferry_seccomp_last_recorded(void);
 
 /// The number of the system call `name` on this architecture, or -1.
 long ferry_seccomp_number(const char *name);
+
+// Landlock: the paths the process may still open once it is confined.
+
+/// The highest Landlock ABI the kernel offers, or -1 without Landlock (errno says why).
+int ferry_landlock_abi(void);
+
+/// A ruleset handling every file-system access `abi` knows; -1 with `error` on failure.
+int ferry_landlock_ruleset(int abi, char *error, size_t error_size);
+
+/// Allows `path` (a file or a directory) read-only or, with `write`, read-write; -1 with `error`.
+int ferry_landlock_allow(int ruleset, int abi, const char *path, int write, char *error, size_t error_size);
+
+/// Confines the process to `ruleset`. A Landlock domain covers the calling thread and the
+/// threads it starts later, so this refuses (-1, with `error`) once the process has a second
+/// thread: it must come before any other thread exists.
+int ferry_landlock_restrict_process(int ruleset, char *error, size_t error_size);
 
 #endif

@@ -1,5 +1,5 @@
 #define _GNU_SOURCE
-#include "CSeccomp.h"
+#include "CSandbox.h"
 
 #include <errno.h>
 #include <seccomp.h>

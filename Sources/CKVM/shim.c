@@ -139,3 +139,6 @@ int ckvm_interface_configure(const char *name, unsigned address, unsigned netmas
     close(sock);
     return result;
 }
+
+_Static_assert(CKVM_TUNSETOFFLOAD == TUNSETOFFLOAD, "CKVM_TUNSETOFFLOAD is linux/if_tun.h's TUNSETOFFLOAD");
+_Static_assert(CKVM_TUNSETVNETHDRSZ == TUNSETVNETHDRSZ, "CKVM_TUNSETVNETHDRSZ is linux/if_tun.h's TUNSETVNETHDRSZ");

@@ -19,8 +19,8 @@ static __thread char confined_thread[32] = "unconfined";
 static volatile sig_atomic_t recorded = -1;
 static int record_only_mode;
 
-int ferry_seccomp_load(const char *const *names, size_t count, int mode, int all_threads, const char *thread_name,
-                       char *error, size_t error_size) {
+int ferry_seccomp_load(const char *const *names, size_t count, const unsigned long *ioctls, size_t ioctl_count, int mode,
+                       int all_threads, const char *thread_name, char *error, size_t error_size) {
     scmp_filter_ctx context = seccomp_init(mode == FERRY_SECCOMP_LOG ? SCMP_ACT_LOG : SCMP_ACT_TRAP);
     if (!context) {
         snprintf(error, error_size, "seccomp_init failed");
@@ -34,6 +34,14 @@ int ferry_seccomp_load(const char *const *names, size_t count, int mode, int all
             result = -1;
         } else if ((result = seccomp_rule_add_array(context, SCMP_ACT_ALLOW, number, 0, NULL)) != 0) {
             snprintf(error, error_size, "allowing %s: %s", names[index], strerror(-result));
+            result = -1;
+        }
+    }
+    // The request is an unsigned int in the kernel: compare its low 32 bits only.
+    for (size_t index = 0; index < ioctl_count && result == 0; index++) {
+        struct scmp_arg_cmp request = {.arg = 1, .op = SCMP_CMP_MASKED_EQ, .datum_a = 0xffffffffUL, .datum_b = ioctls[index] & 0xffffffffUL};
+        if ((result = seccomp_rule_add_array(context, SCMP_ACT_ALLOW, SCMP_SYS(ioctl), 1, &request)) != 0) {
+            snprintf(error, error_size, "allowing ioctl 0x%lx: %s", ioctls[index], strerror(-result));
             result = -1;
         }
     }

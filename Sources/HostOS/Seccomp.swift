@@ -34,22 +34,28 @@ public enum Seccomp {
         processMode.withLock { $0 = mode }
     }
 
-    /// Adds `kind`'s list to the calling thread, named `name` in a report, if the process is confined.
-    public static func confineCurrentThread(_ kind: SeccompPolicy.ThreadKind, name: String) throws(SystemError) {
+    /// Adds `kind`'s list to the calling thread, named `name` in a report, if the process is
+    /// confined. With `ioctls`, `ioctl` is allowed with those requests only.
+    public static func confineCurrentThread(_ kind: SeccompPolicy.ThreadKind, name: String, ioctls: [UInt] = []) throws(SystemError) {
         let mode = mode
         guard mode != .off else { return }
-        try load(kind, mode: mode, allThreads: false, name: name)
+        try load(kind, mode: mode, allThreads: false, name: name, ioctls: ioctls)
     }
 
-    /// Loads `kind`'s list on the calling thread (or all threads) with `mode`.
-    static func load(_ kind: SeccompPolicy.ThreadKind, mode: Mode, allThreads: Bool, name: String) throws(SystemError) {
-        let names = Array(Set(SeccompPolicy.allowed(for: kind))).sorted()
+    /// Loads `kind`'s list on the calling thread (or all threads) with `mode`; with `ioctls`,
+    /// `ioctl` only with those requests.
+    static func load(_ kind: SeccompPolicy.ThreadKind, mode: Mode, allThreads: Bool, name: String, ioctls: [UInt] = []) throws(SystemError) {
+        let names = Array(Set(SeccompPolicy.allowed(for: kind))).filter { ioctls.isEmpty || $0 != "ioctl" }.sorted()
         var error = [CChar](repeating: 0, count: 256)
         let cStrings = names.map { strdup($0) }
         defer { cStrings.forEach { free($0) } }
+        let requests = ioctls.map { CUnsignedLong($0) }
         let result = cStrings.map { UnsafePointer<CChar>($0) }.withUnsafeBufferPointer { pointers in
-            ferry_seccomp_load(pointers.baseAddress, pointers.count, mode == .log ? Int32(FERRY_SECCOMP_LOG) : Int32(FERRY_SECCOMP_TRAP),
-                               allThreads ? 1 : 0, name, &error, error.count)
+            requests.withUnsafeBufferPointer { requests in
+                ferry_seccomp_load(pointers.baseAddress, pointers.count, requests.baseAddress, requests.count,
+                                   mode == .log ? Int32(FERRY_SECCOMP_LOG) : Int32(FERRY_SECCOMP_TRAP), allThreads ? 1 : 0, name,
+                                   &error, error.count)
+            }
         }
         guard result == 0 else {
             let reason = String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)

@@ -35,7 +35,8 @@ public enum SeccompPolicy {
     ]
 
     /// `vcpuN`: runs the guest (`KVM_RUN`, and the vCPU's own state when it is saved or set),
-    /// emulates the exits, signals interrupts (irqfd, `KVM_SIGNAL_MSI`), writes the consoles' output
+    /// emulates the exits (its `ioctl` requests are limited further by the caller, see
+    /// `Machine.guestThreadIoctls`), signals interrupts (irqfd, `KVM_SIGNAL_MSI`), writes the consoles' output
     /// (a file, a pseudo-terminal or a socket), and waits while the machine is paused.
     static let vcpu = runtime + [
         "ioctl", "read", "pread64", "pwrite64", "sendto", "sendmsg", "poll", "ppoll",

@@ -427,9 +427,27 @@ extension Machine {
     /// guest. A thread that cannot be confined ends the process rather than run the guest unconfined.
     static func confine(_ kind: SeccompPolicy.ThreadKind, name: String) {
         do {
-            try Seccomp.confineCurrentThread(kind, name: name)
+            try Seccomp.confineCurrentThread(kind, name: name, ioctls: guestThreadIoctls)
         } catch {
             fatalError("\(name): \(error)")
         }
     }
+}
+
+extension Machine {
+    /// The only `ioctl` requests a vCPU or device thread may make (`SeccompPolicy`): running the
+    /// vCPU, its state and the VM's (saved and set around a pause), interrupts (lines, MSIs, MSI
+    /// routes a guest programs, irqfds), doorbells (ioeventfds) and queries, and the tap settings a guest's driver
+    /// negotiates. Not the calls that create or reshape a VM (`KVM_CREATE_*`, memory slots, the
+    /// dirty log), nor any other device's or terminal's.
+    static let guestThreadIoctls: [UInt] = [
+        CKVM_RUN, CKVM_GET_REGS, CKVM_SET_REGS, CKVM_GET_SREGS, CKVM_SET_SREGS, CKVM_GET_FPU, CKVM_SET_FPU,
+        CKVM_GET_CPUID2, CKVM_SET_CPUID2, CKVM_GET_MSRS, CKVM_SET_MSRS, CKVM_GET_LAPIC, CKVM_SET_LAPIC,
+        CKVM_GET_MP_STATE, CKVM_SET_MP_STATE, CKVM_GET_VCPU_EVENTS, CKVM_SET_VCPU_EVENTS, CKVM_GET_XSAVE, CKVM_SET_XSAVE,
+        CKVM_GET_XCRS, CKVM_SET_XCRS, CKVM_GET_DEBUGREGS, CKVM_SET_DEBUGREGS, CKVM_GET_TSC_KHZ, CKVM_SET_TSC_KHZ,
+        CKVM_GET_IRQCHIP, CKVM_SET_IRQCHIP, CKVM_GET_PIT2, CKVM_SET_PIT2, CKVM_GET_CLOCK, CKVM_SET_CLOCK,
+        CKVM_IRQ_LINE, CKVM_SIGNAL_MSI, CKVM_SET_GSI_ROUTING, CKVM_IRQFD, CKVM_IOEVENTFD, CKVM_CHECK_EXTENSION, CKVM_GET_API_VERSION,
+        CKVM_GET_VCPU_MMAP_SIZE, CKVM_GET_SUPPORTED_CPUID, CKVM_GET_MSR_INDEX_LIST,
+        CKVM_TUNSETOFFLOAD, CKVM_TUNSETVNETHDRSZ,
+    ].map { UInt($0) }
 }

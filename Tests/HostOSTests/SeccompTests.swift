@@ -55,3 +55,24 @@ import Glibc
         }
     }
 }
+
+extension SeccompTests {
+    /// With an `ioctl` list, only its requests pass the filter; others are caught like a call
+    /// outside the list.
+    @Test func onlyTheListedIoctlRequestsPass() throws {
+        let allowed: UInt = 0xAE80  // KVM_RUN
+        let forbidden: UInt = 0x5412  // TIOCSTI: pushing input into a terminal
+        let outcome = try BackgroundThread { () throws -> (allowed: Int32, allowedErrno: Int32, forbidden: Int32, caught: Int) in
+            try Seccomp.load(.vcpu, mode: .enforce, allThreads: false, name: "test-ioctl", ioctls: [allowed])
+            let before = ferry_seccomp_last_recorded()
+            errno = 0
+            let passed = ioctl(-1, allowed)  // reaches the kernel: a bad descriptor
+            let passedErrno = errno
+            let stopped = ioctl(-1, forbidden)
+            let caught = ferry_seccomp_last_recorded()
+            return (passed, passedErrno, stopped, caught == before ? -1 : caught)
+        }.join()
+        #expect(outcome.allowed == -1 && outcome.allowedErrno == EBADF, "\(outcome)")
+        #expect(outcome.caught == ferry_seccomp_number("ioctl"), "the forbidden request was caught: \(outcome)")
+    }
+}

@@ -73,6 +73,10 @@ static const int CKVM_IFF_TAP = 0x0002;
 static const int CKVM_IFF_VNET_HDR = 0x4000;
 static const unsigned CKVM_TUN_F_CSUM = 0x01, CKVM_TUN_F_TSO4 = 0x02, CKVM_TUN_F_TSO6 = 0x04;
 static const unsigned CKVM_TUN_F_TSO_ECN = 0x08, CKVM_TUN_F_UFO = 0x10;
+static const unsigned long CKVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING;
+// The tap ioctls a guest's feature negotiation makes (on a vCPU thread), for the seccomp lists.
+static const unsigned long CKVM_TUNSETOFFLOAD = 0x400454d0;     // _IOW('T', 208, unsigned int)
+static const unsigned long CKVM_TUNSETVNETHDRSZ = 0x400454d8;   // _IOW('T', 216, int)
 
 // System ioctls.
 static const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;

@@ -17,9 +17,10 @@ enum {
 
 /// Loads a filter that allows the system calls named in `names` and handles every other one as
 /// `mode` says: on the calling thread, or on every thread of the process with `all_threads`.
-/// `thread_name` is what the reporter calls this thread. 0, or -1 with the reason in `error`.
-int ferry_seccomp_load(const char *const *names, size_t count, int mode, int all_threads, const char *thread_name,
-                       char *error, size_t error_size);
+/// With `ioctl_count` > 0, `ioctl` is allowed only with the requests in `ioctls` (and must not be
+/// in `names`). `thread_name` is what the reporter calls this thread. 0, or -1 with `error`.
+int ferry_seccomp_load(const char *const *names, size_t count, const unsigned long *ioctls, size_t ioctl_count, int mode,
+                       int all_threads, const char *thread_name, char *error, size_t error_size);
 
 /// Installs the SIGSYS handler that reports a forbidden call: it writes the call's name, number and
 /// the thread to standard error and ends the process with status 159 (128 + SIGSYS). With

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -15,7 +16,8 @@
 // libseccomp (it allocates).
 #define NAMED_CALLS 512
 static char call_names[NAMED_CALLS][32];
-static __thread char confined_thread[32] = "unconfined";
+// The name a thread gave when it added its own list; empty on threads with the process's only.
+static __thread char confined_thread[32];
 static volatile sig_atomic_t recorded = -1;
 static int record_only_mode;
 
@@ -93,9 +95,11 @@ static void report(int signal, siginfo_t *info, void *context) {
     append(line, &length, sizeof line, number >= 0 && number < NAMED_CALLS && call_names[number][0] ? call_names[number] : "?");
     append(line, &length, sizeof line, " (");
     append_number(line, &length, sizeof line, number);
-    append(line, &length, sizeof line, ") on the ");
-    append(line, &length, sizeof line, confined_thread);
-    append(line, &length, sizeof line, " thread; the process ends (--seccomp log allows and logs instead)\n");
+    append(line, &length, sizeof line, ") on thread ");
+    char name[17] = {0};
+    if (confined_thread[0] == 0) prctl(PR_GET_NAME, name, 0, 0, 0);  // in the VMM's list
+    append(line, &length, sizeof line, confined_thread[0] ? confined_thread : name[0] ? name : "?");
+    append(line, &length, sizeof line, "; the process ends (--seccomp log allows and logs instead)\n");
     ssize_t ignored = write(STDERR_FILENO, line, length);
     (void)ignored;
     _exit(128 + SIGSYS);

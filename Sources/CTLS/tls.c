@@ -75,6 +75,13 @@ static int outcome(SSL *session, int result, char *error, size_t size) {
     case SSL_ERROR_ZERO_RETURN:
         return FERRY_TLS_CLOSED;
     case SSL_ERROR_SYSCALL:
+        // OpenSSL 3.2 and later queue a failed system call as an error of the system library,
+        // its reason the errno.
+        if (ERR_GET_LIB(ERR_peek_error()) == ERR_LIB_SYS) {
+            errno = ERR_GET_REASON(ERR_peek_error());
+            ERR_clear_error();
+            return FERRY_TLS_SYSCALL;
+        }
         if (ERR_peek_error() == 0) {
             ERR_clear_error();
             if (saved == 0) return FERRY_TLS_CLOSED;

@@ -30,6 +30,9 @@ public enum SeccompPolicy {
         "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",
         "getpid", "gettid", "getrandom",
         "exit", "exit_group",
+        // The kernel resumes an interrupted timed wait (futex, poll, nanosleep) after a stop and
+        // continue (SIGSTOP, a debugger, the cgroup freezer) through this call.
+        "restart_syscall",
         // Writing a log line or an error to standard error.
         "write", "writev",
     ]

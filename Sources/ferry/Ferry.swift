@@ -208,12 +208,21 @@ struct Ferry: AsyncParsableCommand {
     /// directories, the log file, the devices a VM needs, what the runtime reads, and `extraRules`.
     func confine(vm: VMConfiguration?, sink: EventSinkTarget?, socket: APIServer.Socket?, extraRules: [Landlock.Rule]) throws(ConfigurationError) {
         var rules = Self.runtimeRules + extraRules
+        /// The directory `path` is in.
+        func directory(of path: String) -> String {
+            let parent = (path as NSString).deletingLastPathComponent
+            return parent.isEmpty ? "." : parent
+        }
         /// A file that may not exist yet (it is created at start): its directory.
         func created(_ path: String) -> Landlock.Rule {
-            FileManager.default.fileExists(atPath: path) ? Landlock.Rule(path, write: true)
-                : Landlock.Rule((path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent, write: true)
+            FileManager.default.fileExists(atPath: path) ? Landlock.Rule(path, write: true) : Landlock.Rule(directory(of: path), write: true)
         }
-        if case .path(let path)? = socket { rules.append(Landlock.Rule((path as NSString).deletingLastPathComponent, write: true)) }
+        switch socket {
+        case .path(let path)?: rules.append(Landlock.Rule(directory(of: path), write: true))
+        // The server listens privately in the temporary directory and relays the inherited socket.
+        case .fileDescriptor?: rules.append(Landlock.Rule(NSTemporaryDirectory(), write: true))
+        case nil: break
+        }
         if case .path(let path)? = sink { rules.append(created(path)) }
         if let logFile { rules.append(created(logFile)) }
         if let vm {
@@ -225,10 +234,15 @@ struct Ferry: AsyncParsableCommand {
             for mode in [vm.serial, vm.console] {
                 switch mode {
                 case .file(let path): rules.append(created(path))
-                case .socket(let path): rules.append(Landlock.Rule((path as NSString).deletingLastPathComponent, write: true))
+                case .socket(let path): rules.append(Landlock.Rule(directory(of: path), write: true))
                 default: break
                 }
             }
+        }
+        // The API server moves its socket into place from a staging directory: a rename across
+        // directories, which Landlock allows from ABI 2 (Linux 5.19) on.
+        if let abi = Landlock.abi, abi < 2 {
+            throw ConfigurationError(flag: "--landlock", "this kernel's Landlock (ABI \(abi)) forbids moving files between directories, which the API socket needs; Linux 5.19 or later")
         }
         do {
             try Landlock.restrictProcess(to: rules)

@@ -43,10 +43,10 @@ import Glibc
         let path = vmm.socketPath
         let bigHeader = "X-Filler: " + String(repeating: "a", count: 20 << 10)
         let head = try Self.exchange(path, Array("GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\n\(bigHeader)\r\n\r\n".utf8))
-        #expect(head.hasPrefix("HTTP/1.1 400") || head.isEmpty, "a 20 KiB header: \(head.prefix(80))")
+        #expect(head.hasPrefix("HTTP/1.1 400"), "a 20 KiB header: \(head.prefix(80))")
         let manyFields = (0..<150).map { "X-Field-\($0): 1\r\n" }.joined()
         let fields = try Self.exchange(path, Array("GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\n\(manyFields)\r\n".utf8))
-        #expect(fields.hasPrefix("HTTP/1.1 400") || fields.isEmpty, "150 header fields: \(fields.prefix(80))")
+        #expect(fields.hasPrefix("HTTP/1.1 400"), "150 header fields: \(fields.prefix(80))")
         let body = "{\"cpus\": \"" + String(repeating: "a", count: (1 << 20) + 10) + "\"}"
         let large = try Self.exchange(path, Array("PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)".utf8))
         #expect(large.hasPrefix("HTTP/1.1 400") && large.contains("larger than"), "a body over 1 MiB: \(large.prefix(200))")

@@ -11,12 +11,13 @@ import Testing
 @Suite(.enabled(if: Repository.kvmAvailable, needsKVM), .enabled(if: Landlock.abi != nil, "this kernel has no Landlock"))
 struct LandlockTests {
     @Test func aPathOutsideTheRulesIsRefusedAndOneInsideIsWritten() async throws {
-        let directory = try TemporaryDirectory()
-        let elsewhere = try TemporaryDirectory()  // outside every rule; the API socket's directory is inside one
-        let allowed = directory.path("snapshots")
+        let directory = try TemporaryDirectory()  // the API socket's: read-write under the rules
+        let elsewhere = try TemporaryDirectory()  // outside every rule
+        let snapshots = try TemporaryDirectory()  // read-write by a rule of its own
+        let allowed = snapshots.path("snapshots")
         try FileManager.default.createDirectory(atPath: allowed, withIntermediateDirectories: true)
         let vmm = try await TestVMM("vmm", in: directory, extraArguments: [
-            "--landlock", "--landlock-rules", "path=\(try TestGuest.path.get()),access=r",
+            "--landlock", "--landlock-rules", "path=\(try TestGuest.path.get()),access=r", "--landlock-rules", "path=\(allowed),access=rw",
         ])
         try await vmm.boot(TestGuestVM(cpus: 1, memoryMiB: 64, workload: "workset_mib=1 dirty_rate=10"))
         try await vmm.api.send(.vmPause)

@@ -40,4 +40,26 @@ struct SeccompProcessTests {
         }
         #expect(!ferry.standardError.contains("forbidden system call"), "\(ferry.standardError)")
     }
+
+    /// A stopped and continued process (SIGSTOP and SIGCONT, as a debugger, Ctrl-Z or the cgroup
+    /// freezer do) resumes its interrupted timed waits through restart_syscall, which every list
+    /// allows: the VMM and its guest go on.
+    @Test func aStoppedAndContinuedVMMGoesOn() async throws {
+        let directory = try TemporaryDirectory()
+        let vmm = try await TestVMM("vmm", in: directory)
+        try await vmm.boot(TestGuestVM(cpus: 2, memoryMiB: 64, workload: "workset_mib=1 dirty_rate=10"))
+        for _ in 0..<3 {
+            vmm.process.signal(SIGSTOP)
+            try await Task.sleep(for: .milliseconds(300))
+            vmm.process.signal(SIGCONT)
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        let mark = vmm.process.consoleLines.count
+        for cpu in 0..<2 {
+            _ = try await vmm.waitForConsoleLine(after: mark, timeout: .seconds(30)) { $0.hasPrefix("HEARTBEAT cpu=\(cpu) ") }
+        }
+        #expect(try await vmm.info().state == "Running")
+        #expect(!vmm.process.standardError.contains("forbidden system call"), "\(vmm.process.standardError)")
+        #expect(await vmm.shutDown())
+    }
 }

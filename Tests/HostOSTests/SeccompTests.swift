@@ -31,10 +31,13 @@ import Glibc
 
     @Test func logModeAllowsTheCall() throws {
         let before = ferry_seccomp_last_recorded()
-        let parent = try BackgroundThread { () throws -> Int in
+        let (parent, filters) = try BackgroundThread { () throws -> (Int, String) in
             try Seccomp.load(.deviceIO, mode: .log, allThreads: false, name: "test-device")
-            return Int(getppid())
+            let status = (try? String(contentsOfFile: "/proc/thread-self/status", encoding: .utf8)) ?? ""
+            let filters = status.split(separator: "\n").first { $0.hasPrefix("Seccomp_filters:") }.map(String.init) ?? ""
+            return (Int(getppid()), filters)
         }.join()
+        #expect(filters.hasSuffix("\t1"), "the thread has the filter: \(filters)")
         #expect(parent == Int(getppid()), "the call ran")
         #expect(ferry_seccomp_last_recorded() == before, "nothing was trapped")
     }

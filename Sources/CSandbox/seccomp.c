@@ -47,6 +47,11 @@ int ferry_seccomp_load(const char *const *names, size_t count, const unsigned lo
             result = -1;
         }
     }
+    // The kernel's audit log records a trapped call too, not only the logged ones.
+    if (result == 0 && (result = seccomp_attr_set(context, SCMP_FLTATR_CTL_LOG, 1)) != 0) {
+        snprintf(error, error_size, "logging trapped calls: %s", strerror(-result));
+        result = -1;
+    }
     if (result == 0 && all_threads && (result = seccomp_attr_set(context, SCMP_FLTATR_CTL_TSYNC, 1)) != 0) {
         snprintf(error, error_size, "synchronising the filter across threads: %s", strerror(-result));
         result = -1;
@@ -89,12 +94,25 @@ static void report(int signal, siginfo_t *info, void *context) {
         machine->uc_mcontext.gregs[REG_RAX] = -ENOSYS;
         return;
     }
-    char line[256];
+    char line[512];
     size_t length = 0;
     append(line, &length, sizeof line, "ferry: seccomp: forbidden system call ");
     append(line, &length, sizeof line, number >= 0 && number < NAMED_CALLS && call_names[number][0] ? call_names[number] : "?");
     append(line, &length, sizeof line, " (");
     append_number(line, &length, sizeof line, number);
+    // A file the thread tried to open says most about why.
+    ucontext_t *machine = context;
+    const char *path = NULL;
+    if (number == SYS_openat) path = (const char *)machine->uc_mcontext.gregs[REG_RSI];
+    if (number == SYS_open) path = (const char *)machine->uc_mcontext.gregs[REG_RDI];
+    if (path) {
+        append(line, &length, sizeof line, " of ");
+        char shown[128];
+        size_t index = 0;
+        while (index + 1 < sizeof shown && path[index]) { shown[index] = path[index]; index++; }
+        shown[index] = 0;
+        append(line, &length, sizeof line, shown);
+    }
     append(line, &length, sizeof line, ") on thread ");
     char name[17] = {0};
     if (confined_thread[0] == 0) prctl(PR_GET_NAME, name, 0, 0, 0);  // in the VMM's list

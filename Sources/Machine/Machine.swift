@@ -435,7 +435,7 @@ extension Machine {
 }
 
 extension Machine {
-    /// The only `ioctl` requests a vCPU or device thread may make (`SeccompPolicy`): running the
+    /// The only `ioctl` requests a vCPU thread may make (`SeccompPolicy`): running the
     /// vCPU, its state and the VM's (saved and set around a pause), interrupts (lines, MSIs, MSI
     /// routes a guest programs, irqfds), doorbells (ioeventfds) and queries, and the tap settings a guest's driver
     /// negotiates. Not the calls that create or reshape a VM (`KVM_CREATE_*`, memory slots, the

@@ -207,8 +207,17 @@ public final class TestVMM: Sendable {
     /// Asks the VMM to shut down; returns whether the call was answered and the process exited
     /// with status 0.
     public func shutDown() async -> Bool {
-        guard (try? await api.send(.vmmShutdown)) != nil else { return false }
-        return await waitForExit(timeout: .seconds(30)) == 0
+        do {
+            try await api.send(.vmmShutdown)
+        } catch {
+            print("\(name): vmm.shutdown failed: \(error); stderr: \(process.standardError.suffix(2000))")
+            return false
+        }
+        let status = await waitForExit(timeout: .seconds(30))
+        if status != 0 {
+            print("\(name): after vmm.shutdown, exit status \(status.map(String.init) ?? "none within 30 s"); stderr: \(process.standardError.suffix(2000))")
+        }
+        return status == 0
     }
 
     // MARK: Console and process

@@ -32,7 +32,7 @@ import Glibc
     @Test func logModeAllowsTheCall() throws {
         let before = ferry_seccomp_last_recorded()
         let (parent, filters) = try BackgroundThread { () throws -> (Int, String) in
-            try Seccomp.load(.deviceIO, mode: .log, allThreads: false, name: "test-device")
+            try Seccomp.load(.vcpu, mode: .log, allThreads: false, name: "test-log")
             let status = (try? String(contentsOfFile: "/proc/thread-self/status", encoding: .utf8)) ?? ""
             let filters = status.split(separator: "\n").first { $0.hasPrefix("Seccomp_filters:") }.map(String.init) ?? ""
             return (Int(getppid()), filters)

@@ -220,8 +220,9 @@ extension SendMigrationData {
             }
             strategy = parsed
         }
-        if let connections, connections != Int64(SendMigrationOptions.connections) {
-            throw VMMError(.invalidRequest, "connections: \(connections) is not available; Ferry migrates over 1 connection")
+        let connectionCount = connections ?? 1
+        guard (1...Int64(MigrationProtocol.maximumConnections)).contains(connectionCount) else {
+            throw VMMError(.invalidRequest, "connections: \(connectionCount) must be 1 to \(MigrationProtocol.maximumConnections)")
         }
         let tlsDirectory = try VMMError.tlsDirectory(tls_dir, for: destination)
         if local == true {
@@ -230,7 +231,7 @@ extension SendMigrationData {
         return SendMigrationOptions(
             destination: destination,
             policy: PrecopyPolicy(downtimeLimit: .milliseconds(downtime), timeout: .seconds(timeout), timeoutStrategy: strategy),
-            keepAlive: keep_alive ?? false, tlsDirectory: tlsDirectory)
+            connections: Int(connectionCount), keepAlive: keep_alive ?? false, tlsDirectory: tlsDirectory)
     }
 }
 

@@ -262,7 +262,7 @@ public struct SendMigrationData: Codable, Equatable, Sendable {
     public var timeout_s: Int64?
     /// `Cancel` (the default) or `Ignore`.
     public var timeout_strategy: String?
-    /// Parallel connections; Ferry sends over one.
+    /// Parallel connections the memory goes over, the main one included: 1 (the default) to 128.
     public var connections: Int64?
     /// Migration to a VMM on the same host by handing over guest memory; not available.
     public var local: Bool?

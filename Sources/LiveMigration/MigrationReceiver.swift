@@ -7,7 +7,8 @@ import Synchronization
 
 /// One incoming live migration, run on its own thread: accepts one sender, enforces the request
 /// sequence (start, config, memory…, state, complete — or abandon), builds the VM from what it
-/// receives and hands it to the VMM, which runs it.
+/// receives and hands it to the VMM, which runs it. After the config, the sender's extra
+/// connections may join and carry memory requests too (`ReceiveLanes`).
 ///
 /// It emits `vm.migration-receive-started` once a sender's first request is a well-formed start,
 /// and after that exactly one of `vm.migration-receive-finished` and `vm.migration-receive-failed`.
@@ -56,7 +57,7 @@ public final class MigrationReceiver: Sendable {
         self.destinationVM = destinationVM
         self.ioTimeout = ioTimeout
         progress = MigrationProgressTracker(MigrationProgress(
-            direction: .incoming, transport: listener.url.transport, connections: SendMigrationOptions.connections, tls: tls != nil))
+            direction: .incoming, transport: listener.url.transport, connections: 1, tls: tls != nil))
     }
 
     /// Emits `vm.migration-receive-ready`: a sender may connect now.
@@ -67,8 +68,12 @@ public final class MigrationReceiver: Sendable {
     /// Stops the receive as soon as possible, whether it waits for a sender or receives;
     /// `reason` becomes its error. Safe from any thread.
     public func requestStop(reason: String) {
+        requestStop(reason: reason, closingListener: true)
+    }
+
+    private func requestStop(reason: String, closingListener: Bool) {
         stopReason.withLock { $0 = $0 ?? reason }
-        listener.shutdown()
+        if closingListener { listener.shutdown() }
         connection.withLock { $0?.shutdown() }
     }
 
@@ -97,11 +102,11 @@ public final class MigrationReceiver: Sendable {
             listener.close()
             return .failed(stopReason.withLock { $0 } ?? "accepting a sender failed: \(error)")
         }
-        listener.close()  // one sender per receive
         self.connection.withLock { $0 = connection }
         defer {
             self.connection.withLock { $0 = nil }
             connection.close()
+            listener.close()
         }
         if let reason = stopReason.withLock({ $0 }) { return .failed(reason) }
         let peer = connection.peer
@@ -136,8 +141,28 @@ public final class MigrationReceiver: Sendable {
             progress.update { $0.state = .ongoing(next) }
         }
         var incoming: Machine?
-        var bytes: UInt64 = 0
-        var bandwidth = BandwidthMeter()
+        var lanes: ReceiveLanes?
+        /// Ends the extra connections; what they leave incomplete, if anything.
+        func finishLanes() -> String? {
+            defer { lanes = nil }
+            return lanes?.finish()
+        }
+        let received = Mutex((bytes: UInt64(0), bandwidth: BandwidthMeter(), lastEnd: ContinuousClock.Instant.now))
+        /// Counts a memory request that began to arrive at `start`, on any connection; time that
+        /// several connections spent at once counts once.
+        let record: @Sendable (UInt64, ContinuousClock.Instant) -> Void = { [progress] bytes, start in
+            let bytesPerSecond = received.withLock { received in
+                let now = ContinuousClock.now
+                received.bytes += bytes
+                received.bandwidth.record(bytes: bytes, in: now - max(start, received.lastEnd))
+                received.lastEnd = now
+                return UInt64(received.bandwidth.bytesPerSecond)
+            }
+            progress.update {
+                $0.memory.transmittedBytes += bytes
+                $0.memory.bytesPerSecond = bytesPerSecond
+            }
+        }
         do {
             try start.checkVersion()
             try connection.sendResponse(.ok)
@@ -152,6 +177,10 @@ public final class MigrationReceiver: Sendable {
             }
             incoming = machine
             progress.update { $0.memory.totalBytes = machine.memory.size }
+            lanes = ReceiveLanes(
+                listener: listener, tls: tls, ioTimeout: ioTimeout, migrationID: start.migrationID, memory: machine.memory,
+                progress: progress, received: record,
+                failed: { [weak self] reason in self?.requestStop(reason: reason, closingListener: false) })
             try connection.sendResponse(.ok)
 
             enter(.memoryPrecopy)
@@ -172,19 +201,14 @@ public final class MigrationReceiver: Sendable {
             while case .memory(let table) = request {
                 let batchStart = ContinuousClock.now
                 try connection.receiveMemory(table, into: machine.memory)
-                bandwidth.record(bytes: table.dataBytes, in: ContinuousClock.now - batchStart)
-                bytes += table.dataBytes
-                let bytesPerSecond = UInt64(bandwidth.bytesPerSecond)
-                progress.update {
-                    $0.memory.transmittedBytes += table.dataBytes
-                    $0.memory.bytesPerSecond = bytesPerSecond
-                }
+                record(table.dataBytes, batchStart)
                 try connection.sendResponse(.ok)
                 request = try nextRequest()
             }
 
             guard case .state(let state) = request else { throw unexpected(request, expected: "memory or state") }
             enter(.completing)
+            if let incomplete = finishLanes() { throw Refusal(description: incomplete) }
             do {
                 try machine.restore(state.machine)
             } catch {
@@ -201,11 +225,14 @@ public final class MigrationReceiver: Sendable {
             try? connection.sendResponse(.ok)
             let total = ContinuousClock.now - began
             progress.end(.finished, total: total)
-            events.emit(VMEvent.MigrationReceiveFinished(migrationID: id, totalMs: total.wholeMilliseconds, bytesTotal: bytes))
+            events.emit(VMEvent.MigrationReceiveFinished(migrationID: id, totalMs: total.wholeMilliseconds,
+                                                         bytesTotal: received.withLock { $0.bytes }))
             return .received
         } catch {
+            // The extra connections' threads write into the machine's memory: end them first.
+            let laneFailure = finishLanes()
             incoming?.stop()
-            let message = describe(error)
+            let message = describe(error, laneFailure: laneFailure)
             if error is Abandoned {
                 try? connection.sendResponse(.ok)
             } else if (error as? MigrationError)?.kind != .peerWentAway {
@@ -224,8 +251,10 @@ public final class MigrationReceiver: Sendable {
         return Refusal(description: "protocol violation: expected \(expected), got \(request.command)")
     }
 
-    private func describe(_ error: any Error) -> String {
+    private func describe(_ error: any Error, laneFailure: String? = nil) -> String {
         if let reason = stopReason.withLock({ $0 }) { return reason }
+        // A sender whose extra connection failed abandons, or loses its main connection too.
+        if let laneFailure, error is Abandoned || (error as? MigrationError)?.kind == .peerWentAway { return laneFailure }
         if let error = error as? MigrationError {
             switch error.kind {
             case .peerWentAway: return "the sender went away: \(error.message)"

@@ -46,7 +46,11 @@ public final class MigrationSender: Sendable {
     public let id: UUID
     let options: SendMigrationOptions
     let machine: Machine
+    /// The main connection, connected to `options.destination`; the sender joins
+    /// `options.connections - 1` more after the config.
     let connection: MigrationConnection
+    /// The sender's credentials, for the extra connections too.
+    let tls: MigrationTLS?
     let events: EventMonitor
     let guestWasRunning: Bool
     let sourceVM: SourceVM
@@ -61,20 +65,26 @@ public final class MigrationSender: Sendable {
     }
 
     private let control = Mutex(Control())
+    /// The extra connections joined so far, for `requestStop` to interrupt.
+    private let extraConnections = Mutex<[MigrationConnection]>([])
+    /// What the memory connections moved, counted as the receiver answers.
+    private let link = Mutex(LinkStatistics())
 
-    /// A migration of `machine` over `connection` (connected to `options.destination`).
+    /// A migration of `machine` over `connection` (connected to `options.destination`, with
+    /// `tls` if it is TLS).
     public init(id: UUID = UUID(), options: SendMigrationOptions, machine: Machine, connection: MigrationConnection,
-                events: EventMonitor, guestWasRunning: Bool, sourceVM: SourceVM) {
+                tls: MigrationTLS? = nil, events: EventMonitor, guestWasRunning: Bool, sourceVM: SourceVM) {
         self.id = id
         self.options = options
         self.machine = machine
         self.connection = connection
+        self.tls = tls
         self.events = events
         self.guestWasRunning = guestWasRunning
         self.sourceVM = sourceVM
         started = .now
         progress = MigrationProgressTracker(MigrationProgress(
-            direction: .outgoing, transport: options.destination.transport, connections: SendMigrationOptions.connections,
+            direction: .outgoing, transport: options.destination.transport, connections: options.connections,
             tls: connection.isEncrypted, downtimeLimit: options.policy.downtimeLimit))
         progress.update {
             $0.migrationID = id.lowercasedString
@@ -88,7 +98,7 @@ public final class MigrationSender: Sendable {
         events.emit(VMEvent.MigrationStarted(
             migrationID: id.lowercasedString, destinationURL: options.destination.description,
             downtimeMs: options.policy.downtimeLimit.wholeMilliseconds, timeoutS: options.policy.timeout.components.seconds,
-            connections: SendMigrationOptions.connections, local: false, tls: connection.isEncrypted))
+            connections: options.connections, local: false, tls: connection.isEncrypted))
         let thread = Thread { [self] in ended(run()) }
         thread.name = "migration-send"
         thread.start()
@@ -115,14 +125,16 @@ public final class MigrationSender: Sendable {
             control.stopReason = control.stopReason ?? reason
             return true
         }
-        if accepted { connection.shutdown() }
+        if accepted {
+            connection.shutdown()
+            for extra in extraConnections.withLock({ $0 }) { extra.shutdown() }
+        }
         return accepted
     }
 
-    /// Everything measured while the migration runs.
-    private struct Statistics {
+    /// What the memory connections moved.
+    private struct LinkStatistics {
         var bandwidth = BandwidthMeter()
-        var passes = 0
         var bytesTotal: UInt64 = 0
     }
 
@@ -133,18 +145,26 @@ public final class MigrationSender: Sendable {
         var reason: StopReason
     }
 
-    /// Pass 0 scans and sends guest RAM in slices of this size, so that the link is busy from
-    /// the start and the destination never waits long for the next request.
+    /// Pass 0 scans guest RAM in slices of this size and queues each slice's pages before it
+    /// scans the next, so that the link is busy from the start.
     static let scanSliceBytes: UInt64 = 256 << 20
 
     /// Runs the whole migration on the calling thread and emits its events.
     func run() -> Ending {
         var phase = MigrationPhase.starting
-        var statistics = Statistics()
+        var passes = 0
         var pausedByMigration = false
+        var lanes: SendLanes?
         func enter(_ next: MigrationPhase) {
             phase = next
             progress.update { $0.state = .ongoing(next) }
+        }
+        /// Ends the lanes' threads and closes the extra connections (not the main one).
+        func closeLanes(interrupting: Bool) {
+            if interrupting { lanes?.shutdown() }
+            lanes?.stop()
+            lanes = nil
+            for extra in extraConnections.withLock({ $0 }) { extra.close() }
         }
         do {
             try connection.handshake()
@@ -152,16 +172,28 @@ public final class MigrationSender: Sendable {
             try expectStartAnswered()
             try connection.sendConfig(MigrationConfig(machine: machine.configuration))
             try connection.expectOK(after: .config)
+            lanes = SendLanes(connections: [connection] + (try joinExtraConnections()), memory: machine.memory) { [self] bytes, busy in
+                let bandwidth = link.withLock { link in
+                    link.bandwidth.record(bytes: bytes, in: busy)
+                    link.bytesTotal += bytes
+                    return UInt64(link.bandwidth.bytesPerSecond)
+                }
+                progress.update {
+                    $0.memory.transmittedBytes += bytes
+                    $0.memory.remainingInPassBytes -= min(bytes, $0.memory.remainingInPassBytes)
+                    $0.memory.bytesPerSecond = bandwidth
+                }
+            }
 
             enter(.memoryPrecopy)
             try machine.setDirtyLogging(true)
-            let remaining = try precopy(&statistics)
+            let remaining = try precopy(lanes!, passes: &passes)
 
             enter(.completing)
             let estimate = PrecopyPolicy.estimatedDowntime(remainingBytes: remaining.byteCount,
-                                                           bandwidthBytesPerSecond: statistics.bandwidth.bytesPerSecond)
+                                                           bandwidthBytesPerSecond: link.withLock { $0.bandwidth.bytesPerSecond })
             events.emit(VMEvent.MigrationDowntime(migrationID: id.lowercasedString, remainingBytes: remaining.byteCount,
-                                                  estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0, iterations: statistics.passes))
+                                                  estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0, iterations: passes))
             let downtimeStart = ContinuousClock.now
             if guestWasRunning {
                 try sourceVM.pause()
@@ -169,7 +201,8 @@ public final class MigrationSender: Sendable {
             }
             try checkStop()
             let last = remaining.union(try machine.collectDirtyPages())
-            try send(last, in: &statistics)
+            try send(last, over: lanes!)
+            closeLanes(interrupting: false)
             try connection.sendState(MigrationState(machine: try machine.saveState(), guestRunning: guestWasRunning))
             try connection.expectOK(after: .state)
             try commit()
@@ -180,14 +213,15 @@ public final class MigrationSender: Sendable {
             progress.update { $0.downtime = downtime }
             progress.end(.finished, total: total)
             events.emit(VMEvent.MigrationFinished(migrationID: id.lowercasedString, totalMs: total.wholeMilliseconds,
-                                                  downtimeMs: downtime.wholeMilliseconds, bytesTotal: statistics.bytesTotal,
-                                                  iterations: statistics.passes))
+                                                  downtimeMs: downtime.wholeMilliseconds, bytesTotal: link.withLock { $0.bytesTotal },
+                                                  iterations: passes))
             connection.close()
             return .finished
         } catch {
             // After the connection itself failed, an abandon could only wait out another I/O
             // timeout behind a full send buffer.
             let connectionFailed = (error as? MigrationError).map { $0.kind == .timedOut || $0.kind == .peerWentAway } ?? false
+            closeLanes(interrupting: true)
             if !connectionFailed { try? connection.sendRequest(.abandon) }
             connection.close()
             try? machine.setDirtyLogging(false)
@@ -211,34 +245,55 @@ public final class MigrationSender: Sendable {
         }
     }
 
+    /// Connects the extra connections `options.connections` asks for, each with its own TLS
+    /// handshake, and joins each to this migration.
+    private func joinExtraConnections() throws -> [MigrationConnection] {
+        let count = options.connections
+        for index in 1..<max(count, 1) {
+            try checkStop()
+            let extra = try MigrationConnection.connect(to: options.destination, timeout: MigrationConnection.defaultConnectTimeout,
+                                                        ioTimeout: connection.ioTimeout, tls: tls)
+            extraConnections.withLock { $0.append(extra) }
+            try checkStop()
+            do {
+                try extra.handshake()
+                try extra.sendJoin(MigrationJoin(migrationID: id, index: UInt32(index), count: UInt32(count)))
+                try extra.expectOK(after: .join)
+            } catch {
+                throw MigrationError(error.kind, "extra connection \(index) of \(count - 1): \(error.message)", cause: error.cause)
+            }
+        }
+        return extraConnections.withLock { $0 }
+    }
+
     /// Pass 0 sends every page that is not zero; each later pass sends what the guest dirtied
     /// during the one before. Returns the pages dirtied during the last pass, still to send, once
     /// the policy says to switch over.
-    private func precopy(_ statistics: inout Statistics) throws -> PageRuns {
+    private func precopy(_ lanes: SendLanes, passes: inout Int) throws -> PageRuns {
         var pages: PageRuns?  // nil: pass 0, every page that is not zero
         while true {
             let passStart = ContinuousClock.now
-            progress.update { $0.memory.pass = statistics.passes }
+            progress.update { [passes] in $0.memory.pass = passes }
             let bytes: UInt64
             let pageCount: Int
             if let pages {
-                (bytes, pageCount) = (try send(pages, in: &statistics), pages.pageCount)
+                (bytes, pageCount) = (try send(pages, over: lanes), pages.pageCount)
             } else {
-                (bytes, pageCount) = try sendNonZeroPages(&statistics)
+                (bytes, pageCount) = try sendNonZeroPages(over: lanes)
             }
             let duration = ContinuousClock.now - passStart
             let dirty = try machine.collectDirtyPages()
-            let bandwidth = statistics.bandwidth.bytesPerSecond
+            let bandwidth = link.withLock { $0.bandwidth.bytesPerSecond }
             let estimate = PrecopyPolicy.estimatedDowntime(remainingBytes: dirty.byteCount, bandwidthBytesPerSecond: bandwidth)
             progress.update {
                 $0.estimatedDowntime = estimate
                 $0.memory.dirtyPagesPerSecond = duration > .zero ? UInt64(Double(dirty.pageCount) / duration.inSeconds) : 0
             }
             events.emit(VMEvent.MigrationMemoryIteration(
-                migrationID: id.lowercasedString, id: statistics.passes, bytes: bytes, pages: UInt64(pageCount),
+                migrationID: id.lowercasedString, id: passes, bytes: bytes, pages: UInt64(pageCount),
                 durationMs: duration.wholeMilliseconds, bandwidthBytesPerS: UInt64(bandwidth), dirtyPages: UInt64(dirty.pageCount),
                 remainingBytes: dirty.byteCount, estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0))
-            statistics.passes += 1
+            passes += 1
             switch options.policy.decide(remainingBytes: dirty.byteCount, bandwidthBytesPerSecond: bandwidth,
                                          elapsed: ContinuousClock.now - started) {
             case .anotherPass:
@@ -251,56 +306,42 @@ public final class MigrationSender: Sendable {
         }
     }
 
-    /// Pass 0: scans guest RAM slice by slice and sends each slice's non-zero pages before
-    /// scanning the next. Returns the bytes and pages sent.
-    private func sendNonZeroPages(_ statistics: inout Statistics) throws -> (UInt64, Int) {
-        let ram = machine.memory.ranges
+    /// Pass 0: scans guest RAM slice by slice and queues each slice's non-zero pages before
+    /// scanning the next, then waits until all are answered. Returns the bytes and pages sent.
+    private func sendNonZeroPages(over lanes: SendLanes) throws -> (UInt64, Int) {
         progress.update { $0.memory.remainingInPassBytes = machine.memory.size }
         var bytes: UInt64 = 0
         var pages = 0
-        for range in ram {
+        for range in machine.memory.ranges {
             var start = range.start
             while start < range.end {
+                try checkStop()
                 let slice = GuestRAMRange(start: start, size: min(Self.scanSliceBytes, range.end - start))
                 let nonZero = machine.memory.nonZeroPages(in: slice)
                 let skipped = slice.size - nonZero.byteCount
                 progress.update {
                     $0.memory.zeroPages += skipped / PageRuns.pageSize
-                    $0.memory.remainingInPassBytes -= skipped
+                    $0.memory.remainingInPassBytes -= min(skipped, $0.memory.remainingInPassBytes)
                 }
-                bytes += try send(nonZero, in: &statistics, announce: false)
+                try lanes.enqueue(nonZero)
+                bytes += nonZero.byteCount
                 pages += nonZero.pageCount
                 start = slice.end
             }
         }
+        try lanes.drain()
         return (bytes, pages)
     }
 
-    /// Sends `pages` as memory requests straight from guest memory; returns the bytes sent.
-    /// - Parameter announce: whether `pages` is a whole pass, whose size the progress shows as
-    ///   still to send.
+    /// Sends `pages`, a whole pass, over every connection, and waits until all are answered;
+    /// returns the bytes sent.
     @discardableResult
-    private func send(_ pages: PageRuns, in statistics: inout Statistics, announce: Bool = true) throws -> UInt64 {
-        if announce {
-            progress.update { $0.memory.remainingInPassBytes = pages.byteCount }
-        }
-        var sent: UInt64 = 0
-        for table in MemoryRangeTable.batches(of: pages.runs) {
-            try checkStop()
-            let batchStart = ContinuousClock.now
-            try connection.sendMemory(table, from: machine.memory)
-            try connection.expectOK(after: .memory)
-            statistics.bandwidth.record(bytes: table.dataBytes, in: ContinuousClock.now - batchStart)
-            statistics.bytesTotal += table.dataBytes
-            sent += table.dataBytes
-            let bandwidth = UInt64(statistics.bandwidth.bytesPerSecond)
-            progress.update {
-                $0.memory.transmittedBytes += table.dataBytes
-                $0.memory.remainingInPassBytes -= table.dataBytes
-                $0.memory.bytesPerSecond = bandwidth
-            }
-        }
-        return sent
+    private func send(_ pages: PageRuns, over lanes: SendLanes) throws -> UInt64 {
+        try checkStop()
+        progress.update { $0.memory.remainingInPassBytes = pages.byteCount }
+        try lanes.enqueue(pages)
+        try lanes.drain()
+        return pages.byteCount
     }
 
     private func checkStop() throws {

@@ -12,6 +12,7 @@ public enum MigrationRequest: Equatable, Sendable {
     case state(MigrationState)
     case complete
     case abandon
+    case join(MigrationJoin)
 
     public var command: MigrationCommand {
         switch self {
@@ -21,6 +22,7 @@ public enum MigrationRequest: Equatable, Sendable {
         case .state: .state
         case .complete: .complete
         case .abandon: .abandon
+        case .join: .join
         }
     }
 }
@@ -98,6 +100,10 @@ public final class MigrationConnection: Sendable {
         try sendRequest(.start, payload: start.encoded)
     }
 
+    public func sendJoin(_ join: MigrationJoin) throws(MigrationError) {
+        try sendRequest(.join, payload: join.encoded)
+    }
+
     public func sendConfig(_ config: MigrationConfig) throws(MigrationError) {
         try sendRequest(.config, payload: try MigrationDocument.encode(config))
     }
@@ -149,6 +155,8 @@ public final class MigrationConnection: Sendable {
             case .state:
                 let bytes = try read(Int(header.length), what: "the state payload")
                 return .state(try MigrationDocument.decode(MigrationState.self, from: bytes, command: .state))
+            case .join:
+                return .join(try MigrationJoin(decoding: read(MigrationProtocol.joinPayloadSize, what: "the join payload")))
             case .complete:
                 return .complete
             case .abandon:

@@ -4,8 +4,9 @@ import HostOS
 /// byte. All integers on the wire are little-endian.
 public enum MigrationProtocol {
     /// The protocol version a `start` request carries; a receiver refuses any other. Version 2:
-    /// the config payload carries only what the guest sees (`MigrationConfig`).
-    public static let version: UInt32 = 2
+    /// the config payload carries only what the guest sees (`MigrationConfig`). Version 3: extra
+    /// connections join a migration (`join`) and carry memory requests beside the main one.
+    public static let version: UInt32 = 3
     /// First four bytes of every request header: "FMRQ" (Ferry migration request).
     public static let requestMagic: UInt32 = 0x5152_4D46
     /// First four bytes of every response header: "FMRS" (Ferry migration response).
@@ -17,6 +18,10 @@ public enum MigrationProtocol {
     public static let responseHeaderSize = requestHeaderSize
     /// Size of a `start` payload: version u32, then the migration id as 16 UUID bytes.
     public static let startPayloadSize = 20
+    /// Size of a `join` payload: migration id (16 bytes), connection index u32, connection count u32.
+    public static let joinPayloadSize = 24
+    /// The most connections one migration uses, the main one included (Cloud Hypervisor's limit).
+    public static let maximumConnections = 128
     /// Size of the count that opens a memory range table.
     public static let rangeTableCountSize = 4
     /// Size of one memory range table entry: guest-physical address u64, length u64.
@@ -41,6 +46,8 @@ public enum MigrationCommand: UInt16, Sendable, CaseIterable, CustomStringConver
     case complete = 5
     /// The sender gives up: the receiver discards what it received.
     case abandon = 6
+    /// The first request on an extra connection: which migration it joins (`MigrationJoin`).
+    case join = 7
 
     public var description: String {
         switch self {
@@ -50,6 +57,7 @@ public enum MigrationCommand: UInt16, Sendable, CaseIterable, CustomStringConver
         case .state: "state"
         case .complete: "complete"
         case .abandon: "abandon"
+        case .join: "join"
         }
     }
 }
@@ -79,7 +87,7 @@ public struct MigrationRequestHeader: Equatable, Sendable {
         let frame = try FrameHeader(decoding: bytes, of: "request", magic: MigrationProtocol.requestMagic,
                                     notMagic: ": the peer does not speak Ferry's migration protocol or the stream is out of step")
         guard let command = MigrationCommand(rawValue: frame.field) else {
-            throw MigrationError(.unknownCommand, "request command \(frame.field) is not a migration command (1–6)")
+            throw MigrationError(.unknownCommand, "request command \(frame.field) is not a migration command (1–7)")
         }
         try frame.checkReserved(naming: "\(command) request")
         self.command = command
@@ -92,6 +100,10 @@ public struct MigrationRequestHeader: Equatable, Sendable {
         case .start:
             guard length == UInt64(MigrationProtocol.startPayloadSize) else {
                 throw MigrationError(.badPayloadLength, "start request has a \(length)-byte payload; it is exactly \(MigrationProtocol.startPayloadSize) bytes")
+            }
+        case .join:
+            guard length == UInt64(MigrationProtocol.joinPayloadSize) else {
+                throw MigrationError(.badPayloadLength, "join request has a \(length)-byte payload; it is exactly \(MigrationProtocol.joinPayloadSize) bytes")
             }
         case .complete, .abandon:
             guard length == 0 else {

@@ -52,6 +52,9 @@ struct SendMigration: AsyncParsableCommand {
             help: ArgumentHelp("Migrate over mutual TLS (tcp: only) with ca-cert.pem, client-cert.pem and client-key.pem from this directory.",
                                valueName: "dir"))
     var tlsDir: String?
+    @Option(help: ArgumentHelp("Connections guest memory goes over in parallel, 1 to 128 (default 1); with --tls-dir each is TLS.",
+                               valueName: "n"))
+    var connections: Int64?
     @Flag(help: "Start the migration and return at once; follow it with events or migration-progress.")
     var dispatch = false
 
@@ -62,6 +65,9 @@ struct SendMigration: AsyncParsableCommand {
         if let timeoutS, timeoutS < 1 {
             throw ValidationError("--timeout-s must be at least 1, e.g. --timeout-s 3600")
         }
+        if let connections, !(1...128).contains(connections) {
+            throw ValidationError("--connections must be 1 to 128, e.g. --connections 4")
+        }
         _ = try request
     }
 
@@ -71,7 +77,8 @@ struct SendMigration: AsyncParsableCommand {
             let keys: Set = ["destination_url", "downtime_ms", "timeout_s", "timeout_strategy", "connections", "local", "keep_alive", "tls_dir"]
             guard let fields = try KeyValueArgument(destination, firstKey: "destination_url", keys: keys) else {
                 return SendMigrationData(destination_url: destination, downtime_ms: downtimeMs, timeout_s: timeoutS,
-                                         timeout_strategy: timeoutStrategy?.apiValue, keep_alive: keepAlive ? true : nil, tls_dir: tlsDir)
+                                         timeout_strategy: timeoutStrategy?.apiValue, connections: connections,
+                                         keep_alive: keepAlive ? true : nil, tls_dir: tlsDir)
             }
             let strategy = try fields.string("timeout_strategy").map { text in
                 guard let parsed = TimeoutStrategyArgument(rawValue: text.lowercased()) else {
@@ -83,7 +90,7 @@ struct SendMigration: AsyncParsableCommand {
                                      downtime_ms: try fields.number("downtime_ms") ?? downtimeMs,
                                      timeout_s: try fields.number("timeout_s") ?? timeoutS,
                                      timeout_strategy: strategy ?? timeoutStrategy?.apiValue,
-                                     connections: try fields.number("connections"), local: try fields.flag("local"),
+                                     connections: try fields.number("connections") ?? connections, local: try fields.flag("local"),
                                      keep_alive: try fields.flag("keep_alive") ?? (keepAlive ? true : nil),
                                      tls_dir: try fields.string("tls_dir") ?? tlsDir)
         }

@@ -86,7 +86,10 @@ struct CrossHostMigrationTests {
         }
         let measured = samples.filter { $0.state.isOngoing && $0.memory_transmission_info.memory_transmission_bps > 0 }
             .map { Double($0.memory_transmission_info.memory_transmission_bps) }
-        #expect(!measured.isEmpty, "vm.migration-progress reported a bandwidth while the migration ran (\(samples.count) answers)")
+        #expect(!measured.isEmpty, """
+            vm.migration-progress reported a bandwidth while the migration ran: \(samples.count) answers, \
+            \(samples.map { "\($0.state) pass \($0.memory_transmission_info.memory_iteration) \($0.memory_transmission_info.memory_transmission_bps) B/s" })
+            """)
         for bandwidth in measured {
             #expect(Self.bandwidthBounds.contains(bandwidth / Self.gigabitBytesPerSecond),
                     "progress memory_transmission_bps \(bandwidth) against a link of \(Self.gigabitBytesPerSecond) B/s")
@@ -328,8 +331,6 @@ final class TwoHosts: Sendable {
     }
 }
 
-/// Polls `vm.migration-progress` until the migration is no longer ongoing or the VMM stops
-/// answering; returns every answer.
 /// Reads `vm.migration-progress` every 25 ms until it says the migration ended; returns the
 /// answers and the errors of calls that failed.
 private func pollProgress(_ vmm: TestVMM) -> Task<(answers: [MigrationProgressReport], failures: [String]), Never> {

@@ -16,6 +16,7 @@ struct FerryRemoteMigrationTests {
         (["--timeout-strategy", "sometimes"], "--timeout-strategy"),
         (["--downtime-ms", "0"], "--downtime-ms must be at least 1"),
         (["--timeout-s", "0"], "--timeout-s must be at least 1"),
+        (["--connections", "129"], "--connections must be 1 to 128"),
     ])
     func sendMigrationRefusesBadArgumentsBeforeAnyRequest(extra: [String], message: String) throws {
         let directory = try TemporaryDirectory()

@@ -398,7 +398,7 @@ enum MigrationStreams {
                 sourceLocation: sourceLocation)
         #expect(started.properties["downtime_ms"] == "\(expected.downtimeLimitMs)", "started echoes downtime_ms", sourceLocation: sourceLocation)
         #expect(started.properties["timeout_s"] == "\(expected.timeoutSeconds)", "started echoes timeout_s", sourceLocation: sourceLocation)
-        #expect(started.properties["connections"] == "1", "started: connections=1", sourceLocation: sourceLocation)
+        #expect(started.properties["connections"] == "\(request.connections ?? 1)", "started echoes connections", sourceLocation: sourceLocation)
         #expect(started.properties["local"] == "false", "started: local=false", sourceLocation: sourceLocation)
         #expect(started.properties["tls"] == "\(expected.request.tls_dir != nil)", "started: tls says whether tls_dir was given",
                 sourceLocation: sourceLocation)

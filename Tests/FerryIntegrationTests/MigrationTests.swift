@@ -73,6 +73,19 @@ struct MigrationTests {
         try await Self.expectLiveMigration(pair) { SendMigrationData(destination_url: $0, downtime_ms: 300, timeout_s: 600) }
     }
 
+    /// Memory over four connections at once (`connections: 4`): the guest arrives as over one,
+    /// and the destination's progress says four.
+    @Test(arguments: MigrationTransport.allCases)
+    func fourConnectionsCarryABusyGuest(transport: MigrationTransport) async throws {
+        let pair = try await MigrationPair(transport: transport,
+                                           guest: TestGuestVM(cpus: 2, memoryMiB: 512, workload: "workset_mib=128 dirty_rate=2000"))
+        try await Self.expectLiveMigration(pair, afterContinuing: {
+            let received = try? await pair.destination.progress()
+            let four: MigrationProgressReport.TransportationMode = transport == .tcp ? .tcp(connections: 4, tls: false) : .unix(connections: 4)
+            #expect(received?.transportation_mode == four, "\(String(describing: received?.transportation_mode))")
+        }) { SendMigrationData(destination_url: $0, timeout_s: 600, connections: 4) }
+    }
+
     @Test(arguments: MigrationTransport.allCases)
     func guestPausedBeforehandArrivesPausedWithoutPauseEventsAndResumes(transport: MigrationTransport) async throws {
         let pair = try await MigrationPair(transport: transport,
@@ -227,7 +240,7 @@ struct MigrationTests {
                                                 body: try JSONEncoder().encode(ReceiveMigrationData(receiver_url: "tcp:127.0.0.1:0")))
         }
         try await Self.expectRefusal(400, startingWith: "connections:") {
-            try await pair.send(SendMigrationData(destination_url: incoming.url, connections: 2))
+            try await pair.send(SendMigrationData(destination_url: incoming.url, connections: 129))
         }
         try await Self.expectRefusal(400, startingWith: "local:") {
             try await pair.send(SendMigrationData(destination_url: incoming.url, local: true))

@@ -27,22 +27,25 @@ struct TLSMigrationTests {
         }
     }
 
-    @Test func aTLSMigrationArrivesAsAPlaintextOneDoes() async throws {
+    /// Over one connection, and over four, each with its own handshake.
+    @Test(arguments: [1, 4])
+    func aTLSMigrationArrivesAsAPlaintextOneDoes(connections: Int) async throws {
         let pair = try await MigrationPair(transport: .tcp, guest: TestGuestVM(cpus: 2, memoryMiB: 256, workload: "workset_mib=32 dirty_rate=1000"))
         let credentials = try Credentials(in: pair.directory)
         let incoming = try await pair.destination.startReceive(at: "tcp:127.0.0.1:0", tlsDir: credentials.receiver)
         // The harness checks that both sides' start events say tls=true.
         try await MigrationTests.expectLiveMigration(pair, incoming: incoming, afterContinuing: {
             let received = try? await pair.destination.progress()
-            #expect(received?.transportation_mode == .tcp(connections: 1, tls: true), "\(String(describing: received?.transportation_mode))")
-        }) { SendMigrationData(destination_url: $0, tls_dir: credentials.sender) }
+            #expect(received?.transportation_mode == .tcp(connections: connections, tls: true),
+                    "\(String(describing: received?.transportation_mode))")
+        }) { SendMigrationData(destination_url: $0, connections: Int64(connections), tls_dir: credentials.sender) }
     }
 
-    /// A relay between the two sides keeps every byte the source sent. The guest's own text (its
-    /// boot message, in guest RAM, which pass 0 carries) is in a plaintext capture and never in a
-    /// TLS one.
-    @Test(arguments: [false, true])
-    func theGuestsMemoryIsNotOnTheWireOverTLS(tls: Bool) async throws {
+    /// A relay between the two sides keeps every byte the source sent, on every connection. The
+    /// guest's own text (its boot message, in guest RAM, which pass 0 carries) is in a plaintext
+    /// capture and never in a TLS one, over one connection or four.
+    @Test(arguments: [(false, 1), (true, 1), (true, 4)])
+    func theGuestsMemoryIsNotOnTheWireOverTLS(tls: Bool, connections: Int64) async throws {
         let directory = try TemporaryDirectory()
         let credentials = try Credentials(in: directory)
         let source = try await TestVMM("source", in: directory)
@@ -51,7 +54,7 @@ struct TLSMigrationTests {
         let incoming = try await destination.startReceive(at: "tcp:127.0.0.1:0", tlsDir: tls ? credentials.receiver : nil)
         let capture = directory.path("wire.bin")
         let relay = try ThrottledLink(to: incoming.url, transport: .tcp, in: directory, bytesPerSecond: 0, capture: capture)
-        let id = try await source.startSend(to: relay.url, keepAlive: true, tlsDir: tls ? credentials.sender : nil)
+        let id = try await source.startSend(to: relay.url, keepAlive: true, tlsDir: tls ? credentials.sender : nil, connections: connections)
         let end = try await source.waitForEvent(MigrationStreams.sourceTerminal, id: id)
         #expect(end.name == "vm.migration-finished", "\(end.properties)")
         #expect(await incoming.outcome() == nil)
@@ -65,7 +68,7 @@ struct TLSMigrationTests {
         } else {
             #expect(wire.range(of: guestText) != nil, "the control: without TLS the guest's text is on the wire")
         }
-        print("tls wire check (tls=\(tls)): \(wire.count) bytes captured, guest text \(wire.range(of: guestText) == nil ? "absent" : "present")")
+        print("tls wire check (tls=\(tls), \(connections) connection(s)): \(wire.count) bytes captured, guest text \(wire.range(of: guestText) == nil ? "absent" : "present")")
         #expect(await destination.shutDown())
         #expect(await source.shutDown())
     }

@@ -122,7 +122,8 @@ struct SenderReceiverTests {
     static func migrate(_ source: Source, to destination: Destination, options: (MigrationURL) -> SendMigrationOptions,
                         sourceEvents: EventLog, destinationEvents: EventLog, directory: TemporaryDirectory,
                         linkBytesPerSecond: Double? = nil)
-        throws -> (sender: MigrationSender, sent: BackgroundThread<MigrationSender.Ending>, received: BackgroundThread<MigrationReceiver.Ending>) {
+        throws -> (sender: MigrationSender, sent: BackgroundThread<MigrationSender.Ending>, received: BackgroundThread<MigrationReceiver.Ending>,
+                   receiver: MigrationReceiver) {
         let listener = try MigrationListener(listeningOn: .unix(path: directory.path("migration.sock")))
         let receiver = MigrationReceiver(listener: listener, events: destinationEvents.monitor, destinationVM: destination.vm)
         receiver.announce()
@@ -142,7 +143,7 @@ struct SenderReceiverTests {
             guard let result = ending.withLock({ $0 }) else { throw TestFailure("no ending") }
             return result
         }
-        return (sender, sent, received)
+        return (sender, sent, received, receiver)
     }
 
     @Test func theGuestMovesAndRunsOnTheDestinationWithEveryEventOnBothSides() async throws {
@@ -153,7 +154,7 @@ struct SenderReceiverTests {
         let destination = Destination()
         defer { destination.machine.withLock { $0 }?.stop() }
         let (sourceEvents, destinationEvents) = (EventLog(), EventLog())
-        let (sender, sent, received) = try Self.migrate(source, to: destination, options: { SendMigrationOptions(destination: $0) },
+        let (sender, sent, received, _) = try Self.migrate(source, to: destination, options: { SendMigrationOptions(destination: $0) },
                                                          sourceEvents: sourceEvents, destinationEvents: destinationEvents,
                                                          directory: directory)
         #expect(try sent.join() == .finished)
@@ -193,6 +194,53 @@ struct SenderReceiverTests {
         #expect(destination.console.lines.verifyFailures.isEmpty)
     }
 
+    /// Memory goes over four connections at once and the guest verifies; connections that do not
+    /// join this migration properly are refused, each with its reason, and change nothing.
+    @Test func theGuestMovesOverFourConnectionsAndStraysAreRefused() async throws {
+        let directory = try TemporaryDirectory()
+        let guest = TestGuestVM(cpus: 2, memoryMiB: 256, workload: "workset_mib=32 dirty_rate=2000")
+        let source = try Source(guest)
+        defer { source.machine.stop() }
+        let destination = Destination()
+        defer { destination.machine.withLock { $0 }?.stop() }
+        let (sourceEvents, destinationEvents) = (EventLog(), EventLog())
+        let (sender, sent, received, receiver) = try Self.migrate(source, to: destination,
+                                                         options: { SendMigrationOptions(destination: $0, connections: 4) },
+                                                         sourceEvents: sourceEvents, destinationEvents: destinationEvents,
+                                                         directory: directory)
+        // Queued behind the main connection, ahead of the sender's own extra ones.
+        let strays: [(String, (MigrationConnection) throws -> Void, String)] = [
+            ("another migration's id", { try $0.sendJoin(MigrationJoin(migrationID: UUID(), index: 1, count: 4)) }, "the connection joins migration"),
+            ("an index out of range", { try $0.sendJoin(MigrationJoin(migrationID: sender.id, index: 4, count: 4)) }, "extra connection index 4 is outside 1..<4"),
+            ("a count over the limit", { try $0.sendJoin(MigrationJoin(migrationID: sender.id, index: 1, count: 129)) }, "2 to 128 connections"),
+            ("no join first", { try $0.sendRequest(.complete) }, "must be join, not complete"),
+        ]
+        let answers = try strays.map { _, request, _ in
+            let stray = MigrationConnection(SocketTransport(try Socket.connect(to: .unix(path: directory.path("migration.sock")), timeout: .seconds(10))))
+            try request(stray)
+            return BackgroundThread { try stray.receiveResponse() }
+        }
+        for ((what, _, reason), answer) in zip(strays, answers) {
+            let response = try answer.join()
+            guard case .error(let text) = response else {
+                Issue.record("a stray with \(what) was answered \(response)")
+                continue
+            }
+            #expect(text.contains(reason), "a stray with \(what): \(text)")
+        }
+        #expect(try sent.join() == .finished)
+        #expect(try received.join() == .received)
+        #expect(sender.progress.snapshot().connections == 4 && receiver.progress.snapshot().connections == 4,
+                "both sides report four connections")
+        let finished = try #require(try await sourceEvents.close().last?.decode(VMEvent.MigrationFinished.self))
+        let arrived = try #require(try await destinationEvents.close().last?.decode(VMEvent.MigrationReceiveFinished.self))
+        #expect(arrived.bytesTotal == finished.bytesTotal, "every connection's bytes are counted on both sides")
+        #expect(destination.console.wait(timeout: .seconds(60)) { lines in
+            (0..<guest.cpus).allSatisfy { cpu in lines.contains { $0.hasPrefix("VERIFY OK cpu=\(cpu) ") } && lines.heartbeats.contains { $0.cpu == cpu } }
+        }, "the guest runs and verifies on the destination: \(destination.console.lines.suffix(5))")
+        #expect(destination.console.lines.verifyFailures.isEmpty)
+    }
+
     @Test func aCancelDuringPrecopyResumesNothingAndEndsBothSidesOnce() async throws {
         let directory = try TemporaryDirectory()
         let source = try Source(TestGuestVM(cpus: 1, memoryMiB: 256, workload: "workset_mib=64 dirty_rate=max"))
@@ -202,7 +250,7 @@ struct SenderReceiverTests {
         let (sourceEvents, destinationEvents) = (EventLog(), EventLog())
         // A 1 ms downtime limit is out of reach of a guest rewriting 64 MiB as fast as it can over
         // a 50 MB/s link.
-        let (sender, sent, received) = try Self.migrate(
+        let (sender, sent, received, _) = try Self.migrate(
             source, to: destination, options: { SendMigrationOptions(destination: $0, policy: PrecopyPolicy(downtimeLimit: .milliseconds(1))) },
             sourceEvents: sourceEvents, destinationEvents: destinationEvents, directory: directory, linkBytesPerSecond: 50e6)
         #expect(await waitUntil(.seconds(60)) { sender.progress.snapshot().memory.pass >= 1 }, "pre-copy reached its second pass")
@@ -229,13 +277,59 @@ struct SenderReceiverTests {
         #expect(sender.requestStop(.cancelled), "a cancel after the end changes nothing and is not refused")
     }
 
+    /// A connection that joins the migration properly and then sends memory outside guest RAM
+    /// fails the whole receive at once, under its own reason; the sender fails with one terminal
+    /// event and the guest never leaves the source.
+    @Test func aJoinedConnectionsBadRequestFailsTheReceiveAndTheGuestStays() async throws {
+        let directory = try TemporaryDirectory()
+        let source = try Source(TestGuestVM(cpus: 1, memoryMiB: 256, workload: "workset_mib=64 dirty_rate=100"))
+        defer { source.machine.stop() }
+        let destination = Destination()
+        defer { destination.machine.withLock { $0 }?.stop() }
+        let (sourceEvents, destinationEvents) = (EventLog(), EventLog())
+        // A slow main connection keeps the migration in pass 0 while the intruder works.
+        let (sender, sent, received, _) = try Self.migrate(
+            source, to: destination, options: { SendMigrationOptions(destination: $0) },
+            sourceEvents: sourceEvents, destinationEvents: destinationEvents, directory: directory, linkBytesPerSecond: 20e6)
+        let intruder = MigrationConnection(SocketTransport(try Socket.connect(to: .unix(path: directory.path("migration.sock")), timeout: .seconds(10))))
+        try intruder.sendJoin(MigrationJoin(migrationID: sender.id, index: 1, count: 2))
+        #expect(try intruder.receiveResponse() == .ok, "a join naming the migration is taken")
+        var outsideRAM = LittleEndianBytes(capacity: 20 + 4096)
+        outsideRAM.append(UInt32(1))
+        outsideRAM.append(GuestRAMLayout.mmioHoleStart)
+        outsideRAM.append(UInt64(4096))
+        try intruder.sendRequest(.memory, payload: outsideRAM.bytes + [UInt8](repeating: 0xAA, count: 4096))
+        guard case .error(let refusal) = try intruder.receiveResponse() else {
+            Issue.record("memory outside guest RAM was accepted")
+            return
+        }
+        #expect(refusal.contains("extra connection 1 failed") && refusal.contains("not inside"), "\(refusal)")
+
+        guard case .failed(let error) = try received.join() else {
+            Issue.record("the receive did not fail")
+            return
+        }
+        #expect(error == refusal, "the receive fails with the extra connection's reason: \(error)")
+        #expect(try sent.join() == .failed)
+        #expect(source.pauses.load(ordering: .relaxed) == 0 && source.machine.phase == .running, "the guest stays on the source")
+        #expect(destination.machine.withLock { $0 }?.phase == .stopped, "the half-received machine was stopped")
+        let sourceStream = await sourceEvents.close()
+        #expect(sourceStream.filter { [VMEvent.MigrationFailed.qualifiedName, VMEvent.MigrationFinished.qualifiedName,
+                                       VMEvent.MigrationCancelled.qualifiedName].contains($0.qualifiedName) }.count == 1)
+        #expect(sourceStream.last?.qualifiedName == VMEvent.MigrationFailed.qualifiedName)
+        let destinationStream = await destinationEvents.close()
+        #expect(destinationStream.map(\.qualifiedName) == ["vm.migration-receive-ready", "vm.migration-receive-started",
+                                                           "vm.migration-receive-failed"])
+        #expect(try destinationStream.last?.decode(VMEvent.MigrationReceiveFailed.self)?.error == refusal)
+    }
+
     @Test func aDestinationThatCannotHostTheVMFailsTheMigrationBeforeTheGuestStops() async throws {
         let directory = try TemporaryDirectory()
         let source = try Source(TestGuestVM(cpus: 1, memoryMiB: 128, workload: "workset_mib=8"))
         defer { source.machine.stop() }
         let destination = Destination(refusing: "no room for this guest here")
         let (sourceEvents, destinationEvents) = (EventLog(), EventLog())
-        let (_, sent, received) = try Self.migrate(source, to: destination, options: { SendMigrationOptions(destination: $0) },
+        let (_, sent, received, _) = try Self.migrate(source, to: destination, options: { SendMigrationOptions(destination: $0) },
                                                    sourceEvents: sourceEvents, destinationEvents: destinationEvents, directory: directory)
         #expect(try sent.join() == .failed)
         #expect(try received.join() != .received)

@@ -22,7 +22,7 @@ import Testing
     }
 
     @Test func commandNumbersAreFixed() {
-        #expect(MigrationCommand.allCases.map(\.rawValue) == [1, 2, 3, 4, 5, 6])
+        #expect(MigrationCommand.allCases.map(\.rawValue) == [1, 2, 3, 4, 5, 6, 7])
     }
 
     @Test func responseHeadersHaveTheDocumentedBytes() throws {
@@ -36,10 +36,20 @@ import Testing
     @Test func startPayloadIsVersionThenUUIDBytes() throws {
         let id = try #require(UUID(uuidString: "00112233-4455-6677-8899-AABBCCDDEEFF"))
         let start = MigrationStart(migrationID: id)
-        #expect(start.encoded == [2, 0, 0, 0,
+        #expect(start.encoded == [3, 0, 0, 0,
                                   0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77,
                                   0x88, 0x99, 0xAA, 0xBB, 0xCC, 0xDD, 0xEE, 0xFF])
         #expect(try MigrationStart(decoding: start.encoded) == start)
+    }
+
+    @Test func joinPayloadIsUUIDBytesThenIndexThenCount() throws {
+        let id = try #require(UUID(uuidString: "00112233-4455-6677-8899-AABBCCDDEEFF"))
+        let join = MigrationJoin(migrationID: id, index: 3, count: 0x104)
+        #expect(join.encoded == [0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77,
+                                 0x88, 0x99, 0xAA, 0xBB, 0xCC, 0xDD, 0xEE, 0xFF,
+                                 3, 0, 0, 0, 0x04, 0x01, 0, 0])
+        #expect(try MigrationJoin(decoding: join.encoded) == join)
+        #expect(throws: MigrationError.self) { try MigrationJoin(decoding: Array(join.encoded.prefix(20))) }
     }
 
     @Test func rangeTableIsCountThenAddressLengthPairs() {

@@ -94,7 +94,7 @@ extension VirtualMachineMonitor {
             throw VMMError(.wrongState, abandoned)
         }
         let sender = MigrationSender(
-            options: options, machine: vm.machine, connection: connection, events: events, guestWasRunning: guest == .running,
+            options: options, machine: vm.machine, connection: connection, tls: tls, events: events, guestWasRunning: guest == .running,
             sourceVM: MigrationSender.SourceVM(
                 pause: { [weak self] in
                     guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }

@@ -97,7 +97,7 @@ let package = Package(
         .testTarget(
             name: "FerryIntegrationTests",
             dependencies: ["ferry", "ferry-remote", "Events", "APIModels", "FerryClient", "FerryTestSupport",
-                           "MigrationWire", "HostOS"]
+                           "MigrationWire", "HostOS", "LiveMigration"]
         ),
     ]
 )

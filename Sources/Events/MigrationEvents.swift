@@ -88,18 +88,22 @@ extension VMEvent {
         public static let source = EventSource.vm
         public static let name = "migration-downtime"
         public static let example = MigrationDowntime(migrationID: MigrationStarted.example.migrationID, remainingBytes: 8_388_608,
-                                                      estimatedDowntimeMs: 15, iterations: 2)
+                                                      estimatedDowntimeMs: 15, iterations: 2, reason: "converged")
         public var migrationID: String
         public var remainingBytes: UInt64
         public var estimatedDowntimeMs: Int64
         /// Pre-copy passes sent.
         public var iterations: Int
+        /// Why pre-copy ended: `converged` (the estimate fits the limit and another pass would
+        /// not halve it), `nothing-dirty`, or `timeout-ignored`.
+        public var reason: String
 
-        public init(migrationID: String, remainingBytes: UInt64, estimatedDowntimeMs: Int64, iterations: Int) {
+        public init(migrationID: String, remainingBytes: UInt64, estimatedDowntimeMs: Int64, iterations: Int, reason: String) {
             self.migrationID = migrationID
             self.remainingBytes = remainingBytes
             self.estimatedDowntimeMs = estimatedDowntimeMs
             self.iterations = iterations
+            self.reason = reason
         }
     }
 

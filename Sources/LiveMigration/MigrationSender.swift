@@ -67,7 +67,7 @@ public final class MigrationSender: Sendable {
     private let control = Mutex(Control())
     /// The extra connections joined so far, for `requestStop` to interrupt.
     private let extraConnections = Mutex<[MigrationConnection]>([])
-    /// What the memory connections moved, counted as the receiver answers.
+    /// What the memory connections moved, counted as each request is written.
     private let link = Mutex(LinkStatistics())
 
     /// A migration of `machine` over `connection` (connected to `options.destination`, with
@@ -187,13 +187,14 @@ public final class MigrationSender: Sendable {
 
             enter(.memoryPrecopy)
             try machine.setDirtyLogging(true)
-            let remaining = try precopy(lanes!, passes: &passes)
+            let (remaining, reason) = try precopy(lanes!, passes: &passes)
 
             enter(.completing)
             let estimate = PrecopyPolicy.estimatedDowntime(remainingBytes: remaining.byteCount,
                                                            bandwidthBytesPerSecond: link.withLock { $0.bandwidth.bytesPerSecond })
             events.emit(VMEvent.MigrationDowntime(migrationID: id.lowercasedString, remainingBytes: remaining.byteCount,
-                                                  estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0, iterations: passes))
+                                                  estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0, iterations: passes,
+                                                  reason: reason.eventValue))
             let downtimeStart = ContinuousClock.now
             if guestWasRunning {
                 try sourceVM.pause()
@@ -269,8 +270,9 @@ public final class MigrationSender: Sendable {
     /// Pass 0 sends every page that is not zero; each later pass sends what the guest dirtied
     /// during the one before. Returns the pages dirtied during the last pass, still to send, once
     /// the policy says to switch over.
-    private func precopy(_ lanes: SendLanes, passes: inout Int) throws -> PageRuns {
+    private func precopy(_ lanes: SendLanes, passes: inout Int) throws -> (PageRuns, PrecopyPolicy.SwitchOverReason) {
         var pages: PageRuns?  // nil: pass 0, every page that is not zero
+        var refiningPasses = 0
         while true {
             let passStart = ContinuousClock.now
             progress.update { [passes] in $0.memory.pass = passes }
@@ -294,12 +296,17 @@ public final class MigrationSender: Sendable {
                 durationMs: duration.wholeMilliseconds, bandwidthBytesPerS: UInt64(bandwidth), dirtyPages: UInt64(dirty.pageCount),
                 remainingBytes: dirty.byteCount, estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0))
             passes += 1
+            let dirtyRate = duration > .zero ? Double(dirty.byteCount) / duration.inSeconds : .infinity
             switch options.policy.decide(remainingBytes: dirty.byteCount, bandwidthBytesPerSecond: bandwidth,
-                                         elapsed: ContinuousClock.now - started) {
+                                         elapsed: ContinuousClock.now - started, dirtyBytesPerSecond: dirtyRate,
+                                         refiningPasses: refiningPasses) {
             case .anotherPass:
                 pages = dirty
-            case .switchOver:
-                return dirty
+            case .refine:
+                refiningPasses += 1
+                pages = dirty
+            case .switchOver(let reason):
+                return (dirty, reason)
             case .cancel:
                 throw TimedOut()
             }

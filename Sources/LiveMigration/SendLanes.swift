@@ -18,9 +18,11 @@ final class SendLanes: @unchecked Sendable {
 
     let connections: [MigrationConnection]
     private let memory: GuestMemory
-    /// Called on a lane's thread for each answered request: its data bytes, and the time the
-    /// link spent on them (since the last answer on any connection, or since work began).
-    private let answered: @Sendable (_ bytes: UInt64, _ busy: Duration) -> Void
+    /// Called on a lane's thread once a request is written to its connection: its data bytes, and
+    /// the time the link spent on them (since the last request written on any connection, or
+    /// since work began). Counted when written, not when answered, as QEMU counts: a connection
+    /// reads its answers only when its window is full, so they lag.
+    private let sent: @Sendable (_ bytes: UInt64, _ busy: Duration) -> Void
 
     private let lock = ConditionLock()
     private let changed: ConditionLock.Condition
@@ -32,15 +34,15 @@ final class SendLanes: @unchecked Sendable {
     private var failure: MigrationError?
     private var closing = false
     private var running = 0
-    /// Since when the link has been busy, measured up to the next answer.
+    /// Since when the link has been busy, measured up to the next request written.
     private var busySince: ContinuousClock.Instant = .now
 
     init(connections: [MigrationConnection], memory: GuestMemory,
-         answered: @escaping @Sendable (_ bytes: UInt64, _ busy: Duration) -> Void) {
+         sent: @escaping @Sendable (_ bytes: UInt64, _ busy: Duration) -> Void) {
         precondition(!connections.isEmpty)
         self.connections = connections
         self.memory = memory
-        self.answered = answered
+        self.sent = sent
         changed = ConditionLock.Condition(lock)
         running = connections.count
         for (index, connection) in connections.enumerated() {
@@ -102,19 +104,19 @@ final class SendLanes: @unchecked Sendable {
     /// One connection's loop: send while there is work and room in the window, otherwise read
     /// an answer, otherwise wait.
     private func run(_ connection: MigrationConnection) {
-        var waiting: [UInt64] = []  // data bytes of this lane's unanswered requests, oldest first
+        var waiting = 0  // this lane's unanswered requests
         lock.withLock {
             defer {
                 running -= 1
                 changed.broadcast()
             }
             while failure == nil && !closing {
-                if waiting.count < Self.window, next < queue.count {
+                if waiting < Self.window, next < queue.count {
                     let table = queue[next]
                     next += 1
                     unanswered += 1
-                    waiting.append(table.dataBytes)
-                    let sent = lock.withoutLock { () -> MigrationError? in
+                    waiting += 1
+                    let failed = lock.withoutLock { () -> MigrationError? in
                         do throws(MigrationError) {
                             try connection.sendMemory(table, from: memory)
                             return nil
@@ -122,8 +124,15 @@ final class SendLanes: @unchecked Sendable {
                             return error
                         }
                     }
-                    if let sent { fail(sent) }
-                } else if let bytes = waiting.first {
+                    if let failed {
+                        fail(failed)
+                        break
+                    }
+                    let now = ContinuousClock.now
+                    let busy = now - busySince
+                    busySince = now
+                    lock.withoutLock { sent(table.dataBytes, busy) }
+                } else if waiting > 0 {
                     let outcome = lock.withoutLock { () -> MigrationError? in
                         do throws(MigrationError) {
                             try connection.expectOK(after: .memory)
@@ -136,12 +145,8 @@ final class SendLanes: @unchecked Sendable {
                         fail(outcome)
                         break
                     }
-                    waiting.removeFirst()
+                    waiting -= 1
                     unanswered -= 1
-                    let now = ContinuousClock.now
-                    let busy = now - busySince
-                    busySince = now
-                    lock.withoutLock { answered(bytes, busy) }
                     changed.broadcast()
                 } else {
                     changed.wait()

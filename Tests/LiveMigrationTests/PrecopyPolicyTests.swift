@@ -16,17 +16,39 @@ import Testing
     ])
     func decisionFollowsEstimatedDowntimeAndTimeout(remaining: UInt64, bandwidth: Double, elapsed: Int,
                                                     expected: PrecopyPolicy.Decision) {
+        // The guest dirties as fast as the link carries: another pass would not shorten the pause.
         let policy = PrecopyPolicy()
         #expect(policy.decide(remainingBytes: remaining, bandwidthBytesPerSecond: bandwidth,
-                              elapsed: .seconds(elapsed)) == expected)
+                              elapsed: .seconds(elapsed), dirtyBytesPerSecond: bandwidth, refiningPasses: 0) == expected)
     }
 
     @Test func ignoreStrategySwitchesOverAtTheTimeout() {
         let policy = PrecopyPolicy(downtimeLimit: .milliseconds(100), timeout: .seconds(2), timeoutStrategy: .ignore)
-        #expect(policy.decide(remainingBytes: 1 << 30, bandwidthBytesPerSecond: 1e6, elapsed: .seconds(2))
-            == .switchOver(.timeoutIgnored))
-        #expect(policy.decide(remainingBytes: 1 << 30, bandwidthBytesPerSecond: 1e6, elapsed: .milliseconds(1999))
-            == .anotherPass)
+        #expect(policy.decide(remainingBytes: 1 << 30, bandwidthBytesPerSecond: 1e6, elapsed: .seconds(2),
+                              dirtyBytesPerSecond: 1e6, refiningPasses: 0) == .switchOver(.timeoutIgnored))
+        #expect(policy.decide(remainingBytes: 1 << 30, bandwidthBytesPerSecond: 1e6, elapsed: .milliseconds(1999),
+                              dirtyBytesPerSecond: 1e6, refiningPasses: 0) == .anotherPass)
+    }
+
+    /// 20 MB left on a 100 MB/s link is a 200 ms pause, inside the 300 ms limit. Another pass takes
+    /// about 200 ms; at 40 MB/s the guest dirties 8 MB meanwhile, so it is worth making (a 80 ms
+    /// pause), at 60 MB/s it would leave 12 MB and is not. Refining stops after its budget, below
+    /// the floor, and at the timeout.
+    @Test(arguments: [
+        // dirty B/s, remaining bytes, refining passes so far, elapsed s, expected
+        (40e6, 20 * megabyte, 0, 1, PrecopyPolicy.Decision.refine),
+        (50e6, 20 * megabyte, 0, 1, .refine),                                   // exactly half
+        (60e6, 20 * megabyte, 0, 1, .switchOver(.converged)),
+        (40e6, 20 * megabyte, PrecopyPolicy.maximumRefiningPasses - 1, 1, .refine),
+        (40e6, 20 * megabyte, PrecopyPolicy.maximumRefiningPasses, 1, .switchOver(.converged)),
+        (0.0, 100_000, 0, 1, .switchOver(.converged)),                          // a 1 ms pause: below the floor
+        (40e6, 20 * megabyte, 0, 3600, .switchOver(.converged)),                // the timeout has passed
+        (40e6, 40 * megabyte, 0, 1, .anotherPass),                              // 400 ms: does not fit yet
+    ])
+    func onceItFitsAnotherPassIsMadeOnlyIfItAtLeastHalvesThePause(dirtyRate: Double, remaining: UInt64, refining: Int, elapsed: Int,
+                                                                  expected: PrecopyPolicy.Decision) {
+        #expect(PrecopyPolicy().decide(remainingBytes: remaining, bandwidthBytesPerSecond: 100e6, elapsed: .seconds(elapsed),
+                                       dirtyBytesPerSecond: dirtyRate, refiningPasses: refining) == expected)
     }
 
     @Test func estimatedDowntimeIsRemainingOverBandwidth() {

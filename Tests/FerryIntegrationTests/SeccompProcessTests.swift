@@ -2,8 +2,8 @@ import FerryTestSupport
 import Foundation
 import Testing
 
-/// `--seccomp` on a running `ferry`: every thread carries the VMM's filter, and vCPU threads one
-/// more of their own (their narrower list, docs/security.md); `false` installs none.
+/// `--seccomp` on a running `ferry`: every thread carries the VMM's filter, and vCPU and device
+/// threads one more of their own (their narrower lists, docs/security.md); `false` installs none.
 /// The rest of the suite runs every `ferry` with the default, `true`: a system call missing from a
 /// list would end that VMM with a message naming it, and its test would fail.
 @Suite(.enabled(if: Repository.kvmAvailable, needsKVM))
@@ -29,7 +29,7 @@ struct SeccompProcessTests {
         let threads = try Self.filters(of: ferry.pid)
         let expected = { (name: String) -> Int in
             guard setting != "false" else { return 0 }
-            return name.hasPrefix("vcpu") ? 2 : 1
+            return name.hasPrefix("vcpu") || name.hasPrefix("virtio-") ? 2 : 1
         }
         #expect(threads.filter { $0.thread.hasPrefix("vcpu") }.count == 2, "\(threads)")
         #expect(threads.contains { $0.thread.hasPrefix("virtio-rng") }, "\(threads)")

@@ -674,6 +674,7 @@ final class DeviceWorker: @unchecked Sendable {
                 mode = .running
                 let thread = Thread { [self] in
                     ckvm_name_current_thread(name)
+                    Machine.confine(.deviceIO, name: name)
                     run()
                 }
                 thread.name = name

@@ -230,7 +230,8 @@ extension SendMigrationData {
         }
         return SendMigrationOptions(
             destination: destination,
-            policy: PrecopyPolicy(downtimeLimit: .milliseconds(downtime), timeout: .seconds(timeout), timeoutStrategy: strategy),
+            policy: PrecopyPolicy(downtimeLimit: .milliseconds(downtime), timeout: .seconds(timeout), timeoutStrategy: strategy,
+                                  autoConverge: auto_converge ?? true),
             connections: Int(connectionCount), keepAlive: keep_alive ?? false, tlsDirectory: tlsDirectory)
     }
 }
@@ -289,7 +290,7 @@ extension MigrationProgressReport {
     init(_ progress: MigrationProgress) {
         let memory = progress.memory
         let state: State = switch progress.state {
-        case .ongoing(let phase): .ongoing(phase: Phase(phase), vcpuThrottlePercent: 0)
+        case .ongoing(let phase): .ongoing(phase: Phase(phase), vcpuThrottlePercent: progress.vcpuThrottlePercent)
         case .finished: .finished
         case .failed(let message): .failed(errorMessage: message)
         case .cancelled: .cancelled

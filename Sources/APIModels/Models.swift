@@ -264,6 +264,9 @@ public struct SendMigrationData: Codable, Equatable, Sendable {
     public var timeout_strategy: String?
     /// Parallel connections the memory goes over, the main one included: 1 (the default) to 128.
     public var connections: Int64?
+    /// Ferry's: slow the guest's vCPUs down while it dirties memory faster than the link carries
+    /// it (default true).
+    public var auto_converge: Bool?
     /// Migration to a VMM on the same host by handing over guest memory; not available.
     public var local: Bool?
     /// Keep the source VMM running after the migration finished.
@@ -274,8 +277,9 @@ public struct SendMigrationData: Codable, Equatable, Sendable {
 
     public init(destination_url: String, downtime_ms: Int64? = nil, timeout_s: Int64? = nil,
                 timeout_strategy: String? = nil, connections: Int64? = nil, local: Bool? = nil, keep_alive: Bool? = nil,
-                tls_dir: String? = nil) {
+                tls_dir: String? = nil, auto_converge: Bool? = nil) {
         self.tls_dir = tls_dir
+        self.auto_converge = auto_converge
         self.destination_url = destination_url
         self.downtime_ms = downtime_ms
         self.timeout_s = timeout_s

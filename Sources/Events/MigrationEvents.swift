@@ -53,7 +53,8 @@ extension VMEvent {
         public static let name = "migration-memory-iteration"
         public static let example = MigrationMemoryIteration(
             migrationID: MigrationStarted.example.migrationID, id: 0, bytes: 67_108_864, pages: 16384, durationMs: 120,
-            bandwidthBytesPerS: 559_240_533, dirtyPages: 2048, remainingBytes: 8_388_608, estimatedDowntimeMs: 15)
+            bandwidthBytesPerS: 559_240_533, dirtyPages: 2048, remainingBytes: 8_388_608, estimatedDowntimeMs: 15,
+            vcpuThrottlePercent: 0)
         public var migrationID: String
         /// The pass, from 0 (the first full pass).
         public var id: Int
@@ -68,9 +69,11 @@ extension VMEvent {
         public var remainingBytes: UInt64
         /// `remainingBytes` at the measured bandwidth.
         public var estimatedDowntimeMs: Int64
+        /// The share of time the vCPUs were kept out of the guest during this pass (auto-converge).
+        public var vcpuThrottlePercent: Int
 
         public init(migrationID: String, id: Int, bytes: UInt64, pages: UInt64, durationMs: Int64, bandwidthBytesPerS: UInt64,
-                    dirtyPages: UInt64, remainingBytes: UInt64, estimatedDowntimeMs: Int64) {
+                    dirtyPages: UInt64, remainingBytes: UInt64, estimatedDowntimeMs: Int64, vcpuThrottlePercent: Int) {
             self.migrationID = migrationID
             self.id = id
             self.bytes = bytes
@@ -80,6 +83,7 @@ extension VMEvent {
             self.dirtyPages = dirtyPages
             self.remainingBytes = remainingBytes
             self.estimatedDowntimeMs = estimatedDowntimeMs
+            self.vcpuThrottlePercent = vcpuThrottlePercent
         }
     }
 

@@ -60,6 +60,8 @@ public struct MigrationProgress: Equatable, Sendable {
     public var connections: Int
     /// The connections are TLS (`tls_dir`).
     public var tls: Bool
+    /// The share of time the source's vCPUs are kept out of the guest (auto-converge), 0–99.
+    public var vcpuThrottlePercent = 0
     public var state: State
     public var memory: Memory
     /// Measured by the source once the migration finished: pause on the source to resume on the

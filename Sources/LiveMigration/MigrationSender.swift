@@ -188,6 +188,7 @@ public final class MigrationSender: Sendable {
             enter(.memoryPrecopy)
             try machine.setDirtyLogging(true)
             let (remaining, reason) = try precopy(lanes!, passes: &passes)
+            throttle(0)  // the guest is paused next, and runs freely wherever it runs after
 
             enter(.completing)
             let estimate = PrecopyPolicy.estimatedDowntime(remainingBytes: remaining.byteCount,
@@ -226,6 +227,7 @@ public final class MigrationSender: Sendable {
             if !connectionFailed { try? connection.sendRequest(.abandon) }
             connection.close()
             try? machine.setDirtyLogging(false)
+            throttle(0)
             if pausedByMigration { sourceVM.resume() }
             let cancelReason: MigrationCancelReason? = if error is TimedOut {
                 .timeout
@@ -294,13 +296,18 @@ public final class MigrationSender: Sendable {
             events.emit(VMEvent.MigrationMemoryIteration(
                 migrationID: id.lowercasedString, id: passes, bytes: bytes, pages: UInt64(pageCount),
                 durationMs: duration.wholeMilliseconds, bandwidthBytesPerS: UInt64(bandwidth), dirtyPages: UInt64(dirty.pageCount),
-                remainingBytes: dirty.byteCount, estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0))
+                remainingBytes: dirty.byteCount, estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0,
+                vcpuThrottlePercent: machine.vcpuThrottlePercent))
             passes += 1
             let dirtyRate = duration > .zero ? Double(dirty.byteCount) / duration.inSeconds : .infinity
             switch options.policy.decide(remainingBytes: dirty.byteCount, bandwidthBytesPerSecond: bandwidth,
                                          elapsed: ContinuousClock.now - started, dirtyBytesPerSecond: dirtyRate,
                                          refiningPasses: refiningPasses) {
             case .anotherPass:
+                // Pass 0 sends every page once; from pass 1 on, a guest that dirties more than
+                // half of what a pass sends is slowed down (auto-converge).
+                if passes > 1 { throttle(options.policy.throttle(after: machine.vcpuThrottlePercent, sentBytes: bytes,
+                                                                 dirtyBytes: dirty.byteCount)) }
                 pages = dirty
             case .refine:
                 refiningPasses += 1
@@ -349,6 +356,12 @@ public final class MigrationSender: Sendable {
         try lanes.enqueue(pages)
         try lanes.drain()
         return pages.byteCount
+    }
+
+    /// Sets the vCPU throttle for the passes to come, and shows it in the progress.
+    private func throttle(_ percent: Int) {
+        machine.vcpuThrottlePercent = percent
+        progress.update { $0.vcpuThrottlePercent = percent }
     }
 
     private func checkStop() throws {

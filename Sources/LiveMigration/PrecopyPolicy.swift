@@ -28,12 +28,33 @@ public struct PrecopyPolicy: Equatable, Sendable {
     public var downtimeLimit: Duration
     public var timeout: Duration
     public var timeoutStrategy: TimeoutStrategy
+    /// Auto-converge: slow the guest's vCPUs step by step while it dirties memory faster than the
+    /// link carries it (`throttle(after:)`).
+    public var autoConverge: Bool
 
     public init(downtimeLimit: Duration = PrecopyPolicy.defaultDowntimeLimit,
-                timeout: Duration = PrecopyPolicy.defaultTimeout, timeoutStrategy: TimeoutStrategy = .cancel) {
+                timeout: Duration = PrecopyPolicy.defaultTimeout, timeoutStrategy: TimeoutStrategy = .cancel,
+                autoConverge: Bool = true) {
         self.downtimeLimit = downtimeLimit
         self.timeout = timeout
         self.timeoutStrategy = timeoutStrategy
+        self.autoConverge = autoConverge
+    }
+
+    /// QEMU's auto-converge steps: the first throttle, the step after each further pass that
+    /// still dirties too fast, and the most.
+    public static let initialThrottlePercent = 20
+    public static let throttleIncrementPercent = 10
+    public static let maximumThrottlePercent = 99
+
+    /// The vCPU throttle for the next pass, after a pass that sent `sentBytes` while the guest
+    /// dirtied `dirtyBytes` and that is followed by another (the estimate does not fit yet):
+    /// raised one step when the guest dirtied more than half of what the pass sent (QEMU's
+    /// trigger), unchanged otherwise, and 0 without auto-converge.
+    public func throttle(after current: Int, sentBytes: UInt64, dirtyBytes: UInt64) -> Int {
+        guard autoConverge else { return 0 }
+        guard dirtyBytes > sentBytes / 2 else { return current }
+        return current == 0 ? Self.initialThrottlePercent : min(current + Self.throttleIncrementPercent, Self.maximumThrottlePercent)
     }
 
     /// Refining passes after the first pass whose estimate fit the limit, at most.

@@ -222,6 +222,14 @@ public final class Machine: Sendable {
 
     public var phase: Phase { control.currentPhase }
 
+    /// The share of time every vCPU is kept out of the guest, 0–99 (auto-converge slows a guest
+    /// that dirties memory faster than a migration carries it, as QEMU's CPU throttle). 0 lets
+    /// the vCPUs run freely again; stopping the machine ends it too.
+    public var vcpuThrottlePercent: Int {
+        get { control.throttle }
+        set { control.setThrottle(newValue) }
+    }
+
     /// `ready` → `running`: starts every vCPU on its own thread, and returns once each thread
     /// runs under its name (`vcpuN`, which management software such as libvirt looks for in
     /// `/proc/PID/task/*/comm` as soon as the VM has booted).

@@ -23,6 +23,11 @@ final class VCPUControl: @unchecked Sendable {
     private var parked = 0
     private var threads: [UInt32: pthread_t] = [:]
     private let vcpus: [KVMVCPU]
+    /// The share of time each vCPU is kept out of the guest (auto-converge), 0–99.
+    private var throttlePercent = 0
+    /// vCPUs the throttle's ticker has sent to sleep, until they have slept.
+    private var throttleDue: Set<UInt32> = []
+    private var tickerRunning = false
 
     init(vcpus: [KVMVCPU], phase: Machine.Phase) {
         self.vcpus = vcpus
@@ -120,25 +125,86 @@ final class VCPUControl: @unchecked Sendable {
     }
 
     /// Called by a vCPU thread before each `KVM_RUN`: parks while the machine is pausing or
-    /// paused; returns false once it is stopped. Before parking, `settle` runs without the lock,
+    /// paused, sleeps its share when the throttle's ticker sent it; returns false once stopped. Before parking, `settle` runs without the lock,
     /// so that the vCPU counts as parked (and its state may be saved) only once it is done.
     func waitUntilRunnable(_ vcpu: KVMVCPU, settle: () -> Void) -> Bool {
         lock.withLock {
-            var isParked = false
-            while phase == .pausing || phase == .paused {
-                if !isParked {
-                    lock.withoutLock(settle)
-                    guard phase == .pausing || phase == .paused else { break }
-                    isParked = true
-                    parked += 1
-                    changed.broadcast()
+            while true {
+                var isParked = false
+                while phase == .pausing || phase == .paused {
+                    if !isParked {
+                        lock.withoutLock(settle)
+                        guard phase == .pausing || phase == .paused else { break }
+                        isParked = true
+                        parked += 1
+                        changed.broadcast()
+                    }
+                    changed.wait()
                 }
-                changed.wait()
+                if isParked { parked -= 1 }
+                guard phase == .running else { return false }
+                if throttleDue.remove(vcpu.id) != nil, throttlePercent > 0 {
+                    // Kept out of the guest for its share of the time slice; a pause or a stop
+                    // ends the sleep at once and is handled above.
+                    let deadline = ContinuousClock.now + Self.throttleSleep(percent: throttlePercent)
+                    while phase == .running, throttlePercent > 0, changed.wait(until: deadline) {}
+                    continue
+                }
+                vcpu.setImmediateExit(false)
+                return true
             }
-            if isParked { parked -= 1 }
-            guard phase == .running else { return false }
-            vcpu.setImmediateExit(false)
+        }
+    }
+
+    // MARK: Throttling (auto-converge)
+
+    /// The time a vCPU runs between two of the throttle's sleeps, as QEMU's CPU throttle
+    /// (`throttleSleep` is in the same unit).
+    static let throttleSlice: Duration = .milliseconds(10)
+
+    /// How long a vCPU throttled to `percent` sleeps after each slice in the guest, so that it is
+    /// out of the guest `percent` % of the time.
+    static func throttleSleep(percent: Int) -> Duration {
+        .nanoseconds(Int64(10_000_000 * Double(percent) / Double(100 - percent)))
+    }
+
+    /// The current throttle, 0 when the vCPUs run freely.
+    var throttle: Int { lock.withLock { throttlePercent } }
+
+    /// Keeps every vCPU out of the guest `percent` % of the time (0–99), from now until it is set
+    /// back to 0 or the machine stops: a ticker thread takes each vCPU out of `KVM_RUN` after every
+    /// slice, and the vCPU sleeps for its share before it goes back in.
+    func setThrottle(_ percent: Int) {
+        let startTicker = lock.withLock { () -> Bool in
+            throttlePercent = min(max(percent, 0), 99)
+            changed.broadcast()
+            guard throttlePercent > 0, !tickerRunning, phase != .stopped else { return false }
+            tickerRunning = true
             return true
+        }
+        guard startTicker else { return }
+        let thread = Thread { [self] in tick() }
+        thread.name = "vcpu-throttle"
+        thread.start()
+    }
+
+    /// The ticker: after each slice plus sleep, sends every running vCPU to its sleep; ends when
+    /// the throttle is lifted or the machine stops.
+    private func tick() {
+        lock.withLock {
+            defer { tickerRunning = false }
+            while throttlePercent > 0, phase != .stopped {
+                let period = Self.throttleSlice + Self.throttleSleep(percent: throttlePercent)
+                let deadline = ContinuousClock.now + period
+                while throttlePercent > 0, phase != .stopped, changed.wait(until: deadline) {}
+                guard throttlePercent > 0, phase == .running else { continue }
+                for vcpu in vcpus {
+                    throttleDue.insert(vcpu.id)
+                    vcpu.setImmediateExit(true)
+                    if let thread = threads[vcpu.id] { pthread_kill(thread, Self.kickSignal) }
+                }
+            }
+            throttleDue.removeAll()
         }
     }
 

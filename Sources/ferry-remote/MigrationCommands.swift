@@ -55,6 +55,9 @@ struct SendMigration: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Connections guest memory goes over in parallel, 1 to 128 (default 1); with --tls-dir each is TLS.",
                                valueName: "n"))
     var connections: Int64?
+    @Flag(name: .customLong("no-auto-converge"),
+          help: "Never slow the guest's vCPUs down, even if it dirties memory faster than the link carries it.")
+    var noAutoConverge = false
     @Flag(help: "Start the migration and return at once; follow it with events or migration-progress.")
     var dispatch = false
 
@@ -74,11 +77,12 @@ struct SendMigration: AsyncParsableCommand {
     /// The request; the argument may be ch-remote's `destination_url=URL[,downtime_ms=N]…` form.
     var request: SendMigrationData {
         get throws {
-            let keys: Set = ["destination_url", "downtime_ms", "timeout_s", "timeout_strategy", "connections", "local", "keep_alive", "tls_dir"]
+            let keys: Set = ["destination_url", "downtime_ms", "timeout_s", "timeout_strategy", "connections", "local", "keep_alive", "tls_dir",
+                             "auto_converge"]
             guard let fields = try KeyValueArgument(destination, firstKey: "destination_url", keys: keys) else {
                 return SendMigrationData(destination_url: destination, downtime_ms: downtimeMs, timeout_s: timeoutS,
                                          timeout_strategy: timeoutStrategy?.apiValue, connections: connections,
-                                         keep_alive: keepAlive ? true : nil, tls_dir: tlsDir)
+                                         keep_alive: keepAlive ? true : nil, tls_dir: tlsDir, auto_converge: noAutoConverge ? false : nil)
             }
             let strategy = try fields.string("timeout_strategy").map { text in
                 guard let parsed = TimeoutStrategyArgument(rawValue: text.lowercased()) else {
@@ -92,7 +96,8 @@ struct SendMigration: AsyncParsableCommand {
                                      timeout_strategy: strategy ?? timeoutStrategy?.apiValue,
                                      connections: try fields.number("connections") ?? connections, local: try fields.flag("local"),
                                      keep_alive: try fields.flag("keep_alive") ?? (keepAlive ? true : nil),
-                                     tls_dir: try fields.string("tls_dir") ?? tlsDir)
+                                     tls_dir: try fields.string("tls_dir") ?? tlsDir,
+                                     auto_converge: try fields.flag("auto_converge") ?? (noAutoConverge ? false : nil))
         }
     }
 

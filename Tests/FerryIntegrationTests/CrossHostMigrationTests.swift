@@ -208,7 +208,7 @@ struct CrossHostMigrationTests {
         // converges, so the timeout with the Ignore strategy makes the switch-over.
         try hosts.setLink(on: .source, up: true)
         let again = try await destination.startReceive(at: "tcp:\(TwoHosts.destinationAddress):0")
-        let secondID = try await source.startSend(to: again.url, downtimeMs: 300, timeoutS: 2, strategy: "Ignore")
+        let secondID = try await source.startSend(to: again.url, downtimeMs: 300, timeoutS: 2, strategy: "Ignore", autoConverge: false)
         let end = try await source.waitForEvent(MigrationStreams.sourceTerminal, id: secondID, timeout: .seconds(180))
         #expect(end.name == "vm.migration-finished", "\(end.properties)")
         try await again.call.value
@@ -235,7 +235,7 @@ struct CrossHostMigrationTests {
         // first connection once took longer than the whole migration.
         _ = try? await source.progress()
         let began = ContinuousClock.now
-        let id = try await source.startSend(to: receive.url, downtimeMs: 300, timeoutS: 3, strategy: "Cancel")
+        let id = try await source.startSend(to: receive.url, downtimeMs: 300, timeoutS: 3, strategy: "Cancel", autoConverge: false)
         // The timeout is checked after each pass; a pass over the working set takes a few seconds here.
         let end = try await source.waitForEvent(MigrationStreams.sourceTerminal, id: id, timeout: .seconds(120))
         let cancelledAfter = ContinuousClock.now - began

@@ -176,7 +176,7 @@ struct MigrationTests {
         let pair = try await MigrationPair(transport: transport, guest: Self.fastWriter)
         let incoming = try await pair.startReceive()
         let link = try ThrottledLink(to: incoming.url, transport: transport, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
-        let request = SendMigrationData(destination_url: link.url, downtime_ms: 1, timeout_s: 2, timeout_strategy: "Cancel")
+        let request = SendMigrationData(destination_url: link.url, downtime_ms: 1, timeout_s: 2, timeout_strategy: "Cancel", auto_converge: false)
         try await pair.send(request)
         let end = try #require(await pair.waitForSourceEnd())
         try #require(end.name == "vm.migration-cancelled" && end.properties["reason"] == "timeout", "\(end.name) \(end.properties)")
@@ -218,8 +218,95 @@ struct MigrationTests {
         let incoming = try await pair.startReceive()
         let link = try ThrottledLink(to: incoming.url, transport: transport, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
         try await Self.expectLiveMigration(pair, incoming: incoming, switchOver: .timeoutIgnored) { _ in
-            SendMigrationData(destination_url: link.url, downtime_ms: 1, timeout_s: 2, timeout_strategy: "Ignore")
+            SendMigrationData(destination_url: link.url, downtime_ms: 1, timeout_s: 2, timeout_strategy: "Ignore", auto_converge: false)
         }
+    }
+
+    // MARK: Auto-converge
+
+    /// The throttle of each pass, from the source's iteration events.
+    static func throttles(_ events: [RecordedEvent]) -> [Int] {
+        events.filter { $0.name == MigrationStreams.iteration }.compactMap { $0.properties["vcpu_throttle_percent"].flatMap(Int.init) }
+    }
+
+    /// QEMU's steps: none during passes 0 and 1, then 20 %, 10 more after each pass that still
+    /// dirties too fast, at most 99 %.
+    static func expectThrottleSteps(_ throttles: [Int], sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(throttles.prefix(2).allSatisfy { $0 == 0 }, "no throttle in passes 0 and 1: \(throttles)", sourceLocation: sourceLocation)
+        for (previous, next) in zip(throttles, throttles.dropFirst()) {
+            #expect(next == previous || next == (previous == 0 ? 20 : min(previous + 10, 99)),
+                    "throttle steps \(previous) → \(next): \(throttles)", sourceLocation: sourceLocation)
+        }
+    }
+
+    /// Pages the guest's vCPU 0 wrote per timer tick over its heartbeats after `seq`.
+    static func writesPerTick(_ process: FerryProcess, after seq: Int) -> Double? {
+        let beats = process.consoleLines.heartbeats.filter { $0.cpu == 0 && $0.seq > seq }
+        guard let first = beats.first, let last = beats.last, last.ticks > first.ticks else { return nil }
+        return Double(last.written - first.written) / Double(last.ticks - first.ticks)
+    }
+
+    /// The fast writer outruns a 40 MB/s link many times over: with auto-converge (the default)
+    /// its vCPUs are slowed step by step until the pause fits the limit, and it arrives; without,
+    /// the same migration never converges and its timeout cancels it.
+    @Test(arguments: [true, false])
+    func autoConvergeLetsAGuestThatOutrunsTheLinkArrive(autoConverge: Bool) async throws {
+        let pair = try await MigrationPair(transport: .tcp, guest: Self.fastWriter)
+        let incoming = try await pair.startReceive()
+        let link = try ThrottledLink(to: incoming.url, transport: .tcp, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
+        if autoConverge {
+            try await Self.expectLiveMigration(pair, incoming: incoming) { _ in
+                SendMigrationData(destination_url: link.url, timeout_s: 120)
+            }
+            let throttles = Self.throttles(pair.source.events())
+            Self.expectThrottleSteps(throttles)
+            #expect((throttles.last ?? 0) >= 20, "the guest was slowed down: \(throttles)")
+            print("auto-converge: \(throttles.count) passes, throttle \(throttles)")
+        } else {
+            try await pair.send(SendMigrationData(destination_url: link.url, timeout_s: 8, timeout_strategy: "Cancel", auto_converge: false))
+            let end = try #require(await pair.waitForSourceEnd())
+            #expect(end.name == "vm.migration-cancelled" && end.properties["reason"] == "timeout", "\(end.name) \(end.properties)")
+            let throttles = Self.throttles(pair.source.events())
+            #expect(throttles.count >= 3 && throttles.allSatisfy { $0 == 0 }, "never throttled: \(throttles)")
+            #expect(await pair.source.shutDown())
+            _ = await pair.destination.shutDown()
+        }
+    }
+
+    /// A cancel lifts the throttle at once: the progress shows it while it is on, and afterwards
+    /// the guest writes as much per timer tick as before the migration.
+    @Test func aCancelLiftsTheThrottle() async throws {
+        let pair = try await MigrationPair(transport: .tcp, guest: Self.fastWriter)
+        let source = pair.source
+        let before = try #require(source.process.consoleLines.heartbeats.last { $0.cpu == 0 }?.seq)
+        #expect(await waitUntil(.seconds(30)) { Self.writesPerTick(source.process, after: before).map { _ in
+            source.process.consoleLines.heartbeats.filter { $0.cpu == 0 && $0.seq > before }.count >= 4 } ?? false })
+        let freely = try #require(Self.writesPerTick(source.process, after: before))
+
+        let incoming = try await pair.startReceive()
+        let link = try ThrottledLink(to: incoming.url, transport: .tcp, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
+        try await pair.send(SendMigrationData(destination_url: link.url, downtime_ms: 1, timeout_s: 120))
+        var throttled = 0
+        let deadline = ContinuousClock.now + .seconds(60)
+        while throttled < 40, ContinuousClock.now < deadline {
+            if case .ongoing(_, let percent)? = try? await source.progress().state { throttled = percent }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(throttled >= 40, "vm.migration-progress shows the throttle rising: \(throttled) %")
+        let duringSeq = source.process.consoleLines.heartbeats.last { $0.cpu == 0 }?.seq ?? before
+        try await source.api.send(.vmCancelMigration)
+        let end = try #require(await pair.waitForSourceEnd())
+        #expect(end.name == "vm.migration-cancelled", "\(end.name) \(end.properties)")
+        Self.expectThrottleSteps(Self.throttles(source.events()))
+
+        let after = source.process.consoleLines.heartbeats.last { $0.cpu == 0 }?.seq ?? duringSeq
+        #expect(await waitUntil(.seconds(30)) { source.process.consoleLines.heartbeats.filter { $0.cpu == 0 && $0.seq > after }.count >= 4 },
+                "heartbeats go on after the cancel")
+        let freed = try #require(Self.writesPerTick(source.process, after: after))
+        print("auto-converge cancel: \(freely) pages per tick before, throttled to \(throttled) %, \(freed) after the cancel")
+        #expect(freed >= freely / 2, "the guest writes freely again: \(freed) pages per tick against \(freely) before the migration")
+        #expect(await source.shutDown())
+        _ = await pair.destination.shutDown()
     }
 
     // MARK: The API around a migration
@@ -251,7 +338,7 @@ struct MigrationTests {
         // 1 ms cannot be met while the vCPU rewrites 32 MiB as fast as it can over a 40 MB/s link:
         // this migration runs until it is cancelled.
         let link = try ThrottledLink(to: incoming.url, transport: .tcp, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
-        let request = SendMigrationData(destination_url: link.url, downtime_ms: 1)
+        let request = SendMigrationData(destination_url: link.url, downtime_ms: 1, auto_converge: false)
         try await pair.send(request)
         try await source.waitForEvent(MigrationStreams.iteration)  // pre-copy is under way
         try await Self.expectRefusal(409, containing: "already in progress", "a second vm.send-migration") {

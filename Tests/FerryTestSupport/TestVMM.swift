@@ -194,11 +194,12 @@ public final class TestVMM: Sendable {
 
     /// Sends the VM to `url`; returns the migration id once `vm.migration-started` is out.
     public func startSend(to url: String, downtimeMs: Int64? = nil, timeoutS: Int64? = nil, strategy: String? = nil,
-                          keepAlive: Bool? = nil, tlsDir: String? = nil, connections: Int64? = nil) async throws -> String {
+                          keepAlive: Bool? = nil, tlsDir: String? = nil, connections: Int64? = nil,
+                          autoConverge: Bool? = nil) async throws -> String {
         let mark = events().count
         let body = try JSONEncoder().encode(SendMigrationData(destination_url: url, downtime_ms: downtimeMs, timeout_s: timeoutS,
                                                               timeout_strategy: strategy, connections: connections, keep_alive: keepAlive,
-                                                              tls_dir: tlsDir))
+                                                              tls_dir: tlsDir, auto_converge: autoConverge))
         try await api.send(.vmSendMigration, body: body)
         let started = try await waitForEvent([VMEvent.MigrationStarted.qualifiedName], after: mark, timeout: .seconds(10))
         guard let id = try started.decode(VMEvent.MigrationStarted.self)?.migrationID else { throw TestFailure("no migration id") }

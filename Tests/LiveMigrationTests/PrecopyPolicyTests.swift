@@ -51,6 +51,19 @@ import Testing
                                        dirtyBytesPerSecond: dirtyRate, refiningPasses: refining) == expected)
     }
 
+    /// QEMU's auto-converge steps: 20 % once the guest dirties more than half of what a pass sent,
+    /// then 10 more per such pass, at most 99 %; unchanged when it dirties less; never without it.
+    @Test func throttleStepsAsQEMUs() {
+        let policy = PrecopyPolicy()
+        #expect(policy.throttle(after: 0, sentBytes: 100, dirtyBytes: 51) == 20)
+        #expect(policy.throttle(after: 0, sentBytes: 100, dirtyBytes: 50) == 0)
+        #expect(policy.throttle(after: 20, sentBytes: 100, dirtyBytes: 90) == 30)
+        #expect(policy.throttle(after: 30, sentBytes: 100, dirtyBytes: 10) == 30)
+        #expect(policy.throttle(after: 90, sentBytes: 100, dirtyBytes: 100) == 99)
+        #expect(policy.throttle(after: 99, sentBytes: 100, dirtyBytes: 100) == 99)
+        #expect(PrecopyPolicy(autoConverge: false).throttle(after: 0, sentBytes: 100, dirtyBytes: 100) == 0)
+    }
+
     @Test func estimatedDowntimeIsRemainingOverBandwidth() {
         #expect(PrecopyPolicy.estimatedDowntime(remainingBytes: 250_000_000, bandwidthBytesPerSecond: 1e9) == .milliseconds(250))
         #expect(PrecopyPolicy.estimatedDowntime(remainingBytes: 0, bandwidthBytesPerSecond: 0) == .zero)

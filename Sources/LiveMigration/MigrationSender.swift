@@ -223,7 +223,9 @@ public final class MigrationSender: Sendable {
             // After the connection itself failed, an abandon could only wait out another I/O
             // timeout behind a full send buffer.
             let connectionFailed = (error as? MigrationError).map { $0.kind == .timedOut || $0.kind == .peerWentAway } ?? false
-            closeLanes(interrupting: true)
+            // The lanes are idle here unless a connection failed or a stop interrupted them; idle
+            // ones end without touching the main connection, which then still carries the abandon.
+            closeLanes(interrupting: connectionFailed || control.withLock { $0.stopReason != nil })
             if !connectionFailed { try? connection.sendRequest(.abandon) }
             connection.close()
             try? machine.setDirtyLogging(false)

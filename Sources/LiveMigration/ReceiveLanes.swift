@@ -116,7 +116,12 @@ final class ReceiveLanes: @unchecked Sendable {
     /// it or `finish()` interrupts it.
     private func lane(_ connection: MigrationConnection) {
         defer { exited() }
-        guard let index = join(connection) else { return }
+        guard let index = join(connection) else {
+            // Refused: closed now, and its place taken by no one.
+            lock.withLock { connections.removeAll { $0 === connection } }
+            connection.close()
+            return
+        }
         let limits = MigrationLimits(guestRAM: memory.ranges)
         while true {
             do throws(MigrationError) {
@@ -127,9 +132,11 @@ final class ReceiveLanes: @unchecked Sendable {
                 lock.withLock { _ = busy.insert(index) }
                 let began = ContinuousClock.now
                 try connection.receiveMemory(table, into: memory)
+                // Out of the request before it is answered: the answer can let the sender send the
+                // state, and `finish()` must then find this lane between requests.
+                lock.withLock { _ = busy.remove(index) }
                 received(table.dataBytes, began)
                 try connection.sendResponse(.ok)
-                lock.withLock { _ = busy.remove(index) }
             } catch {
                 // The sender closing between requests, or `finish()`, ends a lane; anything else
                 // fails the migration.

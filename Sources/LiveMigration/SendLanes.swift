@@ -147,6 +147,14 @@ final class SendLanes: @unchecked Sendable {
                     }
                     waiting -= 1
                     unanswered -= 1
+                    if unanswered == 0, next == queue.count {
+                        // The time from the last write to its answer is the link's too: without
+                        // it, a pass that fits the socket buffers would look instantaneous.
+                        let now = ContinuousClock.now
+                        let busy = now - busySince
+                        busySince = now
+                        lock.withoutLock { sent(0, busy) }
+                    }
                     changed.broadcast()
                 } else {
                     changed.wait()

@@ -62,6 +62,7 @@ final class VCPUControl: @unchecked Sendable {
         try lock.withLock { () throws(MachineError) in
             try require(.running, toBecome: .paused)
             phase = .pausing
+            changed.broadcast()  // a vCPU asleep under the throttle parks now
             kickAll()
             while phase == .pausing && parked < running {
                 changed.wait()

@@ -201,6 +201,7 @@ struct MigrationTests {
         #expect(destinationEvents.first?.name == "vmm.starting")
         let receiveFailed = MigrationStreams.expectReceiveFailed(destinationEvents.dropFirst(), expected, migrationID: cancelledID)
         #expect(receiveFailed?["phase"] == "memory-precopy", "\(receiveFailed ?? [:])")
+        #expect(receiveFailed?["error"] == "the sender abandoned the migration", "the source said so: \(receiveFailed ?? [:])")
         #expect(destinationEvents.count == 4, "\(destinationEvents.map(\.name))")
 
         // The same destination VMM receives the same guest, directly and with a downtime it can meet.

@@ -5,7 +5,7 @@ import Synchronization
 /// (Linux's console ends lines with CR LF, which Swift strings treat as one character) and lose
 /// a trailing CR.
 public final class OutputCollector: Sendable {
-    private let state = Mutex<(lines: [String], partial: [UInt8])>(([], []))
+    private let state = Mutex<(lines: [String], partial: [UInt8], ended: Bool)>(([], [], false))
     let changed = NSCondition()
 
     public init() {}
@@ -15,6 +15,10 @@ public final class OutputCollector: Sendable {
             let data = handle.availableData
             guard !data.isEmpty else {
                 handle.readabilityHandler = nil
+                state.withLock { $0.ended = true }
+                changed.lock()
+                changed.broadcast()
+                changed.unlock()
                 return
             }
             state.withLock { state in
@@ -35,6 +39,13 @@ public final class OutputCollector: Sendable {
     }
 
     public var lines: [String] { state.withLock { $0.lines } }
+
+    /// Waits until the pipe has delivered everything (its writer closed it), or `deadline`.
+    func waitForEnd(until deadline: Date) {
+        changed.lock()
+        defer { changed.unlock() }
+        while !state.withLock({ $0.ended }), changed.wait(until: deadline) {}
+    }
     public var text: String { state.withLock { ($0.lines + [String(decoding: $0.partial, as: UTF8.self)]).joined(separator: "\n") } }
 }
 
@@ -99,6 +110,10 @@ public final class FerryProcess: Sendable {
             usleep(20_000)
         }
         process.waitUntilExit()
+        // The last output may still be in the pipe: what the process printed is there on return.
+        let drained = Date().addingTimeInterval(5)
+        console.waitForEnd(until: drained)
+        errors.waitForEnd(until: drained)
         return process.terminationStatus
     }
 

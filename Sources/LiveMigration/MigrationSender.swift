@@ -195,7 +195,7 @@ public final class MigrationSender: Sendable {
                                                            bandwidthBytesPerSecond: link.withLock { $0.bandwidth.bytesPerSecond })
             events.emit(VMEvent.MigrationDowntime(migrationID: id.lowercasedString, remainingBytes: remaining.byteCount,
                                                   estimatedDowntimeMs: estimate?.wholeMilliseconds ?? 0, iterations: passes,
-                                                  reason: reason.eventValue))
+                                                  reason: reason.rawValue))
             let downtimeStart = ContinuousClock.now
             if guestWasRunning {
                 try sourceVM.pause()

@@ -71,14 +71,15 @@ public struct PrecopyPolicy: Equatable, Sendable {
         case cancel
     }
 
+    /// Why pre-copy ended; the raw value is `reason` of `vm.migration-downtime`.
     public enum SwitchOverReason: String, Equatable, Sendable {
         /// The estimated downtime fits in the limit, and another pass would not halve it (or it is
         /// below `refiningFloor`, or the refining passes are spent).
         case converged
         /// No page was written during the last pass.
-        case nothingDirty
+        case nothingDirty = "nothing-dirty"
         /// The timeout passed and the strategy is `ignore`.
-        case timeoutIgnored
+        case timeoutIgnored = "timeout-ignored"
     }
 
     /// Remaining bytes ÷ bandwidth; nil while no bandwidth has been measured.
@@ -103,17 +104,6 @@ public struct PrecopyPolicy: Equatable, Sendable {
             return timeoutStrategy == .cancel ? .cancel : .switchOver(.timeoutIgnored)
         }
         return .anotherPass
-    }
-}
-
-extension PrecopyPolicy.SwitchOverReason {
-    /// The `reason` of `vm.migration-downtime`.
-    var eventValue: String {
-        switch self {
-        case .converged: "converged"
-        case .nothingDirty: "nothing-dirty"
-        case .timeoutIgnored: "timeout-ignored"
-        }
     }
 }
 

@@ -116,51 +116,47 @@ final class SendLanes: @unchecked Sendable {
                     next += 1
                     unanswered += 1
                     waiting += 1
-                    let failed = lock.withoutLock { () -> MigrationError? in
-                        do throws(MigrationError) {
-                            try connection.sendMemory(table, from: memory)
-                            return nil
-                        } catch {
-                            return error
-                        }
-                    }
-                    if let failed {
+                    if let failed = unlocked({ () throws(MigrationError) in try connection.sendMemory(table, from: memory) }) {
                         fail(failed)
                         break
                     }
-                    let now = ContinuousClock.now
-                    let busy = now - busySince
-                    busySince = now
-                    lock.withoutLock { sent(table.dataBytes, busy) }
+                    report(table.dataBytes)
                 } else if waiting > 0 {
-                    let outcome = lock.withoutLock { () -> MigrationError? in
-                        do throws(MigrationError) {
-                            try connection.expectOK(after: .memory)
-                            return nil
-                        } catch {
-                            return error
-                        }
-                    }
-                    if let outcome {
-                        fail(outcome)
+                    if let failed = unlocked({ () throws(MigrationError) in try connection.expectOK(after: .memory) }) {
+                        fail(failed)
                         break
                     }
                     waiting -= 1
                     unanswered -= 1
-                    if unanswered == 0, next == queue.count {
-                        // The time from the last write to its answer is the link's too: without
-                        // it, a pass that fits the socket buffers would look instantaneous.
-                        let now = ContinuousClock.now
-                        let busy = now - busySince
-                        busySince = now
-                        lock.withoutLock { sent(0, busy) }
-                    }
+                    // The time from the last write to its answer is the link's too: without it, a
+                    // pass that fits the socket buffers would look instantaneous.
+                    if unanswered == 0, next == queue.count { report(0) }
                     changed.broadcast()
                 } else {
                     changed.wait()
                 }
             }
         }
+    }
+
+    /// Runs one connection's I/O with the lock released; returns its failure, if any.
+    private func unlocked(_ io: () throws(MigrationError) -> Void) -> MigrationError? {
+        lock.withoutLock { () -> MigrationError? in
+            do throws(MigrationError) {
+                try io()
+                return nil
+            } catch {
+                return error
+            }
+        }
+    }
+
+    /// Hands `sent` the link time since the last report, with `bytes`; called with the lock held.
+    private func report(_ bytes: UInt64) {
+        let now = ContinuousClock.now
+        let busy = now - busySince
+        busySince = now
+        lock.withoutLock { sent(bytes, busy) }
     }
 
     /// Records the first failure and interrupts the other connections, whose lanes then fail too.

@@ -126,8 +126,9 @@ final class VCPUControl: @unchecked Sendable {
     }
 
     /// Called by a vCPU thread before each `KVM_RUN`: parks while the machine is pausing or
-    /// paused, sleeps its share when the throttle's ticker sent it; returns false once stopped. Before parking, `settle` runs without the lock,
-    /// so that the vCPU counts as parked (and its state may be saved) only once it is done.
+    /// paused, sleeps its share when the throttle's ticker sent it; returns false once stopped.
+    /// Before parking, `settle` runs without the lock, so that the vCPU counts as parked (and its
+    /// state may be saved) only once it is done.
     func waitUntilRunnable(_ vcpu: KVMVCPU, settle: () -> Void) -> Bool {
         lock.withLock {
             while true {
@@ -199,11 +200,8 @@ final class VCPUControl: @unchecked Sendable {
                 let deadline = ContinuousClock.now + period
                 while throttlePercent > 0, phase != .stopped, changed.wait(until: deadline) {}
                 guard throttlePercent > 0, phase == .running else { continue }
-                for vcpu in vcpus {
-                    throttleDue.insert(vcpu.id)
-                    vcpu.setImmediateExit(true)
-                    if let thread = threads[vcpu.id] { pthread_kill(thread, Self.kickSignal) }
-                }
+                throttleDue.formUnion(vcpus.map(\.id))
+                kickAll()
             }
             throttleDue.removeAll()
         }

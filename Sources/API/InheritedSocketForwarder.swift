@@ -44,9 +44,7 @@ final class InheritedSocketForwarder: Sendable {
 
     /// Accepts connections on a thread of its own until the descriptor is closed.
     func start() {
-        let thread = Thread { [self] in acceptLoop() }
-        thread.name = "api-fd-accept"
-        thread.start()
+        startThread(named: "api-fd-accept") { [self] in acceptLoop() }
     }
 
     private func acceptLoop() {
@@ -62,15 +60,13 @@ final class InheritedSocketForwarder: Sendable {
             let client = FileDescriptor(accepted)
             guard let server = try? Socket.connect(to: .unix(path: serverPath), timeout: Self.connectTimeout) else { continue }
             relays.withLock { relayCount += 1 }
-            let relay = Thread { [self] in
+            startThread(named: "api-fd-relay") { [self] in
                 Self.relay(client, server)
                 relays.withLock {
                     relayCount -= 1
                     relayEnded.broadcast()
                 }
             }
-            relay.name = "api-fd-relay"
-            relay.start()
         }
     }
 

@@ -1,9 +1,8 @@
 // The few C functions whose declarations need _GNU_SOURCE, which the Swift importer's view of
-// the C library does not define: Linux's O_DIRECT, fallocate(2) modes, pthread_setname_np and the
-// pseudo-terminal calls.
+// the C library does not define: Linux's O_DIRECT, fallocate(2) modes and the pseudo-terminal
+// calls.
 #define _GNU_SOURCE
 #include <fcntl.h>
-#include <pthread.h>
 #include <errno.h>
 #include <linux/if.h>
 #include <linux/if_tun.h>
@@ -13,13 +12,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 #include "CKVM.h"
-
-void ckvm_name_current_thread(const char *name) {
-    char truncated[16];   // the kernel keeps 15 bytes and the NUL (TASK_COMM_LEN)
-    strncpy(truncated, name, sizeof truncated - 1);
-    truncated[sizeof truncated - 1] = '\0';
-    pthread_setname_np(pthread_self(), truncated);
-}
 
 int ckvm_open_pty(char *path, size_t size) {
     int main = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);

@@ -1,13 +1,30 @@
 import Foundation
 import Synchronization
 
+/// Starts `body` on a new OS thread that carries `name` (its first 15 bytes, all the kernel keeps)
+/// where `top -H`, gdb, libvirt and the seccomp reporter read it: `/proc/PID/task/*/comm`.
+/// Foundation's `Thread.name` set before `start()` does not reach the kernel on Linux; set by the
+/// thread itself, it does.
+public func startThread(named name: String, stackSize: Int? = nil, _ body: @escaping @Sendable () -> Void) {
+    var truncated = ""
+    for scalar in name.unicodeScalars {
+        guard truncated.utf8.count + String(scalar).utf8.count <= 15 else { break }
+        truncated.unicodeScalars.append(scalar)
+    }
+    let kernelName = truncated
+    let thread = Thread {
+        Thread.current.name = kernelName
+        body()
+    }
+    if let stackSize { thread.stackSize = stackSize }
+    thread.start()
+}
+
 /// Runs blocking work (socket I/O, waits on other threads) on a new OS thread named `name`, never
 /// on Swift's cooperative pool, and awaits its result without blocking the caller's thread.
 public func onOwnThread<T: Sendable>(named name: String, _ body: @escaping @Sendable () -> T) async -> T {
     await withCheckedContinuation { continuation in
-        let thread = Thread { continuation.resume(returning: body()) }
-        thread.name = name
-        thread.start()
+        startThread(named: name) { continuation.resume(returning: body()) }
     }
 }
 
@@ -24,7 +41,7 @@ public final class Courier: Sendable {
     private let posted = DispatchSemaphore(value: 0)
 
     private init(name: String) {
-        let thread = Thread { [self] in
+        startThread(named: name) { [self] in
             while true {
                 posted.wait()
                 let batch = work.withLock { work in
@@ -34,8 +51,6 @@ public final class Courier: Sendable {
                 for item in batch { item() }
             }
         }
-        thread.name = name
-        thread.start()
     }
 
     /// Hands `item` to the courier's thread; never blocks and never creates a thread.

@@ -99,9 +99,7 @@ public final class MigrationSender: Sendable {
             migrationID: id.lowercasedString, destinationURL: options.destination.description,
             downtimeMs: options.policy.downtimeLimit.wholeMilliseconds, timeoutS: options.policy.timeout.components.seconds,
             connections: options.connections, local: false, tls: connection.isEncrypted))
-        let thread = Thread { [self] in ended(run()) }
-        thread.name = "migration-send"
-        thread.start()
+        startThread(named: "migration-send") { [self] in ended(run()) }
     }
 
     /// The destination accepted the start request. One that closes the connection instead, with a

@@ -51,9 +51,7 @@ final class ReceiveLanes: @unchecked Sendable {
         self.failed = failed
         changed = ConditionLock.Condition(lock)
         running = 1
-        let thread = Thread { [self] in acceptJoins() }
-        thread.name = "mig-join"
-        thread.start()
+        startThread(named: "mig-join") { [self] in acceptJoins() }
     }
 
     /// Stops accepting, interrupts every extra connection and waits for their threads. Returns
@@ -99,9 +97,7 @@ final class ReceiveLanes: @unchecked Sendable {
                 connection.close()
                 continue
             }
-            let thread = Thread { [self] in lane(connection) }
-            thread.name = "mig-recv"
-            thread.start()
+            startThread(named: "mig-recv") { [self] in lane(connection) }
         }
     }
 

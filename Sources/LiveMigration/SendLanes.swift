@@ -46,9 +46,7 @@ final class SendLanes: @unchecked Sendable {
         changed = ConditionLock.Condition(lock)
         running = connections.count
         for (index, connection) in connections.enumerated() {
-            let thread = Thread { [self] in run(connection) }
-            thread.name = "mig-send-\(index)"
-            thread.start()
+            startThread(named: "mig-send-\(index)") { [self] in run(connection) }
         }
     }
 

@@ -240,15 +240,11 @@ public final class Machine: Sendable {
             VCPUControl.installKickSignalHandler()
             for vcpu in vcpus {
                 let name = "vcpu\(vcpu.id)"
-                let thread = Thread { [self] in
-                    ckvm_name_current_thread(name)
+                startThread(named: name, stackSize: 1 << 20) { [self] in
                     Self.confine(.vcpu, name: name)
                     named.signal()
                     runLoop(vcpu)
                 }
-                thread.name = name
-                thread.stackSize = 1 << 20
-                thread.start()
             }
         }
         for _ in vcpus { named.wait() }

@@ -185,9 +185,7 @@ final class VCPUControl: @unchecked Sendable {
             return true
         }
         guard startTicker else { return }
-        let thread = Thread { [self] in tick() }
-        thread.name = "vcpu-throttle"
-        thread.start()
+        startThread(named: "vcpu-throttle") { [self] in tick() }
     }
 
     /// The ticker: after each slice plus sleep, sends every running vCPU to its sleep; ends when

@@ -88,9 +88,7 @@ final class ConsoleLink: Sendable {
             preconditionFailure("a \(mode) console has no link")
         }
         let shared = self.shared
-        let thread = Thread { shared.carryInput() }
-        thread.name = "console-\(name)"
-        thread.start()
+        startThread(named: "console-\(name)") { shared.carryInput() }
     }
 
     deinit { shared.stop() }
@@ -232,9 +230,7 @@ final class TerminalInput: Sendable {
         raw.c_oflag = savedSettings?.c_oflag ?? raw.c_oflag  // keep output post-processing (\n → \r\n)
         tcsetattr(STDIN_FILENO, TCSANOW, &raw)
         if startReader {
-            let thread = Thread { [self] in readKeystrokes() }
-            thread.name = "console-input"
-            thread.start()
+            startThread(named: "console-input") { [self] in readKeystrokes() }
         }
     }
 

@@ -157,10 +157,7 @@ struct TwoWayConsoleTests {
         let body = Self.guestBody(try TestGuest.path.get(), #""serial": {"mode": "Null"}"#)
         try await vmm.api.send(.vmCreate, body: Data(body.utf8))
         try await vmm.api.send(.vmBoot)
-        let task = "/proc/\(vmm.process.pid)/task"
-        let names = try FileManager.default.contentsOfDirectory(atPath: task).compactMap { tid in
-            (try? String(contentsOfFile: "\(task)/\(tid)/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
-        }
+        let names = vmm.process.threadNames
         #expect(names.filter { $0.hasPrefix("vcpu") }.sorted() == ["vcpu0", "vcpu1"], "\(names)")
         #expect(await vmm.shutDown())
     }

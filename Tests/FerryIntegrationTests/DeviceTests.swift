@@ -36,9 +36,7 @@ struct DeviceTests {
             ((try? String(contentsOfFile: guest.devices!.consolePath, encoding: .utf8)) ?? "").contains("CONSOLE seq=2 cpu=0")
         }, "the guest's virtio console output reaches the console file")
         // Threads are named where tools and management software look (libvirt finds vCPUs so).
-        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(vmm.process.pid)/task")) ?? []
-        let names = tasks.compactMap { try? String(contentsOfFile: "/proc/\(vmm.process.pid)/task/\($0)/comm", encoding: .utf8) }
-            .map { $0.trimmingCharacters(in: .newlines) }
+        let names = vmm.process.threadNames
         #expect(names.contains("vcpu0") && names.contains("virtio-blk disk") && names.contains("virtio-rng"), "\(names)")
         let info = try await vmm.info()
         #expect(info.config.disks == [VmConfig.Disk(path: guest.devices!.diskPath, readonly: false, direct: false, id: "disk0")])

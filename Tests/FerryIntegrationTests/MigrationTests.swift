@@ -240,11 +240,14 @@ struct MigrationTests {
         }
     }
 
-    /// Pages the guest's vCPU 0 wrote per timer tick over its heartbeats after `seq`.
-    static func writesPerTick(_ process: FerryProcess, after seq: Int) -> Double? {
-        let beats = process.consoleLines.heartbeats.filter { $0.cpu == 0 && $0.seq > seq }
-        guard let first = beats.first, let last = beats.last, last.ticks > first.ticks else { return nil }
-        return Double(last.written - first.written) / Double(last.ticks - first.ticks)
+    /// Pages the guest's vCPU 0 wrote per timer tick over `beats` heartbeats after `seq`: the
+    /// first such window, or the best of all so far with `best`.
+    static func writesPerTick(_ process: FerryProcess, after seq: Int, beats: Int = 4, best: Bool = false) -> Double? {
+        let heartbeats = process.consoleLines.heartbeats.filter { $0.cpu == 0 && $0.seq > seq }
+        let rates = zip(heartbeats, heartbeats.dropFirst(beats - 1)).compactMap { first, last in
+            last.ticks > first.ticks ? Double(last.written - first.written) / Double(last.ticks - first.ticks) : nil
+        }
+        return best ? rates.max() : rates.first
     }
 
     /// The fast writer outruns a 40 MB/s link many times over: with auto-converge (the default)
@@ -274,38 +277,48 @@ struct MigrationTests {
         }
     }
 
-    /// A cancel lifts the throttle at once: the progress shows it while it is on, and afterwards
-    /// the guest writes as much per timer tick as before the migration.
+    /// A cancel lifts the throttle at once: the progress shows it while it is on, its ticker
+    /// thread ends with the cancel, and afterwards the guest writes per timer tick well over what
+    /// it wrote throttled to 60 % (2.5 times as much unthrottled; at least 1.5 times over the best
+    /// window of four heartbeats, since other tests share these two cores). The rate before the
+    /// migration is only printed: right after boot it varies twofold from run to run.
     @Test func aCancelLiftsTheThrottle() async throws {
-        let pair = try await MigrationPair(transport: .tcp, guest: Self.fastWriter)
+        // Heartbeats five times a second, so that four of them fall within a pass or two.
+        let guest = TestGuestVM(cpus: 2, memoryMiB: 256, workload: "workset_mib=32 dirty_rate=max heartbeat_ms=200")
+        let pair = try await MigrationPair(transport: .tcp, guest: guest)
         let source = pair.source
         let before = try #require(source.process.consoleLines.heartbeats.last { $0.cpu == 0 }?.seq)
-        #expect(await waitUntil(.seconds(30)) { Self.writesPerTick(source.process, after: before).map { _ in
-            source.process.consoleLines.heartbeats.filter { $0.cpu == 0 && $0.seq > before }.count >= 4 } ?? false })
-        let freely = try #require(Self.writesPerTick(source.process, after: before))
+        #expect(await waitUntil(.seconds(30)) { Self.writesPerTick(source.process, after: before) != nil })
+        let freely = Self.writesPerTick(source.process, after: before) ?? 0
 
         let incoming = try await pair.startReceive()
         let link = try ThrottledLink(to: incoming.url, transport: .tcp, in: pair.directory, bytesPerSecond: Self.linkBytesPerSecond)
         try await pair.send(SendMigrationData(destination_url: link.url, downtime_ms: 1, timeout_s: 120))
         var throttled = 0
-        let deadline = ContinuousClock.now + .seconds(60)
-        while throttled < 40, ContinuousClock.now < deadline {
+        let deadline = ContinuousClock.now + .seconds(90)
+        while throttled < 60, ContinuousClock.now < deadline {
             if case .ongoing(_, let percent)? = try? await source.progress().state { throttled = percent }
             try await Task.sleep(for: .milliseconds(50))
         }
-        #expect(throttled >= 40, "vm.migration-progress shows the throttle rising: \(throttled) %")
+        #expect(throttled >= 60, "vm.migration-progress shows the throttle rising: \(throttled) %")
+        #expect(source.process.threadNames.contains("vcpu-throttle"), "\(source.process.threadNames)")
         let duringSeq = source.process.consoleLines.heartbeats.last { $0.cpu == 0 }?.seq ?? before
+        let throttledFrom = source.process.consoleLines.heartbeats.filter { $0.cpu == 0 }.dropLast(4).last?.seq ?? before
+        let during = try #require(Self.writesPerTick(source.process, after: throttledFrom))
         try await source.api.send(.vmCancelMigration)
         let end = try #require(await pair.waitForSourceEnd())
         #expect(end.name == "vm.migration-cancelled", "\(end.name) \(end.properties)")
         Self.expectThrottleSteps(Self.throttles(source.events()))
+        #expect(await waitUntil(.seconds(5)) { !source.process.threadNames.contains("vcpu-throttle") },
+                "the throttle's thread ends with the cancel: \(source.process.threadNames)")
 
         let after = source.process.consoleLines.heartbeats.last { $0.cpu == 0 }?.seq ?? duringSeq
-        #expect(await waitUntil(.seconds(30)) { source.process.consoleLines.heartbeats.filter { $0.cpu == 0 && $0.seq > after }.count >= 4 },
-                "heartbeats go on after the cancel")
-        let freed = try #require(Self.writesPerTick(source.process, after: after))
-        print("auto-converge cancel: \(freely) pages per tick before, throttled to \(throttled) %, \(freed) after the cancel")
-        #expect(freed >= freely / 2, "the guest writes freely again: \(freed) pages per tick against \(freely) before the migration")
+        var freed = 0.0
+        #expect(await waitUntil(.seconds(30)) {
+            freed = Self.writesPerTick(source.process, after: after, best: true) ?? 0
+            return freed >= during * 1.5
+        }, "the guest writes freely again: at best \(freed) pages per tick against \(during) throttled")
+        print("auto-converge cancel: \(freely) pages per tick before, \(during) throttled to \(throttled) %, at best \(freed) after the cancel")
         #expect(await source.shutDown())
         _ = await pair.destination.shutDown()
     }

@@ -82,6 +82,15 @@ public final class FerryProcess: Sendable {
     public var standardError: String { errors.text }
     public var pid: Int32 { process.processIdentifier }
 
+    /// The names of the process's threads now, from `/proc/PID/task/*/comm` (where libvirt and
+    /// `top -H` read them).
+    public var threadNames: [String] {
+        let tasks = "/proc/\(pid)/task"
+        return ((try? FileManager.default.contentsOfDirectory(atPath: tasks)) ?? []).compactMap { task in
+            (try? String(contentsOfFile: "\(tasks)/\(task)/comm", encoding: .utf8))?.trimmingCharacters(in: .newlines)
+        }
+    }
+
     /// Waits until the console has a line for which `predicate` holds; returns it, or nil when the
     /// deadline passes or the process has exited without printing one.
     public func waitForConsoleLine(timeout: Duration, where predicate: (String) -> Bool) -> String? {

@@ -40,9 +40,6 @@ static inline int ckvm_eventfd(void) {
 // zeroing a range (write-zeroes) without changing the file's size.
 int ckvm_open_direct_flag(void);
 int ckvm_fallocate(int fd, int punch_hole, long long offset, long long length);
-// Names the calling thread as /proc/PID/task/TID/comm shows it (at most 15 bytes are kept), so
-// that tools and management software (libvirt looks for vcpuN) can find it.
-void ckvm_name_current_thread(const char *name);
 
 /// Opens a new pseudo-terminal's main side (read-write, close-on-exec, not the controlling
 /// terminal), unlocked, and writes its subsidiary's path into `path`. Returns the descriptor, or -1

@@ -245,15 +245,13 @@ extension VirtualMachineMonitor {
     /// that bridges and switches send the guest's traffic here even if the first frames are lost.
     private static func announce(_ machine: Machine) {
         guard !machine.configuration.networks.isEmpty else { return }
-        let thread = Thread { [weak machine] in
+        startThread(named: "announce") { [weak machine] in
             for pause in [0, 50, 150, 250, 350] {
                 if pause > 0 { Poll.sleep(for: .milliseconds(pause)) }
                 guard let machine, machine.phase == .running else { return }
                 machine.announceNetworks()
             }
         }
-        thread.name = "announce"
-        thread.start()
     }
 
     // MARK: Both sides

@@ -672,13 +672,10 @@ final class DeviceWorker: @unchecked Sendable {
             case .idle:
                 self.serve = serve
                 mode = .running
-                let thread = Thread { [self] in
-                    ckvm_name_current_thread(name)
+                startThread(named: name) { [self] in
                     Machine.confine(.deviceIO, name: name)
                     run()
                 }
-                thread.name = name
-                thread.start()
             case .paused, .pausing:
                 mode = .running
                 pauseFlag.withLock { $0 = false }

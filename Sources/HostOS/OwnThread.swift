@@ -1,10 +1,11 @@
+import CSandbox
 import Foundation
 import Synchronization
 
 /// Starts `body` on a new OS thread that carries `name` (its first 15 bytes, all the kernel keeps)
 /// where `top -H`, gdb, libvirt and the seccomp reporter read it: `/proc/PID/task/*/comm`.
-/// Foundation's `Thread.name` set before `start()` does not reach the kernel on Linux; set by the
-/// thread itself, it does.
+/// Foundation's `Thread.name` does not reach the kernel on Linux when set before `start()`, nor,
+/// reliably, when the new thread sets it before `start()` has returned to its starter.
 public func startThread(named name: String, stackSize: Int? = nil, _ body: @escaping @Sendable () -> Void) {
     var truncated = ""
     for scalar in name.unicodeScalars {
@@ -13,7 +14,7 @@ public func startThread(named name: String, stackSize: Int? = nil, _ body: @esca
     }
     let kernelName = truncated
     let thread = Thread {
-        Thread.current.name = kernelName
+        ferry_name_current_thread(kernelName)
         body()
     }
     if let stackSize { thread.stackSize = stackSize }

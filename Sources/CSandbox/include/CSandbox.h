@@ -1,4 +1,5 @@
-// C shim over libseccomp (Debian's) and Landlock for Ferry's confinement (docs/security.md).
+// C shim over libseccomp (Debian's) and Landlock for Ferry's confinement (docs/security.md), and
+// the thread names its reporter and every other tool read.
 //
 // The allow-lists themselves are Swift (HostOS/SeccompPolicy.swift); this side builds and loads
 // the filter and reports a forbidden call from the SIGSYS handler, where only async-signal-safe
@@ -48,5 +49,9 @@ int ferry_landlock_allow(int ruleset, int abi, const char *path, int write, char
 /// threads it starts later, so this refuses (-1, with `error`) once the process has a second
 /// thread: it must come before any other thread exists.
 int ferry_landlock_restrict_process(int ruleset, char *error, size_t error_size);
+
+/// Names the calling thread where /proc/PID/task/TID/comm shows it (the kernel keeps 15 bytes;
+/// the caller truncates), so that top -H, gdb and libvirt (which looks for vcpuN) find it.
+void ferry_name_current_thread(const char *name);
 
 #endif

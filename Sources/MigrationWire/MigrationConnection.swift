@@ -109,7 +109,7 @@ public final class MigrationConnection: Sendable {
     }
 
     public func sendState(_ state: MigrationState) throws(MigrationError) {
-        try sendRequest(.state, payload: try MigrationDocument.encode(state))
+        try sendRequest(.state, payload: try MigrationDocument.encodeBinary(state))
     }
 
     /// Sends a memory request: its header, `table`, then each range's bytes straight from
@@ -154,7 +154,7 @@ public final class MigrationConnection: Sendable {
                 return .config(try MigrationDocument.decode(MigrationConfig.self, from: bytes, command: .config))
             case .state:
                 let bytes = try read(Int(header.length), what: "the state payload")
-                return .state(try MigrationDocument.decode(MigrationState.self, from: bytes, command: .state))
+                return .state(try MigrationDocument.decodeBinary(MigrationState.self, from: bytes, command: .state))
             case .join:
                 return .join(try MigrationJoin(decoding: read(MigrationProtocol.joinPayloadSize, what: "the join payload")))
             case .complete:

@@ -25,7 +25,9 @@ public struct MigrationState: Codable, Equatable, Sendable {
     }
 }
 
-/// The JSON form of the config and state payloads.
+/// The forms of the config payload (JSON: sent before the guest stops, and read by people) and of
+/// the state payload (CBOR: encoded and decoded while the guest is stopped, where JSON's arrays
+/// of numbers cost milliseconds).
 enum MigrationDocument {
     static func encode(_ value: some Encodable) throws(MigrationError) -> [UInt8] {
         do {
@@ -38,6 +40,22 @@ enum MigrationDocument {
     static func decode<T: Decodable>(_ type: T.Type, from bytes: [UInt8], command: MigrationCommand) throws(MigrationError) -> T {
         do {
             return try JSONDecoder().decode(type, from: Data(bytes))
+        } catch {
+            throw MigrationError(.malformedPayload, "the \(command) payload does not decode: \(error)")
+        }
+    }
+
+    static func encodeBinary(_ value: some Encodable) throws(MigrationError) -> [UInt8] {
+        do {
+            return try CBOR.encode(value)
+        } catch {
+            throw MigrationError(.malformedPayload, "cannot encode \(type(of: value)): \(error)")
+        }
+    }
+
+    static func decodeBinary<T: Decodable>(_ type: T.Type, from bytes: [UInt8], command: MigrationCommand) throws(MigrationError) -> T {
+        do {
+            return try CBOR.decode(type, from: bytes)
         } catch {
             throw MigrationError(.malformedPayload, "the \(command) payload does not decode: \(error)")
         }

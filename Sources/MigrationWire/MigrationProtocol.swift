@@ -6,7 +6,8 @@ public enum MigrationProtocol {
     /// The protocol version a `start` request carries; a receiver refuses any other. Version 2:
     /// the config payload carries only what the guest sees (`MigrationConfig`). Version 3: extra
     /// connections join a migration (`join`) and carry memory requests beside the main one.
-    public static let version: UInt32 = 3
+    /// Version 4: the state payload is CBOR, not JSON.
+    public static let version: UInt32 = 4
     /// First four bytes of every request header: "FMRQ" (Ferry migration request).
     public static let requestMagic: UInt32 = 0x5152_4D46
     /// First four bytes of every response header: "FMRS" (Ferry migration response).

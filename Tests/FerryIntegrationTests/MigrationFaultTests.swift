@@ -920,7 +920,7 @@ extension MigrationFaultTests {
                 let peer = try configured(url, id)
                 #expect(peer.write(memoryHead([MigrationMemoryRange(address: 0x10_0000, length: 0x1000)]) + [UInt8](repeating: 0x5A, count: 0x1000)))
                 #expect(try peer.connection.receiveResponse() == .ok)
-                refused(try peer.request(.state, Array(#"{"machine": 42, "guestRunning": true}"#.utf8)), naming: "cannot be restored")
+                refused(try peer.request(.state, try CBOR.encode(["machine": 42])), naming: "cannot be restored")
                 peer.finish()
             },
             Abuse(description: "an abandon after the config", starts: true, error: "the sender abandoned the migration", phase: "memory-precopy") { url, id, _ in
@@ -1200,11 +1200,18 @@ extension MigrationFaultTests {
             return (frames.flatMap { $0 }, applied)
         }
 
+        /// A state payload that is valid CBOR but a machine state of an older format.
+        struct StaleState: Encodable {
+            struct Machine: Encodable { var formatVersion = 2 }
+            var machine = Machine()
+            var guestRunning = true
+        }
+
         /// start, config (256 MiB, 1 vCPU), one to three memory requests, a state that is valid
-        /// JSON but no machine state, then complete or abandon.
+        /// CBOR but no machine state this Ferry reads, then complete or abandon.
         static func validFrames(id: UUID, using generator: inout SplitMix64) -> [[UInt8]] {
             let config = configDocument()
-            let state = Array(#"{"machine": {"formatVersion": 2}, "guestRunning": true}"#.utf8)
+            let state = (try? CBOR.encode(StaleState())) ?? []
             var frames = [request(.start, length: UInt64(MigrationProtocol.startPayloadSize)) + MigrationStart(migrationID: id).encoded,
                           request(.config, length: UInt64(config.count)) + config]
             for _ in 0..<Int.random(in: 1...3, using: &generator) {

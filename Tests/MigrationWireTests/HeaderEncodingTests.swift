@@ -36,7 +36,7 @@ import Testing
     @Test func startPayloadIsVersionThenUUIDBytes() throws {
         let id = try #require(UUID(uuidString: "00112233-4455-6677-8899-AABBCCDDEEFF"))
         let start = MigrationStart(migrationID: id)
-        #expect(start.encoded == [3, 0, 0, 0,
+        #expect(start.encoded == [4, 0, 0, 0,
                                   0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77,
                                   0x88, 0x99, 0xAA, 0xBB, 0xCC, 0xDD, 0xEE, 0xFF])
         #expect(try MigrationStart(decoding: start.encoded) == start)

@@ -76,8 +76,9 @@ enum Wire {
     }
 
     /// A request carrying `document` as JSON.
+    /// A config (JSON) or state (CBOR) request with its payload.
     static func document(_ command: MigrationCommand, _ document: some Encodable) throws -> [UInt8] {
-        let bytes = Array(try JSONEncoder().encode(document))
+        let bytes = command == .state ? try CBOR.encode(document) : Array(try JSONEncoder().encode(document))
         return header(command, length: UInt64(bytes.count)) + bytes
     }
 }

@@ -36,7 +36,7 @@ let package = Package(
         .target(name: "Machine", dependencies: ["KVM", "CKVM", "HostOS"]),
         .target(name: "Events", dependencies: ["HostOS"]),
         .target(name: "CTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
-        .target(name: "MigrationWire", dependencies: ["Machine", "HostOS", "CTLS"]),
+        .target(name: "MigrationWire", dependencies: ["Machine", "HostOS", "CTLS", "CKVM"]),
         .target(name: "LiveMigration", dependencies: ["MigrationWire", "Machine", "Events", "HostOS"]),
         .target(
             name: "VMM",

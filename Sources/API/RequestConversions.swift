@@ -53,7 +53,8 @@ extension VmConfig {
         let machine = MachineConfiguration(cpus: cpuCount, memorySize: UInt64(memorySize), kernel: kernel,
                                            initramfs: payload.initramfs,
                                            commandLine: payload.cmdline ?? VMConfiguration.defaultCommandLine,
-                                           disks: diskConfigurations, networks: networks, entropySource: rng?.src)
+                                           disks: diskConfigurations, networks: networks, entropySource: rng?.src,
+                                           sharedMemory: memory?.shared ?? false)
         return VMConfiguration(machine: machine, serial: serialMode, console: consoleMode)
     }
 
@@ -61,7 +62,7 @@ extension VmConfig {
     init(_ configuration: VMConfiguration, serialTerminal: String? = nil, consoleTerminal: String? = nil) {
         let machine = configuration.machine
         self.init(cpus: Cpus(boot_vcpus: machine.cpus, max_vcpus: machine.cpus),
-                  memory: Memory(size: Int64(machine.memorySize)),
+                  memory: Memory(size: Int64(machine.memorySize), shared: machine.sharedMemory ? true : nil),
                   payload: Payload(kernel: machine.kernel, initramfs: machine.initramfs, cmdline: machine.commandLine),
                   serial: Console(configuration.serial, terminal: serialTerminal),
                   console: Console(configuration.console, terminal: consoleTerminal),
@@ -226,13 +227,18 @@ extension SendMigrationData {
         }
         let tlsDirectory = try VMMError.tlsDirectory(tls_dir, for: destination)
         if local == true {
-            throw VMMError(.invalidRequest, "local: local migration (handing guest memory over on one host) is not available; omit it or set it to false")
+            guard case .unix = destination else {
+                throw VMMError(.invalidRequest, "local: a local migration hands guest memory over a unix: socket to a VMM on this host, not over \(destination)")
+            }
+            guard connectionCount == 1 else {
+                throw VMMError(.invalidRequest, "connections: a local migration copies no memory and uses one connection; leave connections at 1")
+            }
         }
         return SendMigrationOptions(
             destination: destination,
             policy: PrecopyPolicy(downtimeLimit: .milliseconds(downtime), timeout: .seconds(timeout), timeoutStrategy: strategy,
                                   autoConverge: auto_converge ?? true),
-            connections: Int(connectionCount), keepAlive: keep_alive ?? false, tlsDirectory: tlsDirectory)
+            connections: Int(connectionCount), keepAlive: keep_alive ?? false, tlsDirectory: tlsDirectory, local: local ?? false)
     }
 }
 
@@ -302,7 +308,8 @@ extension MigrationProgressReport {
             timestamp_snapshot_ms: MigrationProgress.wallClockMilliseconds(),
             downtime_configured_ms: progress.downtimeLimit.map { UInt64($0.wholeMilliseconds) } ?? 0,
             downtime_estimated_ms: progress.estimatedDowntime.map { UInt64($0.wholeMilliseconds) } ?? 0,
-            transportation_mode: progress.transport == "Unix" ? .unix(connections: progress.connections)
+            transportation_mode: progress.transport == "Local" ? .local
+                : progress.transport == "Unix" ? .unix(connections: progress.connections)
                 : .tcp(connections: progress.connections, tls: progress.tls),
             state: state,
             memory_transmission_info: MemoryTransmissionInfo(

@@ -243,7 +243,6 @@ enum UnsupportedRequest {
             ("cpus.max_phys_bits", config["cpus", "max_phys_bits"], { _ in true }, reason("cpus.max_phys_bits")),
             ("memory.hugepages", config["memory", "hugepages"], { $0 == .bool(true) }, reason("memory.hugepages")),
             ("memory.hugepage_size", config["memory", "hugepage_size"], { _ in true }, reason("memory.hugepage_size")),
-            ("memory.shared", config["memory", "shared"], { $0 == .bool(true) }, reason("memory.shared")),
             ("memory.mergeable", config["memory", "mergeable"], { $0 == .bool(true) }, reason("memory.mergeable")),
             ("memory.thp", config["memory", "thp"], { $0 == .bool(false) }, reason("memory.thp")),
             ("memory.prefault", config["memory", "prefault"], { $0 == .bool(true) }, reason("memory.prefault")),

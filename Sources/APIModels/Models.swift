@@ -19,9 +19,13 @@ public struct VmConfig: Codable, Equatable, Sendable {
         /// Bytes. Signed, so that a negative value gets a message naming the field rather than a
         /// decoding failure.
         public var size: Int64
+        /// Guest RAM is a memory file other processes can map (Cloud Hypervisor's `shared`), which
+        /// a local migration hands over instead of copying.
+        public var shared: Bool?
 
-        public init(size: Int64) {
+        public init(size: Int64, shared: Bool? = nil) {
             self.size = size
+            self.shared = shared
         }
     }
 

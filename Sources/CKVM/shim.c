@@ -1,6 +1,6 @@
 // The few C functions whose declarations need _GNU_SOURCE, which the Swift importer's view of
-// the C library does not define: Linux's O_DIRECT, fallocate(2) modes and the pseudo-terminal
-// calls.
+// the C library does not define: Linux's O_DIRECT, fallocate(2) modes, memfd_create(2), the
+// pseudo-terminal calls and descriptors passed over Unix sockets.
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <errno.h>
@@ -9,6 +9,7 @@
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include "CKVM.h"
@@ -55,6 +56,38 @@ long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *d
         *count = -1;
     }
     return (long)received;
+}
+
+long ckvm_send_with_descriptor(int socket, const void *buffer, size_t size, int descriptor) {
+    union {
+        char bytes[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec vector = { .iov_base = (void *)buffer, .iov_len = size };
+    struct msghdr message = {
+        .msg_iov = &vector, .msg_iovlen = 1,
+        .msg_control = control.bytes, .msg_controllen = sizeof control.bytes,
+    };
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(header), &descriptor, sizeof(int));
+    return (long)sendmsg(socket, &message, MSG_NOSIGNAL);
+}
+
+int ckvm_memfd(const char *name) {
+    return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+}
+
+int ckvm_seal_size(int fd) {
+    return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW);
+}
+
+int ckvm_size_is_sealed(int fd) {
+    int seals = fcntl(fd, F_GET_SEALS);
+    return seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
 }
 
 int ckvm_open_direct_flag(void) {

@@ -57,8 +57,9 @@ public enum StreamIO {
         }
     }
 
-    /// `step(done)` moves the next bytes and returns what send(2)/recv(2) returned.
-    private static func transfer(_ fd: Int32, count: Int, waitingFor events: Int16, progressTimeout: Duration, name: String,
+    /// `step(done)` moves the next bytes and returns what send(2)/recv(2) returned; it must not
+    /// block (`MSG_DONTWAIT`): waiting is done here, until `progressTimeout` passes without progress.
+    public static func transfer(_ fd: Int32, count: Int, waitingFor events: Int16, progressTimeout: Duration, name: String,
                                  _ step: (Int) -> Int) throws(StreamTransferError) {
         var done = 0
         var deadline = ContinuousClock.now + progressTimeout

@@ -11,14 +11,18 @@ public struct SendMigrationOptions: Equatable, Sendable {
     public var keepAlive: Bool
     /// Mutual TLS with the sender's credentials from this directory (`tls_dir`); `tcp:` only.
     public var tlsDirectory: String?
+    /// A local migration (`local`): the destination, on this host, maps the guest's shared memory
+    /// file instead of receiving its pages; `unix:` only, for a guest with shared memory.
+    public var local: Bool
 
     public init(destination: MigrationURL, policy: PrecopyPolicy = PrecopyPolicy(), connections: Int = 1, keepAlive: Bool = false,
-                tlsDirectory: String? = nil) {
+                tlsDirectory: String? = nil, local: Bool = false) {
         precondition((1...MigrationProtocol.maximumConnections).contains(connections))
         self.destination = destination
         self.connections = connections
         self.policy = policy
         self.keepAlive = keepAlive
         self.tlsDirectory = tlsDirectory
+        self.local = local
     }
 }

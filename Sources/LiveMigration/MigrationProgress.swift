@@ -55,7 +55,7 @@ public struct MigrationProgress: Equatable, Sendable {
     public var downtimeLimit: Duration?
     /// The remaining bytes at the measured bandwidth, after the last pass.
     public var estimatedDowntime: Duration?
-    /// `Tcp` or `Unix`.
+    /// `Tcp`, `Unix`, or `Local` (a local migration, over a Unix socket).
     public var transport: String
     public var connections: Int
     /// The connections are TLS (`tls_dir`).

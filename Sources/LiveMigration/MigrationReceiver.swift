@@ -16,14 +16,15 @@ public final class MigrationReceiver: Sendable {
     /// What the receiver asks of the VMM for the VM it builds; called from the receiver's thread
     /// and waited for.
     public struct DestinationVM: Sendable {
-        /// Builds a machine for `configuration` with zeroed RAM, awaiting its state, wired to the
-        /// VMM's console and stop handling, which are the destination's own choice.
-        public var prepare: @Sendable (MachineConfiguration) throws -> Machine
+        /// Builds a machine for `configuration`, awaiting its state, wired to the VMM's console and
+        /// stop handling, which are the destination's own choice. Its RAM is zero, or the memory
+        /// file a local migration passed.
+        public var prepare: @Sendable (MachineConfiguration, _ memoryFile: FileDescriptor?) throws -> Machine
         /// Makes the restored machine the VMM's VM and, if the guest ran on the source, starts it
         /// with `vm.resuming`/`vm.resumed`. On error the VMM has no VM.
         public var adopt: @Sendable (Machine, _ guestRunning: Bool) throws -> Void
 
-        public init(prepare: @escaping @Sendable (MachineConfiguration) throws -> Machine,
+        public init(prepare: @escaping @Sendable (MachineConfiguration, _ memoryFile: FileDescriptor?) throws -> Machine,
                     adopt: @escaping @Sendable (Machine, _ guestRunning: Bool) throws -> Void) {
             self.prepare = prepare
             self.adopt = adopt
@@ -167,23 +168,37 @@ public final class MigrationReceiver: Sendable {
             try start.checkVersion()
             try connection.sendResponse(.ok)
 
-            let second = try connection.receiveRequest(limits: MigrationLimits(guestRAM: []))
+            var second = try connection.receiveRequest(limits: MigrationLimits(guestRAM: []))
+            // A local migration passes the guest's memory file first; only a Unix socket can.
+            var memoryFile: FileDescriptor?
+            if case .memoryFile(let file) = second {
+                memoryFile = file.descriptor
+                progress.update { $0.transport = "Local" }
+                try connection.sendResponse(.ok)
+                second = try connection.receiveRequest(limits: MigrationLimits(guestRAM: []))
+            }
             guard case .config(let config) = second else { throw unexpected(second, expected: "config") }
+            if memoryFile != nil, !config.machine.sharedMemory {
+                throw Refusal(description: "protocol violation: a local migration's VM must have shared memory")
+            }
             let machine: Machine
             do {
-                machine = try destinationVM.prepare(config.machine)
+                machine = try destinationVM.prepare(config.machine, memoryFile)
             } catch {
                 throw Refusal(description: "this host cannot run the VM: \(error)")
             }
             incoming = machine
             progress.update { $0.memory.totalBytes = machine.memory.size }
-            lanes = ReceiveLanes(
-                listener: listener, tls: tls, ioTimeout: ioTimeout, migrationID: start.migrationID, memory: machine.memory,
-                progress: progress, received: record,
-                failed: { [weak self] reason in self?.requestStop(reason: reason, closingListener: false) })
+            if memoryFile == nil {
+                lanes = ReceiveLanes(
+                    listener: listener, tls: tls, ioTimeout: ioTimeout, migrationID: start.migrationID, memory: machine.memory,
+                    progress: progress, received: record,
+                    failed: { [weak self] reason in self?.requestStop(reason: reason, closingListener: false) })
+            }
             try connection.sendResponse(.ok)
 
-            enter(.memoryPrecopy)
+            // A local migration has no pre-copy: the guest's memory is already here.
+            if memoryFile == nil { enter(.memoryPrecopy) }
             let limits = MigrationLimits(guestRAM: machine.memory.ranges)
             /// The request after the config or a memory batch. Of these only the state carries a
             /// document: one that does not decode is a state this machine cannot restore, and the
@@ -199,6 +214,9 @@ public final class MigrationReceiver: Sendable {
             }
             var request = try nextRequest()
             while case .memory(let table) = request {
+                if memoryFile != nil {
+                    throw Refusal(description: "protocol violation: a local migration carries no memory requests")
+                }
                 let batchStart = ContinuousClock.now
                 try connection.receiveMemory(table, into: machine.memory)
                 record(table.dataBytes, batchStart)

@@ -84,7 +84,7 @@ public final class MigrationSender: Sendable {
         self.sourceVM = sourceVM
         started = .now
         progress = MigrationProgressTracker(MigrationProgress(
-            direction: .outgoing, transport: options.destination.transport, connections: options.connections,
+            direction: .outgoing, transport: options.local ? "Local" : options.destination.transport, connections: options.connections,
             tls: connection.isEncrypted, downtimeLimit: options.policy.downtimeLimit))
         progress.update {
             $0.migrationID = id.lowercasedString
@@ -98,7 +98,7 @@ public final class MigrationSender: Sendable {
         events.emit(VMEvent.MigrationStarted(
             migrationID: id.lowercasedString, destinationURL: options.destination.description,
             downtimeMs: options.policy.downtimeLimit.wholeMilliseconds, timeoutS: options.policy.timeout.components.seconds,
-            connections: options.connections, local: false, tls: connection.isEncrypted))
+            connections: options.connections, local: options.local, tls: connection.isEncrypted))
         startThread(named: "migration-send") { [self] in ended(run()) }
     }
 
@@ -168,25 +168,38 @@ public final class MigrationSender: Sendable {
             try connection.handshake()
             try connection.sendStart(MigrationStart(migrationID: id))
             try expectStartAnswered()
+            if options.local {
+                guard let file = machine.memory.backingFile else {
+                    throw MigrationError(.protocolViolation, "a local migration needs the guest's memory to be shared")
+                }
+                try connection.sendMemoryFile(file)
+                try connection.expectOK(after: .memoryFile)
+            }
             try connection.sendConfig(MigrationConfig(machine: machine.configuration))
             try connection.expectOK(after: .config)
-            lanes = SendLanes(connections: [connection] + (try joinExtraConnections()), memory: machine.memory) { [self] bytes, busy in
-                let bandwidth = link.withLock { link in
-                    link.bandwidth.record(bytes: bytes, in: busy)
-                    link.bytesTotal += bytes
-                    return UInt64(link.bandwidth.bytesPerSecond)
+            let remaining: PageRuns
+            let reason: PrecopyPolicy.SwitchOverReason
+            if options.local {
+                (remaining, reason) = (PageRuns(runs: []), .local)
+            } else {
+                lanes = SendLanes(connections: [connection] + (try joinExtraConnections()), memory: machine.memory) { [self] bytes, busy in
+                    let bandwidth = link.withLock { link in
+                        link.bandwidth.record(bytes: bytes, in: busy)
+                        link.bytesTotal += bytes
+                        return UInt64(link.bandwidth.bytesPerSecond)
+                    }
+                    progress.update {
+                        $0.memory.transmittedBytes += bytes
+                        $0.memory.remainingInPassBytes -= min(bytes, $0.memory.remainingInPassBytes)
+                        $0.memory.bytesPerSecond = bandwidth
+                    }
                 }
-                progress.update {
-                    $0.memory.transmittedBytes += bytes
-                    $0.memory.remainingInPassBytes -= min(bytes, $0.memory.remainingInPassBytes)
-                    $0.memory.bytesPerSecond = bandwidth
-                }
-            }
 
-            enter(.memoryPrecopy)
-            try machine.setDirtyLogging(true)
-            let (remaining, reason) = try precopy(lanes!, passes: &passes)
-            throttle(0)  // the guest is paused next, and runs freely wherever it runs after
+                enter(.memoryPrecopy)
+                try machine.setDirtyLogging(true)
+                (remaining, reason) = try precopy(lanes!, passes: &passes)
+                throttle(0)  // the guest is paused next, and runs freely wherever it runs after
+            }
 
             enter(.completing)
             let estimate = PrecopyPolicy.estimatedDowntime(remainingBytes: remaining.byteCount,
@@ -200,9 +213,11 @@ public final class MigrationSender: Sendable {
                 pausedByMigration = true
             }
             try checkStop()
-            let last = remaining.union(try machine.collectDirtyPages())
-            try send(last, over: lanes!)
-            closeLanes(interrupting: false)
+            if !options.local {
+                let last = remaining.union(try machine.collectDirtyPages())
+                try send(last, over: lanes!)
+                closeLanes(interrupting: false)
+            }
             try connection.sendState(MigrationState(machine: try machine.saveState(), guestRunning: guestWasRunning))
             try connection.expectOK(after: .state)
             try commit()

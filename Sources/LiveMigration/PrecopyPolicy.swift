@@ -80,6 +80,8 @@ public struct PrecopyPolicy: Equatable, Sendable {
         case nothingDirty = "nothing-dirty"
         /// The timeout passed and the strategy is `ignore`.
         case timeoutIgnored = "timeout-ignored"
+        /// A local migration: the destination maps the guest's memory, so none is copied.
+        case local
     }
 
     /// Remaining bytes ÷ bandwidth; nil while no bandwidth has been measured.

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CKVM
 import HostOS
 import Synchronization
 
@@ -67,11 +68,57 @@ public final class GuestMemory: @unchecked Sendable {
     public var ranges: [GuestRAMRange] { regions.map(\.range) }
     public var size: UInt64 { regions.reduce(0) { $0 + $1.range.size } }
 
-    public init(ranges: [GuestRAMRange]) throws(MachineError) {
+    /// The file that backs guest RAM when it is shared (`MachineConfiguration.sharedMemory`):
+    /// every range of RAM in turn from offset 0, mapped `MAP_SHARED`. Another process that maps
+    /// it sees the same pages: a local migration hands it over instead of copying RAM.
+    public let backingFile: FileDescriptor?
+
+    /// Maps fresh, zero guest RAM for `ranges`: private anonymous memory, or with `shared` a new
+    /// memfd of their total size.
+    public convenience init(ranges: [GuestRAMRange], shared: Bool = false) throws(MachineError) {
+        guard shared else {
+            try self.init(ranges: ranges, file: nil)
+            return
+        }
+        let descriptor = ckvm_memfd("ferry-guest-ram")
+        guard descriptor >= 0 else {
+            throw MachineError(.hostFailure, "cannot create the memory file for shared guest RAM", cause: SystemError("memfd_create", errno: errno))
+        }
+        let file = FileDescriptor(descriptor)
+        let total = ranges.reduce(0) { $0 + $1.size }
+        guard ftruncate(descriptor, off_t(total)) == 0, ckvm_seal_size(descriptor) == 0 else {
+            throw MachineError(.hostFailure, "cannot size the memory file for \(total >> 20) MiB of shared guest RAM",
+                               cause: SystemError("ftruncate", errno: errno))
+        }
+        try self.init(ranges: ranges, file: file)
+    }
+
+    /// Maps guest RAM for `ranges` from `file`, a memory file another Ferry shared (a local
+    /// migration's), which must be a memfd whose size is sealed (so that no page can vanish under
+    /// the mapping) and hold at least their total size; the pages are the file's, with whatever
+    /// they hold.
+    public convenience init(ranges: [GuestRAMRange], sharedFile file: FileDescriptor) throws(MachineError) {
+        let total = ranges.reduce(0) { $0 + $1.size }
+        var status = stat()
+        guard fstat(file.rawValue, &status) == 0 else {
+            throw MachineError(.hostFailure, "cannot inspect the shared memory file", cause: SystemError("fstat", errno: errno))
+        }
+        guard status.st_mode & S_IFMT == S_IFREG, ckvm_size_is_sealed(file.rawValue) == 1 else {
+            throw MachineError(.invalidConfiguration, "the shared memory file is not a memfd whose size is sealed")
+        }
+        guard UInt64(status.st_size) >= total else {
+            throw MachineError(.invalidConfiguration,
+                               "the shared memory file holds \(status.st_size) bytes, fewer than the guest's \(total) bytes of RAM")
+        }
+        try self.init(ranges: ranges, file: file)
+    }
+
+    private init(ranges: [GuestRAMRange], file: FileDescriptor?) throws(MachineError) {
         var mapped: [Region] = []
+        var offset: UInt64 = 0
         for range in ranges {
-            guard let host = mmap(nil, Int(range.size), PROT_READ | PROT_WRITE,
-                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+            let flags = file == nil ? MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE : MAP_SHARED | MAP_NORESERVE
+            guard let host = mmap(nil, Int(range.size), PROT_READ | PROT_WRITE, flags, file?.rawValue ?? -1, off_t(offset)),
                   host != MAP_FAILED
             else {
                 let code = errno
@@ -79,11 +126,14 @@ public final class GuestMemory: @unchecked Sendable {
                 throw MachineError(.hostFailure, "cannot map \(range.size >> 20) MiB of guest memory",
                                    cause: SystemError("mmap", errno: code))
             }
-            // Transparent huge pages make first touch and KVM's mappings cheaper, as QEMU does.
+            // Transparent huge pages make first touch and KVM's mappings cheaper, as QEMU does
+            // (shared memory gets them where the host's shmem_enabled allows).
             madvise(host, Int(range.size), MADV_HUGEPAGE)
             mapped.append(Region(range: range, host: host))
+            offset += range.size
         }
         regions = mapped
+        backingFile = file
     }
 
     deinit {

@@ -200,17 +200,19 @@ extension GuestMemory {
         return MemoryFileSummary(records: records, pages: pages, fileSize: file.offset)
     }
 
-    /// Makes the guest RAM in [start, end) read as zero by handing its pages back to the kernel
-    /// (`MADV_DONTNEED` on a private anonymous mapping), which also frees them.
+    /// Makes the guest RAM in [start, end) read as zero by handing its pages back to the kernel,
+    /// which also frees them: `MADV_DONTNEED` on a private anonymous mapping, `MADV_REMOVE` on a
+    /// shared memory file (where `MADV_DONTNEED` would leave the file's pages as they were).
     private func zero(from start: UInt64, to end: UInt64) throws(MachineError) {
+        let advice = backingFile == nil ? MADV_DONTNEED : MADV_REMOVE
         for region in regions {
             let lower = max(start, region.range.start)
             let upper = min(end, region.range.end)
             guard lower < upper else { continue }
             let host = region.host + Int(lower - region.range.start)
-            guard madvise(host, Int(upper - lower), MADV_DONTNEED) == 0 else {
+            guard madvise(host, Int(upper - lower), advice) == 0 else {
                 throw MachineError(.hostFailure, "cannot clear guest RAM 0x\(String(lower, radix: 16))+0x\(String(upper - lower, radix: 16))",
-                                   cause: SystemError("madvise(MADV_DONTNEED)", errno: errno))
+                                   cause: SystemError("madvise", errno: errno))
             }
         }
     }

@@ -88,16 +88,18 @@ public final class Machine: Sendable {
     /// Builds the VM, guest memory (zero), vCPUs and devices of `configuration` without loading a
     /// kernel or setting up any vCPU: the machine is `awaitingState`. Fill its RAM with
     /// `loadMemory(fromFile:)` (or by writing `memory` directly), apply a state with `restore(_:)`,
-    /// then `start()` it.
-    public static func forRestore(configuration: MachineConfiguration, serialOutput: @escaping @Sendable ([UInt8]) -> Void,
+    /// then `start()` it. With `memoryFile` (a local migration's, for a configuration with shared
+    /// memory), guest RAM is that file's pages as they are, not zero.
+    public static func forRestore(configuration: MachineConfiguration, memoryFile: FileDescriptor? = nil,
+                                  serialOutput: @escaping @Sendable ([UInt8]) -> Void,
                                   consoleOutput: @escaping @Sendable ([UInt8]) -> Void = { _ in },
                                   onStop: @escaping @Sendable (ID, MachineStop) -> Void) throws(MachineError) -> Machine {
-        try Machine(configuration: configuration, serialOutput: serialOutput, consoleOutput: consoleOutput, onStop: onStop,
-                    phase: .awaitingState)
+        try Machine(configuration: configuration, memoryFile: memoryFile, serialOutput: serialOutput, consoleOutput: consoleOutput,
+                    onStop: onStop, phase: .awaitingState)
     }
 
     /// What both builders share: KVM, RAM, interrupt controllers, vCPUs and devices.
-    private init(configuration: MachineConfiguration, serialOutput: @escaping @Sendable ([UInt8]) -> Void,
+    private init(configuration: MachineConfiguration, memoryFile: FileDescriptor? = nil, serialOutput: @escaping @Sendable ([UInt8]) -> Void,
                  consoleOutput: @escaping @Sendable ([UInt8]) -> Void,
                  onStop: @escaping @Sendable (ID, MachineStop) -> Void, phase: Phase) throws(MachineError) {
         try configuration.validate()
@@ -116,7 +118,15 @@ public final class Machine: Sendable {
         if maxVCPUs > 0, configuration.cpus > maxVCPUs {
             throw MachineError(.invalidConfiguration, "cpus: this host's KVM runs at most \(maxVCPUs) vCPUs per VM")
         }
-        memory = try GuestMemory(ranges: GuestRAMLayout.ranges(size: configuration.memorySize))
+        let ranges = GuestRAMLayout.ranges(size: configuration.memorySize)
+        if let memoryFile {
+            guard configuration.sharedMemory else {
+                throw MachineError(.invalidConfiguration, "a memory file is only for a machine with shared memory")
+            }
+            memory = try GuestMemory(ranges: ranges, sharedFile: memoryFile)
+        } else {
+            memory = try GuestMemory(ranges: ranges, shared: configuration.sharedMemory)
+        }
         do {
             vcpuStateSupport = try kvm.vcpuStateSupport()
             vm = try kvm.createVM()

@@ -19,13 +19,17 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
     public var entropySource: String?
     /// Whether the guest has a virtio console (`--console off` leaves it out).
     public var virtioConsole: Bool
+    /// Whether guest RAM is a memory file other processes can map (`--memory shared=on`, Cloud
+    /// Hypervisor's `memory.shared`), which a local migration hands over instead of copying.
+    public var sharedMemory: Bool
 
     /// At most 254 vCPUs: APIC id 255 is the broadcast id and the IOAPIC takes the id after the last CPU.
     public static let maximumCPUs = 254
 
     public init(cpus: Int = 1, memorySize: UInt64 = 512 << 20, kernel: String, initramfs: String? = nil,
                 commandLine: String = "", serialPort: Bool = true, disks: [DiskConfiguration] = [],
-                networks: [NetworkConfiguration] = [], entropySource: String? = nil, virtioConsole: Bool = false) {
+                networks: [NetworkConfiguration] = [], entropySource: String? = nil, virtioConsole: Bool = false,
+                sharedMemory: Bool = false) {
         self.cpus = cpus
         self.memorySize = memorySize
         self.kernel = kernel
@@ -36,13 +40,14 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
         self.networks = networks
         self.entropySource = entropySource
         self.virtioConsole = virtioConsole
+        self.sharedMemory = sharedMemory
     }
 
     private enum CodingKeys: String, CodingKey {
-        case cpus, memorySize, kernel, initramfs, commandLine, serialPort, disks, networks, entropySource, virtioConsole
+        case cpus, memorySize, kernel, initramfs, commandLine, serialPort, disks, networks, entropySource, virtioConsole, sharedMemory
     }
 
-    /// A guest without devices may leave the device fields out.
+    /// A guest without devices or shared memory may leave those fields out.
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         self.init(cpus: try container.decode(Int.self, forKey: .cpus),
@@ -54,7 +59,8 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
                   disks: try container.decodeIfPresent([DiskConfiguration].self, forKey: .disks) ?? [],
                   networks: try container.decodeIfPresent([NetworkConfiguration].self, forKey: .networks) ?? [],
                   entropySource: try container.decodeIfPresent(String.self, forKey: .entropySource),
-                  virtioConsole: try container.decodeIfPresent(Bool.self, forKey: .virtioConsole) ?? false)
+                  virtioConsole: try container.decodeIfPresent(Bool.self, forKey: .virtioConsole) ?? false,
+                  sharedMemory: try container.decodeIfPresent(Bool.self, forKey: .sharedMemory) ?? false)
     }
 
     /// The largest guest: 4 TiB. Guest RAM is mapped without reserving host memory (as Cloud

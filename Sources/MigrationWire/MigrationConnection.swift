@@ -13,6 +13,8 @@ public enum MigrationRequest: Equatable, Sendable {
     case complete
     case abandon
     case join(MigrationJoin)
+    /// A local migration's guest RAM, as a memory file the receiver maps.
+    case memoryFile(SharedMemoryFile)
 
     public var command: MigrationCommand {
         switch self {
@@ -23,8 +25,20 @@ public enum MigrationRequest: Equatable, Sendable {
         case .complete: .complete
         case .abandon: .abandon
         case .join: .join
+        case .memoryFile: .memoryFile
         }
     }
+}
+
+/// A memory file a `memory-file` request passed; equal when it is the same descriptor.
+public struct SharedMemoryFile: Equatable, Sendable {
+    public let descriptor: FileDescriptor
+
+    public init(_ descriptor: FileDescriptor) {
+        self.descriptor = descriptor
+    }
+
+    public static func == (lhs: Self, rhs: Self) -> Bool { lhs.descriptor === rhs.descriptor }
 }
 
 /// One migration connection speaking the protocol of docs/migration-protocol.md over a
@@ -104,6 +118,16 @@ public final class MigrationConnection: Sendable {
         try sendRequest(.join, payload: join.encoded)
     }
 
+    /// Sends a `memory-file` request: its header, then one byte that carries `file`'s descriptor.
+    public func sendMemoryFile(_ file: FileDescriptor) throws(MigrationError) {
+        try sending { () throws(MigrationError) in
+            try write(MigrationRequestHeader(command: .memoryFile, length: 1).encoded, what: "the memory-file request header")
+            try move(what: "the memory file") { () throws(StreamTransferError) in
+                try transport.send(file, progressTimeout: ioTimeout)
+            }
+        }
+    }
+
     public func sendConfig(_ config: MigrationConfig) throws(MigrationError) {
         try sendRequest(.config, payload: try MigrationDocument.encode(config))
     }
@@ -161,6 +185,15 @@ public final class MigrationConnection: Sendable {
                 return .complete
             case .abandon:
                 return .abandon
+            case .memoryFile:
+                var file: FileDescriptor?
+                try move(what: "the memory file") { () throws(StreamTransferError) in
+                    file = try transport.receiveDescriptor(progressTimeout: ioTimeout)
+                }
+                guard let file else {
+                    throw MigrationError(.protocolViolation, "the memory-file request's byte came without a descriptor")
+                }
+                return .memoryFile(SharedMemoryFile(file))
             case .memory:
                 let table = try receiveRangeTable(payloadLength: header.length, limits: limits)
                 state.withLock { $0.pendingMemory = table }

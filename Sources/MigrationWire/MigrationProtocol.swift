@@ -41,7 +41,7 @@ public enum MigrationCommand: UInt16, Sendable, CaseIterable, CustomStringConver
     case config = 2
     /// A memory range table, then the bytes of those ranges in table order.
     case memory = 3
-    /// The machine state and whether the guest ran (`MigrationState`, JSON).
+    /// The machine state and whether the guest ran (`MigrationState`, CBOR).
     case state = 4
     /// Everything was sent: the receiver may run the guest.
     case complete = 5
@@ -49,6 +49,9 @@ public enum MigrationCommand: UInt16, Sendable, CaseIterable, CustomStringConver
     case abandon = 6
     /// The first request on an extra connection: which migration it joins (`MigrationJoin`).
     case join = 7
+    /// A local migration's guest RAM: one byte that carries the memory file's descriptor
+    /// (SCM_RIGHTS), over a Unix socket only.
+    case memoryFile = 8
 
     public var description: String {
         switch self {
@@ -59,6 +62,7 @@ public enum MigrationCommand: UInt16, Sendable, CaseIterable, CustomStringConver
         case .complete: "complete"
         case .abandon: "abandon"
         case .join: "join"
+        case .memoryFile: "memory-file"
         }
     }
 }
@@ -105,6 +109,10 @@ public struct MigrationRequestHeader: Equatable, Sendable {
         case .join:
             guard length == UInt64(MigrationProtocol.joinPayloadSize) else {
                 throw MigrationError(.badPayloadLength, "join request has a \(length)-byte payload; it is exactly \(MigrationProtocol.joinPayloadSize) bytes")
+            }
+        case .memoryFile:
+            guard length == 1 else {
+                throw MigrationError(.badPayloadLength, "memory-file request has a \(length)-byte payload; it is exactly 1 byte")
             }
         case .complete, .abandon:
             guard length == 0 else {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CKVM
 import HostOS
 
 /// A connected byte stream between a migration's sender and receiver. The framing
@@ -24,11 +25,22 @@ public protocol MigrationTransport: Sendable {
     func handshake(progressTimeout: Duration) throws(MigrationError)
     /// What protects the bytes once `handshake` is done (protocol and cipher), nil for none.
     var encryption: String? { get }
+    /// Sends one byte (0) carrying `file` (SCM_RIGHTS); only a Unix socket can.
+    func send(_ file: FileDescriptor, progressTimeout: Duration) throws(StreamTransferError)
+    /// Receives the one byte that `send(_:progressTimeout:)` sent and the descriptor it carried;
+    /// nil if it carried none.
+    func receiveDescriptor(progressTimeout: Duration) throws(StreamTransferError) -> FileDescriptor?
 }
 
 extension MigrationTransport {
     public func handshake(progressTimeout: Duration) throws(MigrationError) {}
     public var encryption: String? { nil }
+    public func send(_ file: FileDescriptor, progressTimeout: Duration) throws(StreamTransferError) {
+        throw .channelFailed("descriptors pass only over a plain Unix socket")
+    }
+    public func receiveDescriptor(progressTimeout: Duration) throws(StreamTransferError) -> FileDescriptor? {
+        throw .channelFailed("descriptors pass only over a plain Unix socket")
+    }
 }
 
 /// A migration over a plain stream socket (`tcp:` or `unix:`).
@@ -48,6 +60,35 @@ public final class SocketTransport: MigrationTransport {
     public func receive(into buffer: UnsafeMutableRawBufferPointer, progressTimeout: Duration) throws(StreamTransferError) {
         try requireOpen("recv")
         try StreamIO.receive(descriptor.rawValue, into: buffer, progressTimeout: progressTimeout)
+    }
+
+    public func send(_ file: FileDescriptor, progressTimeout: Duration) throws(StreamTransferError) {
+        try requireOpen("sendmsg")
+        let socket = descriptor.rawValue
+        var byte: UInt8 = 0
+        try StreamIO.transfer(socket, count: 1, waitingFor: Int16(POLLOUT), progressTimeout: progressTimeout, name: "sendmsg") { _ in
+            guard Poll.isReady(socket, for: Int16(POLLOUT)) else {
+                errno = EAGAIN
+                return -1
+            }
+            return ckvm_send_with_descriptor(socket, &byte, 1, file.rawValue)
+        }
+    }
+
+    public func receiveDescriptor(progressTimeout: Duration) throws(StreamTransferError) -> FileDescriptor? {
+        try requireOpen("recvmsg")
+        let socket = descriptor.rawValue
+        var byte: UInt8 = 0
+        var passed: Int32 = -1
+        var count: Int32 = 0
+        try StreamIO.transfer(socket, count: 1, waitingFor: Int16(POLLIN), progressTimeout: progressTimeout, name: "recvmsg") { _ in
+            guard Poll.isReady(socket, for: Int16(POLLIN)) else {
+                errno = EAGAIN
+                return -1
+            }
+            return ckvm_receive_with_descriptors(socket, &byte, 1, &passed, 1, &count)
+        }
+        return count == 1 ? FileDescriptor(passed) : nil
     }
 
     public func shutdown() {

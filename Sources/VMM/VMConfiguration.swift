@@ -123,7 +123,6 @@ public enum UnsupportedOption {
             "cpus.nested": "Ferry does not offer virtualization extensions to the guest",
             "cpus.core_scheduling": "Ferry does not set up core scheduling",
             "memory.mergeable": "Ferry does not mark guest RAM for KSM",
-            "memory.shared": "Ferry's guest RAM is private anonymous memory",
             "memory.hugepages": "Ferry backs guest RAM with normal pages (and transparent huge pages)",
             "memory.hugepage_size": "Ferry has no hugetlbfs backing",
             "memory.prefault": "Ferry faults guest RAM in as the guest touches it",
@@ -274,16 +273,17 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
         return count
     }
 
-    /// `--memory size=SIZE`. Cloud Hypervisor's other keys are known: at the value that asks for
-    /// nothing Ferry lacks they are accepted, otherwise refused naming the key.
-    public static func parseMemory(_ text: String) throws(ConfigurationError) -> UInt64 {
+    /// `--memory size=SIZE[,shared=on]`: the guest's RAM, and whether it is a memory file other
+    /// processes can map (a local migration needs it). Cloud Hypervisor's other keys are known: at
+    /// the value that asks for nothing Ferry lacks they are accepted, otherwise refused naming the key.
+    public static func parseMemory(_ text: String) throws(ConfigurationError) -> (size: UInt64, shared: Bool) {
         // The values each key may have: the ones that ask for nothing Ferry lacks.
         let unsupported: [String: Set<String>] = [
-            "mergeable": ["off", "false"], "shared": ["off", "false"], "hugepages": ["off", "false"], "hugepage_size": [],
+            "mergeable": ["off", "false"], "hugepages": ["off", "false"], "hugepage_size": [],
             "prefault": ["off", "false"], "thp": ["on", "true"], "hotplug_method": ["acpi"], "hotplug_size": ["0"],
             "hotplugged_size": ["0"],
         ]
-        let options = try OptionList(parsing: text, flag: "--memory", allowedKeys: Set(unsupported.keys).union(["size"]))
+        let options = try OptionList(parsing: text, flag: "--memory", allowedKeys: Set(unsupported.keys).union(["size", "shared"]))
         guard options.words.isEmpty, let size = options["size"] else {
             throw ConfigurationError(flag: "--memory", "write size=SIZE, e.g. --memory size=1G")
         }
@@ -293,7 +293,13 @@ public struct VMConfiguration: Codable, Equatable, Sendable {
         }
         guard bytes % 4096 == 0 else { throw ConfigurationError(flag: "--memory", "size=\(size) is not a multiple of 4K") }
         try refuseUnsupported(options, unsupported, section: "memory", flag: "--memory")
-        return bytes
+        let shared: Bool
+        switch options["shared"] {
+        case nil, "off", "false": shared = false
+        case "on", "true": shared = true
+        case let other?: throw ConfigurationError(flag: "--memory", "shared=\(other): write shared=on or shared=off")
+        }
+        return (bytes, shared)
     }
 
     /// Refuses the first key of `options` whose value is not one `accepted` allows for it, with

@@ -493,11 +493,13 @@ public actor VirtualMachineMonitor {
         return vm
     }
 
-    /// A machine that waits for a saved state (restore, or an incoming migration), with its console.
-    nonisolated func prepareMachine(_ configuration: VMConfiguration, appendingToConsole: Bool) throws -> LiveVM {
+    /// A machine that waits for a saved state (restore, or an incoming migration), with its console;
+    /// its RAM is `memoryFile` if given (a local migration's).
+    nonisolated func prepareMachine(_ configuration: VMConfiguration, memoryFile: FileDescriptor? = nil,
+                                    appendingToConsole: Bool) throws -> LiveVM {
         let console = try ConsoleOutput(mode: configuration.serial, appending: appendingToConsole)
         let virtioConsole = try ConsoleOutput(mode: configuration.console, field: "console", appending: appendingToConsole)
-        let machine = try Machine.forRestore(configuration: configuration.machine, serialOutput: console.write,
+        let machine = try Machine.forRestore(configuration: configuration.machine, memoryFile: memoryFile, serialOutput: console.write,
                                              consoleOutput: virtioConsole.write, onStop: stopHandler())
         return LiveVM(configuration: configuration, machine: machine, console: console, virtioConsole: virtioConsole)
     }

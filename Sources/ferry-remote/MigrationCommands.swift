@@ -55,6 +55,8 @@ struct SendMigration: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Connections guest memory goes over in parallel, 1 to 128 (default 1); with --tls-dir each is TLS.",
                                valueName: "n"))
     var connections: Int64?
+    @Flag(help: "Migrate to a VMM on this host (unix: only) by handing it the guest's memory, which must be shared (--memory shared=on), instead of copying it.")
+    var local = false
     @Flag(name: .customLong("no-auto-converge"),
           help: "Never slow the guest's vCPUs down, even if it dirties memory faster than the link carries it.")
     var noAutoConverge = false
@@ -81,7 +83,7 @@ struct SendMigration: AsyncParsableCommand {
                              "auto_converge"]
             guard let fields = try KeyValueArgument(destination, firstKey: "destination_url", keys: keys) else {
                 return SendMigrationData(destination_url: destination, downtime_ms: downtimeMs, timeout_s: timeoutS,
-                                         timeout_strategy: timeoutStrategy?.apiValue, connections: connections,
+                                         timeout_strategy: timeoutStrategy?.apiValue, connections: connections, local: local ? true : nil,
                                          keep_alive: keepAlive ? true : nil, tls_dir: tlsDir, auto_converge: noAutoConverge ? false : nil)
             }
             let strategy = try fields.string("timeout_strategy").map { text in
@@ -94,7 +96,7 @@ struct SendMigration: AsyncParsableCommand {
                                      downtime_ms: try fields.number("downtime_ms") ?? downtimeMs,
                                      timeout_s: try fields.number("timeout_s") ?? timeoutS,
                                      timeout_strategy: strategy ?? timeoutStrategy?.apiValue,
-                                     connections: try fields.number("connections") ?? connections, local: try fields.flag("local"),
+                                     connections: try fields.number("connections") ?? connections, local: try fields.flag("local") ?? (local ? true : nil),
                                      keep_alive: try fields.flag("keep_alive") ?? (keepAlive ? true : nil),
                                      tls_dir: try fields.string("tls_dir") ?? tlsDir,
                                      auto_converge: try fields.flag("auto_converge") ?? (noAutoConverge ? false : nil))

@@ -74,7 +74,7 @@ struct Ferry: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Number of vCPUs: boot=N (1 to \(MachineConfiguration.maximumCPUs)).", valueName: "boot=N"))
     var cpus: String = "boot=1"
 
-    @Option(help: ArgumentHelp("Guest memory: size=SIZE with K, M, G or T suffix (at least 64M).", valueName: "size=SIZE"))
+    @Option(help: ArgumentHelp("Guest memory: size=SIZE with K, M, G or T suffix (at least 64M); shared=on backs it with a memory file (for local migration).", valueName: "size=SIZE[,shared=on]"))
     var memory: String = "size=512M"
 
     @Option(help: ArgumentHelp("Guest serial console (COM1): off, null, pty, tty (standard output), file=PATH or socket=PATH.", valueName: "mode"))
@@ -141,7 +141,7 @@ struct Ferry: AsyncParsableCommand {
                 throw ConfigurationError(flag: "--seccomp", "'\(seccomp)' is not a setting; use true, false or log")
             }
             let cpuCount = try VMConfiguration.parseCPUs(cpus)
-            let memorySize = try VMConfiguration.parseMemory(memory)
+            let (memorySize, sharedMemory) = try VMConfiguration.parseMemory(memory)
             let serialMode = try SerialMode(parsing: serial)
             // Cloud Hypervisor's default is a tty console; one terminal cannot be both.
             let consoleMode = try console.map { try SerialMode(parsing: $0, flag: "--console") } ?? (serialMode == .tty ? .off : .tty)
@@ -177,7 +177,7 @@ struct Ferry: AsyncParsableCommand {
             }
             let machine = MachineConfiguration(cpus: cpuCount, memorySize: memorySize, kernel: kernel,
                                                initramfs: initramfs, commandLine: cmdline, disks: disks,
-                                               networks: networks, entropySource: entropySource)
+                                               networks: networks, entropySource: entropySource, sharedMemory: sharedMemory)
             do {
                 try machine.validate()
             } catch {

@@ -113,7 +113,7 @@ import VMM
         (#"{"payload": {"kernel": "\#(kernel)"}, "iommu": "no"}"#, "iommu: expected true or false"),
         // Well-formed, but asking for what Ferry's machine does not do.
         (#"{"memory": {"size": 134217728, "hugepages": true}, "payload": {"kernel": "\#(kernel)"}}"#, "memory.hugepages: not supported"),
-        (#"{"memory": {"size": 134217728, "shared": true}, "payload": {"kernel": "\#(kernel)"}}"#, "memory.shared: not supported"),
+        (#"{"memory": {"size": 134217728, "mergeable": true}, "payload": {"kernel": "\#(kernel)"}}"#, "memory.mergeable: not supported"),
         (#"{"cpus": {"boot_vcpus": 2, "max_vcpus": 2, "topology": {"threads_per_core": 2, "cores_per_die": 1, "dies_per_package": 1, "packages": 1}}, "payload": {"kernel": "\#(kernel)"}}"#,
          "cpus.topology: not supported"),
         (#"{"payload": {"kernel": "\#(kernel)"}, "disks": [{"path": "/tmp/d", "rate_limiter_config": {"bandwidth": {"size": 1000, "refill_time": 100}}}]}"#,
@@ -193,7 +193,8 @@ import VMM
         (#"{"destination_url": "tcp:127.0.0.1:1", "timeout_strategy": "Abort"}"#, "vm.send-migration", "timeout_strategy: 'Abort' is not a strategy; use Cancel or Ignore"),
         (#"{"destination_url": "tcp:127.0.0.1:1", "connections": 0}"#, "vm.send-migration", "connections: 0 must be 1 to 128"),
         (#"{"destination_url": "tcp:127.0.0.1:1", "connections": 129}"#, "vm.send-migration", "connections: 129 must be 1 to 128"),
-        (#"{"destination_url": "tcp:127.0.0.1:1", "local": true}"#, "vm.send-migration", "local: local migration"),
+        (#"{"destination_url": "tcp:127.0.0.1:1", "local": true}"#, "vm.send-migration", "local: a local migration hands guest memory over a unix: socket"),
+        (#"{"destination_url": "unix:/tmp/m.sock", "local": true, "connections": 2}"#, "vm.send-migration", "connections: a local migration"),
         (#"{"destination_url": "tcp:127.0.0.1:1", "keep_alive": "yes"}"#, "vm.send-migration", "keep_alive: expected true or false"),
         (#"{"receiver_url": "ftp:x"}"#, "vm.receive-migration", "receiver_url: 'ftp:x'"),
         (#"{"receiver_url": "unix:"}"#, "vm.receive-migration", "receiver_url:"),

@@ -255,6 +255,8 @@ struct MigrationExpectations: Sendable {
         case converged
         /// `timeout_s` passed and `timeout_strategy` was `Ignore`.
         case timeoutIgnored
+        /// A local migration: no pre-copy pass, nothing copied.
+        case local
     }
 
     var request: SendMigrationData
@@ -305,7 +307,11 @@ enum MigrationStreams {
         let sourceMigration = ["vm.migration-started"] + Array(repeating: iteration, count: iterations)
             + ["vm.migration-downtime"] + pause + ["vm.migration-finished", "vm.deleted"]
             + (expected.request.keep_alive == true ? [] : ["vmm.shutdown"])
-        #expect(iterations >= 1, "at least one pre-copy pass: \(sourceNames)", sourceLocation: sourceLocation)
+        if expected.switchOver == .local {
+            #expect(iterations == 0, "a local migration makes no pre-copy pass: \(sourceNames)", sourceLocation: sourceLocation)
+        } else {
+            #expect(iterations >= 1, "at least one pre-copy pass: \(sourceNames)", sourceLocation: sourceLocation)
+        }
         #expect(sourceNames == sourceBefore + sourceMigration, "the source stream", sourceLocation: sourceLocation)
         let destinationMigration = ["vm.migration-receive-ready", "vm.migration-receive-started"] + resume
             + ["vm.migration-receive-finished"]
@@ -400,7 +406,8 @@ enum MigrationStreams {
         #expect(started.properties["downtime_ms"] == "\(expected.downtimeLimitMs)", "started echoes downtime_ms", sourceLocation: sourceLocation)
         #expect(started.properties["timeout_s"] == "\(expected.timeoutSeconds)", "started echoes timeout_s", sourceLocation: sourceLocation)
         #expect(started.properties["connections"] == "\(request.connections ?? 1)", "started echoes connections", sourceLocation: sourceLocation)
-        #expect(started.properties["local"] == "false", "started: local=false", sourceLocation: sourceLocation)
+        #expect(started.properties["local"] == "\(request.local == true)", "started: local says whether local was asked",
+                sourceLocation: sourceLocation)
         #expect(started.properties["tls"] == "\(expected.request.tls_dir != nil)", "started: tls says whether tls_dir was given",
                 sourceLocation: sourceLocation)
 
@@ -462,6 +469,7 @@ enum MigrationStreams {
             let reasons = switch expected.switchOver {
             case .converged: ["converged", "nothing-dirty"]
             case .timeoutIgnored: ["timeout-ignored"]
+            case .local: ["local"]
             }
             #expect(reasons.contains(values["reason"] ?? ""), "downtime: reason: \(values)", sourceLocation: sourceLocation)
             remainingAtSwitchOver = number(values, "remaining_bytes", downtime, sourceLocation) ?? 0
@@ -480,6 +488,8 @@ enum MigrationStreams {
                 #expect(downtime.seconds - started.seconds >= Double(expected.timeoutSeconds) - emitSlackSeconds,
                         "switched over after timeout_s=\(expected.timeoutSeconds): \(downtime.seconds - started.seconds) s after started",
                         sourceLocation: sourceLocation)
+            case .local:
+                #expect(remainingAtSwitchOver == 0, "a local migration has nothing left to copy: \(values)", sourceLocation: sourceLocation)
             }
         }
         if let cancelled = migration.last, cancelled.name == "vm.migration-cancelled" {

@@ -223,6 +223,72 @@ struct MigrationTests {
         }
     }
 
+    // MARK: Local migration
+
+    /// `local: true` over a Unix socket: the destination maps the guest's memory file instead of
+    /// receiving its pages. Nothing is copied (no pass, bytes_total 0), the destination's guest
+    /// RAM is the same memory file, and the guest continues there with its memory verified.
+    @Test func aLocalMigrationHandsTheMemoryOverAndTheGuestContinues() async throws {
+        let guest = TestGuestVM(cpus: 2, memoryMiB: 512, workload: "workset_mib=64 dirty_rate=2000", sharedMemory: true)
+        let pair = try await MigrationPair(transport: .unix, guest: guest)
+        let memoryFile = { (node: TestVMM) in
+            ((try? String(contentsOfFile: "/proc/\(node.process.pid)/maps", encoding: .utf8)) ?? "").contains("/memfd:ferry-guest-ram")
+        }
+        #expect(memoryFile(pair.source), "the source's guest RAM is a memory file")
+        try await Self.expectLiveMigration(pair, switchOver: .local, afterContinuing: {
+            #expect(memoryFile(pair.destination), "the destination maps the memory file it was handed")
+            let progress = try? await pair.destination.progress()
+            #expect(progress?.transportation_mode == .local, "\(String(describing: progress?.transportation_mode))")
+            let shared = try? await pair.destination.info().config.memory?.shared
+            #expect(shared == true, "vm.info says the memory is shared")
+        }) { SendMigrationData(destination_url: $0, local: true) }
+        let finished = pair.source.events().last { $0.name == "vm.migration-finished" }
+        #expect(finished?.properties["bytes_total"] == "0" && finished?.properties["iterations"] == "0", "\(finished?.properties ?? [:])")
+    }
+
+    /// A local migration whose destination cannot build the VM fails on both sides after the
+    /// memory file was handed over; the guest keeps running on the source, its memory intact.
+    @Test func aLocalMigrationTheDestinationRefusesLeavesTheGuestOnTheSource() async throws {
+        let directory = try TemporaryDirectory()
+        let guest = TestGuestVM(cpus: 1, memoryMiB: 256, workload: "workset_mib=32 dirty_rate=2000",
+                                devices: try TestGuestVM.Devices(in: directory), sharedMemory: true)
+        let pair = try await MigrationPair(transport: .unix, guest: guest)
+        _ = try await pair.destination.startReceive(at: MigrationTransport.unix.receiverURL(in: pair.directory, name: "migration.sock"),
+                                                    disks: [.init(id: "disk0", path: "/nonexistent/ferry/disk0.img")])
+        try await pair.send(SendMigrationData(destination_url: MigrationTransport.unix.receiverURL(in: pair.directory, name: "migration.sock"),
+                                              local: true))
+        let end = try #require(await pair.waitForSourceEnd())
+        #expect(end.name == "vm.migration-failed", "\(end.name) \(end.properties)")
+        #expect(end.properties["error"]?.contains("cannot run the VM") == true, "\(end.properties)")
+        #expect(await pair.destination.waitForTerminal(MigrationStreams.destinationTerminal, occurrence: 1, timeout: .seconds(30))?.name
+                == "vm.migration-receive-failed")
+        await MigrationHarness.expectGuestKeepsRunning(on: pair.source.process, cpus: guest.cpus)
+        #expect(pair.source.process.consoleLines.verifyFailures.isEmpty, "\(pair.source.process.consoleLines.verifyFailures)")
+        #expect(try await pair.source.info().state == "Running")
+        #expect(await pair.source.shutDown())
+        _ = await pair.destination.shutDown()
+    }
+
+    /// What a local migration needs is checked before anything starts: a `unix:` destination, one
+    /// connection, and a VM whose memory is shared.
+    @Test func aLocalMigrationIsRefusedWhereItCannotWork() async throws {
+        let pair = try await MigrationPair(transport: .unix, guest: TestGuestVM(cpus: 1, memoryMiB: 128, workload: "workset_mib=1 dirty_rate=10"))
+        let url = MigrationTransport.unix.receiverURL(in: pair.directory, name: "nobody.sock")
+        try await Self.expectRefusal(400, containing: "not shared", "the guest's memory is private") {
+            try await pair.send(SendMigrationData(destination_url: url, local: true))
+        }
+        try await Self.expectRefusal(400, startingWith: "local:", "over TCP") {
+            try await pair.send(SendMigrationData(destination_url: "tcp:127.0.0.1:1", local: true))
+        }
+        try await Self.expectRefusal(400, startingWith: "connections:", "over two connections") {
+            try await pair.send(SendMigrationData(destination_url: url, connections: 2, local: true))
+        }
+        #expect(try await pair.source.info().state == "Running")
+        #expect(!pair.source.events().contains { $0.name == "vm.migration-started" }, "no migration started")
+        #expect(await pair.source.shutDown())
+        _ = await pair.destination.shutDown()
+    }
+
     // MARK: Auto-converge
 
     /// The throttle of each pass, from the source's iteration events.

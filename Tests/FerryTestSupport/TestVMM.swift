@@ -388,9 +388,12 @@ public struct TestGuestVM: Sendable {
     }
 
     public var network: Network?
+    /// Guest RAM is a memory file (`memory.shared`), as a local migration needs.
+    public var sharedMemory: Bool
 
     public init(cpus: Int, memoryMiB: Int, workload: String, reporting: String = "heartbeat_ms=200 verify_ms=500",
-                devices: Devices? = nil, network: Network? = nil) {
+                devices: Devices? = nil, network: Network? = nil, sharedMemory: Bool = false) {
+        self.sharedMemory = sharedMemory
         self.cpus = cpus
         self.memoryMiB = memoryMiB
         self.workload = workload
@@ -426,6 +429,6 @@ public struct TestGuestVM: Sendable {
             deviceFields += #", "net": [{"tap": "\#(network.tap)", "mac": "\#(network.mac)"\#(address)}]"#
             commandLine += " " + network.guestKeys
         }
-        return Data(#"{"cpus": {"boot_vcpus": \#(cpus)}, "memory": {"size": \#(memoryBytes)}, "payload": {"kernel": "\#(kernel)", "cmdline": "\#(commandLine)"}, "serial": \#(serial)\#(deviceFields)}"#.utf8)
+        return Data(#"{"cpus": {"boot_vcpus": \#(cpus)}, "memory": {"size": \#(memoryBytes)\#(sharedMemory ? #", "shared": true"# : "")}, "payload": {"kernel": "\#(kernel)", "cmdline": "\#(commandLine)"}, "serial": \#(serial)\#(deviceFields)}"#.utf8)
     }
 }

@@ -42,9 +42,10 @@ struct SenderReceiverTests {
 
         var vm: MigrationReceiver.DestinationVM {
             MigrationReceiver.DestinationVM(
-                prepare: { [self] configuration in
+                prepare: { [self] configuration, memoryFile in
                     if let refusal { throw TestFailure(refusal) }
-                    let machine = try Machine.forRestore(configuration: configuration, serialOutput: console.output, onStop: { _, _ in })
+                    let machine = try Machine.forRestore(configuration: configuration, memoryFile: memoryFile, serialOutput: console.output,
+                                                         onStop: { _, _ in })
                     self.machine.withLock { $0 = machine }
                     return machine
                 },

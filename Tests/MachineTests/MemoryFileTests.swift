@@ -59,14 +59,43 @@ extension GuestMemory {
         #expect(copy.hasSameContents(as: original))
     }
 
-    @Test func pagesTheFileLeavesOutBecomeZero() throws {
+    /// Also in shared memory (a memory file), where giving pages back takes MADV_REMOVE.
+    @Test(arguments: [false, true])
+    func pagesTheFileLeavesOutBecomeZero(shared: Bool) throws {
         let directory = try TemporaryDirectory()
         let path = try savedFile(in: directory)
-        let copy = try GuestMemory(ranges: GuestRAMLayout.ranges(size: Self.size))
+        let copy = try GuestMemory(ranges: GuestRAMLayout.ranges(size: Self.size), shared: shared)
+        #expect((copy.backingFile != nil) == shared)
         try copy.fill(0xEE, count: 3 * Self.page, at: 0x10_0000)
         try copy.write(UInt8(7), at: 0)
         try copy.loadFromFile(path)
         #expect(copy.hasSameContents(as: try mostlyZeroMemory()))
+    }
+
+    /// Shared memory spanning the hole is one memory file: a second mapping of it (what a local
+    /// migration's destination makes) sees the same bytes at the same guest addresses.
+    @Test func sharedMemoryMapsTheSameFileTwice() throws {
+        let size: UInt64 = GuestRAMLayout.mmioHoleStart + (8 << 20)
+        let original = try GuestMemory(ranges: GuestRAMLayout.ranges(size: size), shared: true)
+        try original.fill(0x3C, count: Self.page, at: GuestRAMLayout.mmioHoleStart - UInt64(Self.page))
+        try original.fill(0xC3, count: Self.page, at: GuestRAMLayout.highMemoryStart + 0x1000)
+        let file = try #require(original.backingFile)
+        let second = try GuestMemory(ranges: GuestRAMLayout.ranges(size: size), sharedFile: file)
+        #expect(try second.read(count: 1, at: GuestRAMLayout.mmioHoleStart - 1) == [0x3C])
+        #expect(try second.read(count: 1, at: GuestRAMLayout.highMemoryStart + 0x1000) == [0xC3])
+        try second.write(UInt8(0x5A), at: 0x2000)
+        #expect(try original.read(count: 1, at: 0x2000) == [0x5A], "a write through one mapping shows through the other")
+        #expect { _ = try GuestMemory(ranges: GuestRAMLayout.ranges(size: size + (64 << 20)), sharedFile: file) } throws: {
+            "\($0)".contains("fewer than")
+        }
+        // A file whose size its owner could still shrink (which would fault the mapping) is refused.
+        let directory = try TemporaryDirectory()
+        let path = directory.path("ram")
+        #expect(FileManager.default.createFile(atPath: path, contents: nil) && truncate(path, off_t(size)) == 0)
+        let plain = FileDescriptor(open(path, O_RDWR | O_CLOEXEC))
+        #expect { _ = try GuestMemory(ranges: GuestRAMLayout.ranges(size: size), sharedFile: plain) } throws: {
+            "\($0)".contains("sealed")
+        }
     }
 
     @Test func memorySpanningTheMMIOHoleRoundTrips() throws {

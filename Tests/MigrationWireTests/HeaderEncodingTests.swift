@@ -22,7 +22,7 @@ import Testing
     }
 
     @Test func commandNumbersAreFixed() {
-        #expect(MigrationCommand.allCases.map(\.rawValue) == [1, 2, 3, 4, 5, 6, 7])
+        #expect(MigrationCommand.allCases.map(\.rawValue) == [1, 2, 3, 4, 5, 6, 7, 8])
     }
 
     @Test func responseHeadersHaveTheDocumentedBytes() throws {

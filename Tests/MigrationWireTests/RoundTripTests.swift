@@ -48,6 +48,33 @@ import Testing
         #expect(try sender.join() == [.ok, .ok, .ok, .ok, .ok, .error("abandoned by \"test\" ✓")])
     }
 
+    /// A local migration's memory file crosses a Unix socket as a descriptor of the same file; a
+    /// memory-file request whose byte carries none is a protocol violation.
+    @Test func aMemoryFileCrossesAsTheSameFileAndABareByteIsRefused() throws {
+        let memory = try GuestMemory(ranges: GuestRAMLayout.ranges(size: Self.ramSize), shared: true)
+        let file = try #require(memory.backingFile)
+        let pair = try SocketPair()
+        let sending = pair.sendingConnection()
+        let receiving = pair.receivingConnection(ioTimeout: .seconds(2))
+        try sending.sendMemoryFile(file)
+        guard case .memoryFile(let received) = try receiving.receiveRequest(limits: Self.limits) else {
+            Issue.record("not a memory-file request")
+            return
+        }
+        var ours = stat(), theirs = stat()
+        #expect(fstat(file.rawValue, &ours) == 0 && fstat(received.descriptor.rawValue, &theirs) == 0)
+        #expect(ours.st_ino == theirs.st_ino && ours.st_dev == theirs.st_dev, "the same file")
+        #expect(received.descriptor.rawValue != file.rawValue, "a descriptor of the receiver's own")
+
+        try pair.write(Wire.header(.memoryFile, length: 1) + [0])
+        do {
+            _ = try receiving.receiveRequest(limits: Self.limits)
+            Issue.record("a memory-file request without a descriptor was accepted")
+        } catch {
+            #expect(error.kind == .protocolViolation && error.message.contains("without a descriptor"), "\(error)")
+        }
+    }
+
     @Test func memoryMovesBetweenTwoGuestMemoriesByteForByte() throws {
         let layout = GuestRAMLayout.ranges(size: Self.ramSize)
         let source = try GuestMemory(ranges: layout)

@@ -22,7 +22,8 @@ import Testing
     /// naming the key (and why) where they do.
     @Test func cloudHypervisorsOtherCPUAndMemoryKeys() throws {
         #expect(try VMConfiguration.parseCPUs("boot=2,max=2,kvm_hyperv=off,nested=off") == 2)
-        #expect(try VMConfiguration.parseMemory("size=1G,shared=off,hugepages=off,mergeable=off,thp=on,prefault=off,hotplug_size=0") == 1 << 30)
+        #expect(try VMConfiguration.parseMemory("size=1G,shared=off,hugepages=off,mergeable=off,thp=on,prefault=off,hotplug_size=0") == (1 << 30, false))
+        #expect(try VMConfiguration.parseMemory("size=1G,shared=on") == (1 << 30, true))
         let refused: [(String, String)] = [
             ("boot=2,max=4", "--cpus: max=4: Ferry has no CPU hotplug"),
             ("boot=2,topology=1:2:1:1", "--cpus: topology=1:2:1:1 is not supported"),
@@ -42,10 +43,10 @@ import Testing
     @Test(arguments: [("size=64M", UInt64(64) << 20), ("size=1G", 1 << 30), ("size=8G", 8 << 30),
                       ("size=524288K", 512 << 20), ("size=1073741824", 1 << 30), ("size=2g", 2 << 30)])
     func memoryAcceptsCloudHypervisorSizes(text: String, bytes: UInt64) throws {
-        #expect(try VMConfiguration.parseMemory(text) == bytes)
+        #expect(try VMConfiguration.parseMemory(text) == (bytes, false))
     }
 
-    @Test(arguments: ["size=32M", "size=", "size=1X", "size=-1G", "1G", "size=1G,shared=on", "size=99999999999T", "size=4097"])
+    @Test(arguments: ["size=32M", "size=", "size=1X", "size=-1G", "1G", "size=1G,shared=yes", "size=99999999999T", "size=4097"])
     func memoryRefusesBadValuesNamingTheFlag(text: String) {
         #expect {
             _ = try VMConfiguration.parseMemory(text)

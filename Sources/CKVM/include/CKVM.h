@@ -53,6 +53,20 @@ int ckvm_open_pty(char *path, size_t size);
 /// what it held.
 long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *descriptors, int capacity, int *count);
 
+/// sendmsg(2) of `size` bytes (at least 1) on stream socket `socket` with `descriptor` attached
+/// (SCM_RIGHTS): the receiver gets it with the first of those bytes. Returns the bytes sent (the
+/// rest, if any, goes without it) or -1 with errno set.
+long ckvm_send_with_descriptor(int socket, const void *buffer, size_t size, int descriptor);
+
+/// memfd_create(2), close-on-exec and sealable: an anonymous file for guest RAM that another
+/// process can map.
+int ckvm_memfd(const char *name);
+/// Seals a memfd's size (F_SEAL_SHRINK, F_SEAL_GROW): whoever maps it can rely on every page
+/// staying there (a file that shrank under a mapping would fault its reader with SIGBUS).
+int ckvm_seal_size(int fd);
+/// 1 if `fd` is a memfd whose size can no longer shrink, else 0.
+int ckvm_size_is_sealed(int fd);
+
 // Tap devices (shim.c), whose ioctls take a struct ifreq that Swift cannot build portably. Each
 // returns 0 or a descriptor on success and -errno on failure.
 // Opens /dev/net/tun and attaches to the tap `name` (creating it if it does not exist) with

@@ -55,6 +55,9 @@ extension VirtualMachineMonitor {
         case .migratingOut, .migratingIn: throw VMMError(.wrongState, "a migration is already in progress; wait for it to end")
         default: throw refusal("only a Running or Paused VM can migrate")
         }
+        if options.local, vm.machine.memory.backingFile == nil {
+            throw VMMError(.invalidRequest, "local: this VM's memory is not shared; a local migration needs a VM created with memory.shared (--memory shared=on)")
+        }
         let tls = try Self.credentials(options.tlsDirectory, role: .sender)
         lifecycle = .migratingOut(vm, guest, .connecting(cancelRequested: false))
         let destination = options.destination
@@ -191,12 +194,12 @@ extension VirtualMachineMonitor {
         let receiver = MigrationReceiver(
             listener: listener, tls: tls, events: events,
             destinationVM: MigrationReceiver.DestinationVM(
-                prepare: { [weak self] machine in
+                prepare: { [weak self] machine, memoryFile in
                     guard let self else { throw VMMError(.internalFailure, "the VMM is gone") }
                     let configuration = try VMConfiguration(arriving: machine, serial: options.serial, console: options.console,
                                                             diskPaths: options.diskPaths, netTaps: options.netTaps,
                                                             netDescriptors: options.netDescriptors)
-                    let vm = try prepareMachine(configuration, appendingToConsole: true)
+                    let vm = try prepareMachine(configuration, memoryFile: memoryFile, appendingToConsole: true)
                     prepared.vm.withLock { $0 = vm }
                     return vm.machine
                 },

@@ -189,6 +189,9 @@ public final class MigrationReceiver: Sendable {
             }
             incoming = machine
             progress.update { $0.memory.totalBytes = machine.memory.size }
+            // So that the state decoded and applied in the pause is not this process's first.
+            MigrationState.rehearseCoding(of: config.machine)
+            machine.rehearseDeviceStateCoding()
             if memoryFile == nil {
                 lanes = ReceiveLanes(
                     listener: listener, tls: tls, ioTimeout: ioTimeout, migrationID: start.migrationID, memory: machine.memory,

@@ -176,6 +176,8 @@ public final class MigrationSender: Sendable {
                 try connection.expectOK(after: .memoryFile)
             }
             try connection.sendConfig(MigrationConfig(machine: machine.configuration))
+            // While the destination builds the VM: the state coded in the pause is not this process's first.
+            MigrationState.rehearseCoding(of: machine.configuration)
             try connection.expectOK(after: .config)
             let remaining: PageRuns
             let reason: PrecopyPolicy.SwitchOverReason

@@ -49,3 +49,31 @@ public struct MachineState: Codable, Equatable, Sendable {
         }
     }
 }
+
+extension MachineState {
+    /// A state shaped like a real one of a machine built from `configuration` — every kind of
+    /// vCPU, platform and device value, with placeholder contents — that is never restored: coding
+    /// it once before a switch-over makes the runtime set up, while the guest still runs, the type
+    /// metadata and conformances that coding the real state would otherwise set up while it is
+    /// stopped (on this host, about 1 ms each for encoding and decoding in a fresh process).
+    public static func rehearsal(of configuration: MachineConfiguration) -> MachineState {
+        let vcpu = { (floatingPoint: FloatingPointState) in
+            VCPUState(id: 0, cpuid: [CPUIDEntry(function: 1)], mpState: 0, registers: Registers(), specialRegisters: SpecialRegisters(),
+                      floatingPoint: floatingPoint, extendedControlRegisters: [0], debugRegisters: [0], localAPIC: [0],
+                      msrs: [MSREntry(index: 0x10, data: 0)], events: [0], tscKHz: 1)
+        }
+        return MachineState(configuration: configuration, vcpus: [vcpu(.xsave([0])), vcpu(.fpu([0]))],
+                            platform: PlatformState(picMaster: [0], picSlave: [0], ioapic: [0], pit: [0], clock: 0),
+                            devices: [DeviceState(id: "rehearsal", json: "{}")])
+    }
+}
+
+extension Machine {
+    /// Codes each device's state to JSON and back without applying it, for the same reason as
+    /// `MachineState.rehearsal(of:)`; only on a machine whose devices do not run yet (one awaiting
+    /// its state).
+    public func rehearseDeviceStateCoding() {
+        guard phase == .awaitingState else { return }
+        for (id, device) in statefulDevices { device.rehearseStateCoding(id: id) }
+    }
+}

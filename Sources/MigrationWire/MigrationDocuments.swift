@@ -25,6 +25,17 @@ public struct MigrationState: Codable, Equatable, Sendable {
     }
 }
 
+extension MigrationState {
+    /// Encodes and decodes `MachineState.rehearsal(of:)` as a state payload, discarding the result:
+    /// before the switch-over, so that the one coded while the guest is stopped is not the
+    /// process's first.
+    public static func rehearseCoding(of configuration: MachineConfiguration) {
+        let rehearsal = MigrationState(machine: .rehearsal(of: configuration), guestRunning: true)
+        guard let bytes = try? MigrationDocument.encodeBinary(rehearsal) else { return }
+        _ = try? MigrationDocument.decodeBinary(MigrationState.self, from: bytes, command: .state)
+    }
+}
+
 /// The forms of the config payload (JSON: sent before the guest stops, and read by people) and of
 /// the state payload (CBOR: encoded and decoded while the guest is stopped, where JSON's arrays
 /// of numbers cost milliseconds).

@@ -53,6 +53,9 @@ import Testing
         #expect(try CBOR.decode(MigrationState.self, from: bytes) == state)
         let json = try JSONEncoder().encode(state)
         print("cbor: a one-vCPU machine state is \(bytes.count) bytes in CBOR, \(json.count) in JSON")
+        // The rehearsal coded before a switch-over codes like a real state (its errors are not reported).
+        let rehearsal = MigrationState(machine: .rehearsal(of: testMachine), guestRunning: true)
+        #expect(try CBOR.decode(MigrationState.self, from: CBOR.encode(rehearsal)) == rehearsal)
         let localAPIC: [UInt8] = [0x59, 0x04, 0x00] + [UInt8](repeating: 7, count: 1024)
         #expect(bytes.firstRange(of: localAPIC) != nil, "the local APIC's 1024 bytes are one byte string, not an array of numbers")
     }

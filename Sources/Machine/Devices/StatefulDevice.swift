@@ -43,4 +43,10 @@ extension StatefulDevice {
         }
         try restoreState(state)
     }
+
+    /// Codes the device's current state to JSON and back, discarding both (`Machine.rehearseDeviceStateCoding`).
+    func rehearseStateCoding(id: String) {
+        guard let saved = try? saveDeviceState(id: id) else { return }
+        _ = try? JSONDecoder().decode(SavedState.self, from: Data(saved.json.utf8))
+    }
 }

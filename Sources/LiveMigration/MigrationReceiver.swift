@@ -192,6 +192,7 @@ public final class MigrationReceiver: Sendable {
             // So that the state decoded and applied in the pause is not this process's first.
             MigrationState.rehearseCoding(of: config.machine)
             machine.rehearseDeviceStateCoding()
+            machine.launchVCPUThreadsEarly()
             if memoryFile == nil {
                 lanes = ReceiveLanes(
                     listener: listener, tls: tls, ioTimeout: ioTimeout, migrationID: start.migrationID, memory: machine.memory,

@@ -244,17 +244,27 @@ public final class Machine: Sendable {
     /// runs under its name (`vcpuN`, which management software such as libvirt looks for in
     /// `/proc/PID/task/*/comm` as soon as the VM has booted).
     public func start() throws(MachineError) {
+        try control.start(startDevices: { for device in virtioDevices { device.startIO() } }, launch: launchVCPUThreads)
+    }
+
+    /// Starts the vCPU threads of a machine that waits for its state (an incoming migration's)
+    /// ahead of `start()`: they park until it. Starting a thread, and compiling and loading its
+    /// seccomp list, then happen while the guest still runs on the source, not in its pause.
+    /// Nothing if the threads run already; `stop()` ends them as it ends running ones.
+    public func launchVCPUThreadsEarly() {
+        control.launchParked(launchVCPUThreads)
+    }
+
+    /// Starts one thread per vCPU and returns once each is named and confined.
+    private func launchVCPUThreads() {
         let named = DispatchSemaphore(value: 0)
-        try control.start {
-            for device in virtioDevices { device.startIO() }
-            VCPUControl.installKickSignalHandler()
-            for vcpu in vcpus {
-                let name = "vcpu\(vcpu.id)"
-                startThread(named: name, stackSize: 1 << 20) { [self] in
-                    Self.confine(.vcpu, name: name)
-                    named.signal()
-                    runLoop(vcpu)
-                }
+        VCPUControl.installKickSignalHandler()
+        for vcpu in vcpus {
+            let name = "vcpu\(vcpu.id)"
+            startThread(named: name, stackSize: 1 << 20) { [self] in
+                Self.confine(.vcpu, name: name)
+                named.signal()
+                runLoop(vcpu)
             }
         }
         for _ in vcpus { named.wait() }

@@ -19,6 +19,8 @@ final class VCPUControl: @unchecked Sendable {
     private var phase: Machine.Phase
     /// vCPU threads started and not yet exited.
     private var running = 0
+    /// The vCPU threads have been started (by `start`, or earlier by `launchParked`).
+    private var launched = false
     /// vCPU threads parked in a pause, their last exit finished.
     private var parked = 0
     private var threads: [UInt32: pthread_t] = [:]
@@ -47,14 +49,34 @@ final class VCPUControl: @unchecked Sendable {
         lock.withLock { phase }
     }
 
-    /// `ready` → `running`: counts every vCPU as running, then `launch` starts their threads.
-    func start(_ launch: () -> Void) throws(MachineError) {
-        try lock.withLock { () throws(MachineError) in
-            try require(.ready, toBecome: .running)
+    /// `ready` → `running`: `startDevices` first, then every vCPU counts as running and `launch`
+    /// starts their threads, unless `launchParked` started them already: those are woken instead.
+    func start(startDevices: () -> Void, launch: () -> Void) throws(MachineError) {
+        try lock.withLock { () throws(MachineError) in try require(.ready, toBecome: .running) }
+        startDevices()
+        let needsLaunch = try lock.withLock { () throws(MachineError) -> Bool in
+            try require(.ready, toBecome: .running)  // a stop may have come meanwhile
             phase = .running
+            changed.broadcast()
+            guard !launched else { return false }
+            launched = true
             running = vcpus.count
+            return true
         }
-        launch()
+        if needsLaunch { launch() }
+    }
+
+    /// Before `start`, on a machine awaiting its state or ready: counts every vCPU as running and
+    /// has `launch` start their threads, which wait (parked outside `KVM_RUN`) until `start` or a
+    /// stop. What starting a thread costs is then paid before the guest's pause, not in it.
+    func launchParked(_ launch: () -> Void) {
+        let needsLaunch = lock.withLock { () -> Bool in
+            guard !launched, phase == .awaitingState || phase == .ready else { return false }
+            launched = true
+            running = vcpus.count
+            return true
+        }
+        if needsLaunch { launch() }
     }
 
     /// `running` → `paused`, once every vCPU thread has finished its last exit and parked.
@@ -131,6 +153,8 @@ final class VCPUControl: @unchecked Sendable {
     /// state may be saved) only once it is done.
     func waitUntilRunnable(_ vcpu: KVMVCPU, settle: () -> Void) -> Bool {
         lock.withLock {
+            // Launched early (`launchParked`): wait for `start`, or a stop.
+            while phase == .awaitingState || phase == .ready { changed.wait() }
             while true {
                 var isParked = false
                 while phase == .pausing || phase == .paused {

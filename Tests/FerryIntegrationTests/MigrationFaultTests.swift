@@ -273,6 +273,9 @@ struct MigrationFaultTests {
                 #expect(started.isEmpty && ended.isEmpty, "\(abuse): no receive started, so no receive event: \(events.map(\.name))")
             }
             print("fault-detail: \(abuse): \(error.map { "\($0)" } ?? "no error")")
+            // A receive starts the half-built VM's vCPU threads early (parked); a failed one ends them.
+            #expect(await waitUntil(.seconds(10)) { !destination.process.threadNames.contains { $0.hasPrefix("vcpu") } },
+                    "\(abuse): no vCPU thread is left: \(destination.process.threadNames)")
             try await Self.expectReadyToReceive(destination, "\(abuse)")
         }
 

@@ -95,7 +95,7 @@ final class InheritedSocketForwarder: Sendable {
                 let count = buffer.withUnsafeMutableBytes { bytes in
                     index == 0
                         ? ckvm_receive_with_descriptors(descriptor.fd, bytes.baseAddress, bytes.count, &passed,
-                                                        Int32(passed.count), &passedCount)
+                                                        Int32(passed.count), &passedCount, 0)
                         : read(descriptor.fd, bytes.baseAddress, bytes.count)
                 }
                 if count < 0, errno == EINTR || errno == EAGAIN { continue }

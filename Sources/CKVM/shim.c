@@ -9,7 +9,9 @@
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include "CKVM.h"
@@ -28,7 +30,7 @@ int ckvm_open_pty(char *path, size_t size) {
     return main;
 }
 
-long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *descriptors, int capacity, int *count) {
+long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *descriptors, int capacity, int *count, int dontwait) {
     enum { most = 64 };
     union {
         char bytes[CMSG_SPACE(most * sizeof(int))];
@@ -40,7 +42,7 @@ long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *d
         .msg_control = control.bytes, .msg_controllen = sizeof control.bytes,
     };
     *count = 0;
-    ssize_t received = recvmsg(socket, &message, MSG_CMSG_CLOEXEC);
+    ssize_t received = recvmsg(socket, &message, MSG_CMSG_CLOEXEC | (dontwait ? MSG_DONTWAIT : 0));
     if (received < 0) return -1;
     for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
         if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
@@ -85,7 +87,9 @@ int ckvm_seal_size(int fd) {
     return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW);
 }
 
-int ckvm_size_is_sealed(int fd) {
+int ckvm_is_sealed_shared_memory(int fd) {
+    struct statfs filesystem;
+    if (fstatfs(fd, &filesystem) != 0 || filesystem.f_type != TMPFS_MAGIC) return 0;
     int seals = fcntl(fd, F_GET_SEALS);
     return seals >= 0 && (seals & F_SEAL_SHRINK) != 0;
 }

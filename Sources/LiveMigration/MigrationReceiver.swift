@@ -245,8 +245,8 @@ public final class MigrationReceiver: Sendable {
 
             let last = try connection.receiveRequest(limits: limits)
             guard case .complete = last else { throw unexpected(last, expected: "complete") }
-            incoming = nil
             try destinationVM.adopt(machine, state.guestRunning)
+            incoming = nil  // the VMM's now; until then a failure stops it below
             // The guest runs here now. If the sender misses this answer it cannot tell, and the
             // guest keeps running here rather than nowhere.
             try? connection.sendResponse(.ok)

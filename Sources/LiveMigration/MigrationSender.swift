@@ -245,7 +245,11 @@ public final class MigrationSender: Sendable {
             connection.close()
             try? machine.setDirtyLogging(false)
             throttle(0)
-            if pausedByMigration { sourceVM.resume() }
+            // Once complete went out the destination may run the guest. A copying migration resumes
+            // it here too, preferring a guest twice to none; a local one must not, since both
+            // would run on the same memory: the source keeps its guest paused.
+            let sharesRunningMemory = options.local && control.withLock { $0.committed }
+            if pausedByMigration, !sharesRunningMemory { sourceVM.resume() }
             let cancelReason: MigrationCancelReason? = if error is TimedOut {
                 .timeout
             } else if control.withLock({ $0.stopReason }) == .cancelled {
@@ -258,7 +262,10 @@ public final class MigrationSender: Sendable {
                 events.emit(VMEvent.MigrationCancelled(migrationID: id.lowercasedString, reason: cancelReason))
                 return .cancelled
             }
-            let message = describe(error)
+            var message = describe(error)
+            if sharesRunningMemory {
+                message += "; the destination may be running the guest on the same memory, so it stays paused here"
+            }
             progress.end(.failed(message), total: ContinuousClock.now - started)
             events.emit(VMEvent.MigrationFailed(migrationID: id.lowercasedString, error: message, phase: phase))
             return .failed

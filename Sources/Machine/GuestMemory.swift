@@ -53,6 +53,8 @@ public final class GuestMemory: @unchecked Sendable {
     struct Region {
         let range: GuestRAMRange
         let host: UnsafeMutableRawPointer
+        /// Where the range starts in `backingFile`, if there is one.
+        let fileOffset: UInt64
     }
 
     let regions: [Region]
@@ -86,9 +88,13 @@ public final class GuestMemory: @unchecked Sendable {
         }
         let file = FileDescriptor(descriptor)
         let total = ranges.reduce(0) { $0 + $1.size }
-        guard ftruncate(descriptor, off_t(total)) == 0, ckvm_seal_size(descriptor) == 0 else {
+        guard ftruncate(descriptor, off_t(total)) == 0 else {
             throw MachineError(.hostFailure, "cannot size the memory file for \(total >> 20) MiB of shared guest RAM",
                                cause: SystemError("ftruncate", errno: errno))
+        }
+        guard ckvm_seal_size(descriptor) == 0 else {
+            throw MachineError(.hostFailure, "cannot seal the size of the memory file for shared guest RAM",
+                               cause: SystemError("fcntl(F_ADD_SEALS)", errno: errno))
         }
         try self.init(ranges: ranges, file: file)
     }
@@ -103,8 +109,10 @@ public final class GuestMemory: @unchecked Sendable {
         guard fstat(file.rawValue, &status) == 0 else {
             throw MachineError(.hostFailure, "cannot inspect the shared memory file", cause: SystemError("fstat", errno: errno))
         }
-        guard status.st_mode & S_IFMT == S_IFREG, ckvm_size_is_sealed(file.rawValue) == 1 else {
-            throw MachineError(.invalidConfiguration, "the shared memory file is not a memfd whose size is sealed")
+        // Shared memory (tmpfs) only: a hugetlbfs memfd mapped without a reservation would end
+        // this process with SIGBUS once the huge-page pool runs out.
+        guard status.st_mode & S_IFMT == S_IFREG, ckvm_is_sealed_shared_memory(file.rawValue) == 1 else {
+            throw MachineError(.invalidConfiguration, "the shared memory file is not a memfd of shared memory whose size is sealed")
         }
         guard UInt64(status.st_size) >= total else {
             throw MachineError(.invalidConfiguration,
@@ -129,7 +137,7 @@ public final class GuestMemory: @unchecked Sendable {
             // Transparent huge pages make first touch and KVM's mappings cheaper, as QEMU does
             // (shared memory gets them where the host's shmem_enabled allows).
             madvise(host, Int(range.size), MADV_HUGEPAGE)
-            mapped.append(Region(range: range, host: host))
+            mapped.append(Region(range: range, host: host, fileOffset: offset))
             offset += range.size
         }
         regions = mapped

@@ -102,11 +102,39 @@ extension GuestMemory {
         let page = Int(PageRuns.pageSize)
         guard let base = try? buffer(at: range.start, count: Int(range.size)).baseAddress else { return PageRuns(runs: []) }
         let pageCount = Int(range.size) / page
-        // Without a pagemap, every page may hold data.
-        let entries = PageMap.entries(at: base, count: pageCount)
+        let backed = backedPages(in: range, at: base, pageCount: pageCount)
         return PageRuns(runs: PageRuns.runs(start: range.start, pageCount: pageCount) { index in
-            (entries.map { PageMap.isBacked($0[index]) } ?? true) && memcmp(base + index * page, Self.zeroPage, page) != 0
+            (backed?[index] ?? true) && memcmp(base + index * page, Self.zeroPage, page) != 0
         })
+    }
+
+    /// Which pages of `range` can hold anything but zero, or nil if that cannot be told (every
+    /// page may). Private memory: the pages the host's page tables back. Shared memory: the
+    /// memory file's data (`SEEK_DATA`/`SEEK_HOLE`), since a page of the file can hold data
+    /// without being mapped in this process (another process wrote it, or it was swapped out).
+    private func backedPages(in range: GuestRAMRange, at base: UnsafeMutableRawPointer, pageCount: Int) -> [Bool]? {
+        guard let file = backingFile else {
+            return PageMap.entries(at: base, count: pageCount).map { entries in entries.map(PageMap.isBacked) }
+        }
+        guard let region = regions.first(where: { $0.range.start <= range.start && range.end <= $0.range.end }) else { return nil }
+        let page = Int(PageRuns.pageSize)
+        let start = Int(region.fileOffset + (range.start - region.range.start))
+        let end = start + Int(range.size)
+        let seekData: Int32 = 3, seekHole: Int32 = 4
+        var backed = [Bool](repeating: false, count: pageCount)
+        var position = start
+        while position < end {
+            let data = Int(lseek(file.rawValue, off_t(position), seekData))
+            if data < 0 { return errno == ENXIO ? backed : nil }  // ENXIO: no data after `position`
+            guard data < end else { break }
+            let hole = Int(lseek(file.rawValue, off_t(data), seekHole))
+            guard hole > data else { return nil }
+            let first = (data - start) / page
+            let last = (min(hole, end) - start + page - 1) / page
+            for index in first..<last { backed[index] = true }
+            position = hole
+        }
+        return backed
     }
 }
 

@@ -9,6 +9,9 @@ import Foundation
 public enum CBOR {
     /// How deep arrays and maps may nest in what `decode` accepts; Ferry's states nest about 8 deep.
     public static let maximumDepth = 64
+    /// How many values `decode` accepts in all, so that a payload of one-byte items cannot make
+    /// the receiver allocate tens of times its size; a Ferry state has a few thousand.
+    public static let maximumItems = 1 << 18
 
     public static func encode(_ value: some Encodable) throws -> [UInt8] {
         let root = EncodingNode()
@@ -240,7 +243,7 @@ private struct SingleNodeEncoder: SingleValueEncodingContainer {
 // MARK: Decoding
 
 /// A decoded CBOR value.
-private indirect enum Value {
+private enum Value {
     case unsigned(UInt64)
     case negative(UInt64)
     case bytes([UInt8])
@@ -270,6 +273,7 @@ private indirect enum Value {
 private struct Reader {
     let bytes: [UInt8]
     var offset = 0
+    var items = 0
 
     func corrupt(_ what: String) -> DecodingError {
         .dataCorrupted(.init(codingPath: [], debugDescription: "CBOR at byte \(offset): \(what)"))
@@ -303,6 +307,8 @@ private struct Reader {
 
     mutating func readValue(depth: Int) throws -> Value {
         guard depth <= CBOR.maximumDepth else { throw corrupt("nested more than \(CBOR.maximumDepth) deep") }
+        items += 1
+        guard items <= CBOR.maximumItems else { throw corrupt("more than \(CBOR.maximumItems) values") }
         let initial = try take(1).first!
         let major = initial >> 5, low = initial & 0x1F
         switch major {

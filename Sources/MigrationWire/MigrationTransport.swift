@@ -82,11 +82,7 @@ public final class SocketTransport: MigrationTransport {
         var passed: Int32 = -1
         var count: Int32 = 0
         try StreamIO.transfer(socket, count: 1, waitingFor: Int16(POLLIN), progressTimeout: progressTimeout, name: "recvmsg") { _ in
-            guard Poll.isReady(socket, for: Int16(POLLIN)) else {
-                errno = EAGAIN
-                return -1
-            }
-            return ckvm_receive_with_descriptors(socket, &byte, 1, &passed, 1, &count)
+            ckvm_receive_with_descriptors(socket, &byte, 1, &passed, 1, &count, 1)
         }
         return count == 1 ? FileDescriptor(passed) : nil
     }

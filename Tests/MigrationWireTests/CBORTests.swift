@@ -76,6 +76,7 @@ import Testing
         ("a negative integer for an unsigned one", [0x38, 0x63]),
         ("text where a number belongs", [0xA2, 0x61, 0x61, 0x61, 0x31, 0x61, 0x62, 0x80]),
         ("a missing key", [0xA1, 0x61, 0x61, 0x01]),
+        ("more values than a state has", [0x9A, 0x00, 0x04, 0x93, 0xE0] + [UInt8](repeating: 0, count: 300_000)),
     ])
     func refusesMalformedBytes(what: String, bytes: [UInt8]) {
         #expect(throws: DecodingError.self, "\(what)") {

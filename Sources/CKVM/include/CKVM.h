@@ -49,9 +49,9 @@ int ckvm_open_pty(char *path, size_t size);
 /// recvmsg(2) of up to `size` bytes from stream socket `socket`, with the descriptors that came
 /// with them (SCM_RIGHTS, received close-on-exec) written to `descriptors` (at most `capacity`;
 /// more are closed) and their number to `count`. Returns the bytes read, 0 at the end of the
-/// stream, or -1 with errno set. A truncated control message sets `count` to -1 after closing
-/// what it held.
-long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *descriptors, int capacity, int *count);
+/// stream, or -1 with errno set (EAGAIN with `dontwait` and nothing to read). A truncated control
+/// message sets `count` to -1 after closing what it held.
+long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *descriptors, int capacity, int *count, int dontwait);
 
 /// sendmsg(2) of `size` bytes (at least 1) on stream socket `socket` with `descriptor` attached
 /// (SCM_RIGHTS): the receiver gets it with the first of those bytes. Returns the bytes sent (the
@@ -64,8 +64,8 @@ int ckvm_memfd(const char *name);
 /// Seals a memfd's size (F_SEAL_SHRINK, F_SEAL_GROW): whoever maps it can rely on every page
 /// staying there (a file that shrank under a mapping would fault its reader with SIGBUS).
 int ckvm_seal_size(int fd);
-/// 1 if `fd` is a memfd whose size can no longer shrink, else 0.
-int ckvm_size_is_sealed(int fd);
+/// 1 if `fd` is shared memory (tmpfs, not hugetlbfs) whose size can no longer shrink, else 0.
+int ckvm_is_sealed_shared_memory(int fd);
 
 // Tap devices (shim.c), whose ioctls take a struct ifreq that Swift cannot build portably. Each
 // returns 0 or a descriptor on success and -errno on failure.

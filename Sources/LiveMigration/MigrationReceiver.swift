@@ -143,8 +143,6 @@ public final class MigrationReceiver: Sendable {
         }
         var incoming: Machine?
         var lanes: ReceiveLanes?
-        var prefaulter: Prefaulter?
-        defer { prefaulter?.close() }
         /// Ends the extra connections; what they leave incomplete, if anything.
         func finishLanes() -> String? {
             defer { lanes = nil }
@@ -196,10 +194,8 @@ public final class MigrationReceiver: Sendable {
             machine.rehearseDeviceStateCoding()
             machine.launchVCPUThreadsEarly()
             if memoryFile == nil {
-                prefaulter = Prefaulter(memory: machine.memory)
                 lanes = ReceiveLanes(
                     listener: listener, tls: tls, ioTimeout: ioTimeout, migrationID: start.migrationID, memory: machine.memory,
-                    prefaulter: prefaulter,
                     progress: progress, received: record,
                     failed: { [weak self] reason in self?.requestStop(reason: reason, closingListener: false) })
             }
@@ -226,7 +222,6 @@ public final class MigrationReceiver: Sendable {
                     throw Refusal(description: "protocol violation: a local migration carries no memory requests")
                 }
                 let batchStart = ContinuousClock.now
-                prefaulter?.post(table)
                 try connection.receiveMemory(table, into: machine.memory)
                 record(table.dataBytes, batchStart)
                 try connection.sendResponse(.ok)

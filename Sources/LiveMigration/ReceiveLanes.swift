@@ -17,7 +17,6 @@ final class ReceiveLanes: @unchecked Sendable {
     private let ioTimeout: Duration
     private let migrationID: UUID
     private let memory: GuestMemory
-    private let prefaulter: Prefaulter?
     /// Shows how many connections the migration uses as they join.
     private let progress: MigrationProgressTracker
     /// Called on a lane's thread for each memory request received: its data bytes and when they
@@ -40,14 +39,13 @@ final class ReceiveLanes: @unchecked Sendable {
     private var running = 0
 
     init(listener: MigrationListener, tls: MigrationTLS?, ioTimeout: Duration, migrationID: UUID, memory: GuestMemory,
-         prefaulter: Prefaulter?, progress: MigrationProgressTracker, received: @escaping @Sendable (_ bytes: UInt64, _ start: ContinuousClock.Instant) -> Void,
+         progress: MigrationProgressTracker, received: @escaping @Sendable (_ bytes: UInt64, _ start: ContinuousClock.Instant) -> Void,
          failed: @escaping @Sendable (String) -> Void) {
         self.listener = listener
         self.tls = tls
         self.ioTimeout = ioTimeout
         self.migrationID = migrationID
         self.memory = memory
-        self.prefaulter = prefaulter
         self.progress = progress
         self.received = received
         self.failed = failed
@@ -129,7 +127,6 @@ final class ReceiveLanes: @unchecked Sendable {
                 }
                 lock.withLock { _ = busy.insert(index) }
                 let began = ContinuousClock.now
-                prefaulter?.post(table)
                 try connection.receiveMemory(table, into: memory)
                 // Out of the request before it is answered: the answer can let the sender send the
                 // state, and `finish()` must then find this lane between requests.

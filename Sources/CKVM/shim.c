@@ -76,7 +76,7 @@ long ckvm_send_with_descriptor(int socket, const void *buffer, size_t size, int 
     header->cmsg_type = SCM_RIGHTS;
     header->cmsg_len = CMSG_LEN(sizeof(int));
     memcpy(CMSG_DATA(header), &descriptor, sizeof(int));
-    return (long)sendmsg(socket, &message, MSG_NOSIGNAL);
+    return (long)sendmsg(socket, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
 int ckvm_memfd(const char *name) {

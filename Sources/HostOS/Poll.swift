@@ -26,17 +26,6 @@ public enum Poll {
         }
     }
 
-    /// Whether `fd` is ready for `events` now (or has an error or hang-up for the next call on it
-    /// to surface), without waiting: for calls that block, to make them only when they will not.
-    public static func isReady(_ fd: Int32, for events: Int16) -> Bool {
-        var descriptor = pollfd(fd: fd, events: events, revents: 0)
-        while true {
-            let ready = Glibc.poll(&descriptor, 1, 0)
-            if ready >= 0 { return ready > 0 }
-            if errno != EINTR { return true }
-        }
-    }
-
     /// Sleeps for `duration` on the calling thread.
     public static func sleep(for duration: Duration) {
         let deadline = ContinuousClock.now + duration

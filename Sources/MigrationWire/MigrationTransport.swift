@@ -67,11 +67,7 @@ public final class SocketTransport: MigrationTransport {
         let socket = descriptor.rawValue
         var byte: UInt8 = 0
         try StreamIO.transfer(socket, count: 1, waitingFor: Int16(POLLOUT), progressTimeout: progressTimeout, name: "sendmsg") { _ in
-            guard Poll.isReady(socket, for: Int16(POLLOUT)) else {
-                errno = EAGAIN
-                return -1
-            }
-            return ckvm_send_with_descriptor(socket, &byte, 1, file.rawValue)
+            ckvm_send_with_descriptor(socket, &byte, 1, file.rawValue)
         }
     }
 

@@ -55,7 +55,8 @@ long ckvm_receive_with_descriptors(int socket, void *buffer, size_t size, int *d
 
 /// sendmsg(2) of `size` bytes (at least 1) on stream socket `socket` with `descriptor` attached
 /// (SCM_RIGHTS): the receiver gets it with the first of those bytes. Returns the bytes sent (the
-/// rest, if any, goes without it) or -1 with errno set.
+/// rest, if any, goes without it) or -1 with errno set (EAGAIN when the socket has no room: it
+/// never blocks).
 long ckvm_send_with_descriptor(int socket, const void *buffer, size_t size, int descriptor);
 
 /// memfd_create(2), close-on-exec and sealable: an anonymous file for guest RAM that another
